@@ -1,0 +1,304 @@
+"""The feature cache: HDF5 shards of frozen image embeddings, class text embeddings, and a manifest written last.
+
+Layout (format version 1)::
+
+    CACHE/manifest.json        written last; the cache exists only when it does
+    CACHE/text.h5              class_embeddings C×D f32 (L2-normalised), template_embeddings C×T×D f32
+    CACHE/{split}-{nnnnn}.h5   features N×D (f16 default, L2-normalised), labels i32, index i64, view i16, paths
+
+Each shard carries the extraction's config fingerprint in its attributes, so a rerun can tell a finished shard
+of the same extraction from one of another. The manifest's `fingerprint` hashes the whole manifest, shard
+sha256 sums included: it names this exact cache, and adapters record it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import atomic_path, read_json, sha256_file, sha256_json, write_json
+from .errors import BalladError
+
+FORMAT_NAME = "ballad-feature-cache"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TEXT_FILE = "text.h5"
+CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: whole-chunk reads when streaming, small enough for partial reads
+
+
+def shard_name(split: str, shard: int) -> str:
+    """File name of shard `shard` of `split`, e.g. `train-00003.h5`."""
+    return f"{split}-{shard:05d}.h5"
+
+
+def _h5py() -> Any:
+    import h5py
+
+    return h5py
+
+
+class ShardWriter:
+    """Writes one shard under a temporary name, row batches as they come, renamed into place by `close`.
+
+    Memory stays bounded by one batch; an exception (or `abort`) deletes the temporary file.
+    """
+
+    def __init__(
+        self, folder: Path, split: str, shard: int, capacity: int, dim: int, fingerprint: str, dtype: str = "float16"
+    ) -> None:
+        self.final = Path(folder) / shard_name(split, shard)
+        self._ctx = atomic_path(self.final)
+        tmp = self._ctx.__enter__()
+        h5py = _h5py()
+        self._file = h5py.File(tmp, "w", track_order=False)
+        np_dtype = np.dtype(dtype)
+        chunk_rows = max(1, min(capacity, CHUNK_BYTES // (dim * np_dtype.itemsize)))
+        f = self._file
+        self._features = f.create_dataset(
+            "features", shape=(capacity, dim), maxshape=(None, dim), dtype=np_dtype, chunks=(chunk_rows, dim)
+        )
+        self._labels = f.create_dataset("labels", shape=(capacity,), maxshape=(None,), dtype=np.int32)
+        self._index = f.create_dataset("index", shape=(capacity,), maxshape=(None,), dtype=np.int64)
+        self._view = f.create_dataset("view", shape=(capacity,), maxshape=(None,), dtype=np.int16)
+        self._paths = f.create_dataset(
+            "paths", shape=(capacity,), maxshape=(None,), dtype=h5py.string_dtype("utf-8")
+        )
+        f.attrs["split"] = split
+        f.attrs["shard"] = shard
+        f.attrs["fingerprint"] = fingerprint
+        self.rows = 0
+        self.skipped: list[dict[str, Any]] = []
+
+    def write(
+        self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray, paths: list[str]
+    ) -> None:
+        """Append a batch of rows (features already L2-normalised)."""
+        if not np.isfinite(features).all():
+            bad = int(index[~np.isfinite(features).all(axis=1)][0])
+            raise BalladError(f"the encoder produced NaN/Inf features for row {bad} of {self.final.name}; "
+                              "check the model weights and --precision")
+        n = len(labels)
+        s = slice(self.rows, self.rows + n)
+        self._features[s] = features
+        self._labels[s] = labels
+        self._index[s] = index
+        self._view[s] = view
+        self._paths[s] = paths
+        self.rows += n
+
+    def close(self) -> dict[str, Any]:
+        """Finish the shard and move it into place; returns its manifest entry."""
+        for ds in (self._features, self._labels, self._index, self._view, self._paths):
+            ds.resize(self.rows, axis=0)
+        self._file.attrs["skipped"] = json.dumps(self.skipped)
+        self._file.close()
+        self._ctx.__exit__(None, None, None)
+        return {"file": self.final.name, "rows": self.rows, "sha256": sha256_file(self.final), "skipped": self.skipped}
+
+    def abort(self) -> None:
+        """Drop the shard: close and delete the temporary file."""
+        try:
+            self._file.close()
+        finally:
+            try:
+                self._ctx.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+            except KeyboardInterrupt:
+                pass
+
+
+def read_shard_entry(folder: Path, split: str, shard: int, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest entry of a finished shard of this extraction, or None when it must be (re)computed."""
+    path = Path(folder) / shard_name(split, shard)
+    if not path.exists():
+        return None
+    try:
+        with _h5py().File(path, "r") as f:
+            if f.attrs.get("fingerprint") != fingerprint:
+                return None
+            rows = int(f["labels"].shape[0])
+            skipped = json.loads(f.attrs.get("skipped", "[]"))
+    except (OSError, KeyError):
+        return None
+    return {"file": path.name, "rows": rows, "sha256": sha256_file(path), "skipped": skipped}
+
+
+def write_text_embeddings(
+    folder: Path, class_embeddings: torch.Tensor, template_embeddings: torch.Tensor, classnames: list[str],
+    templates: list[str],
+) -> dict[str, Any]:
+    """Write `text.h5` atomically; returns its manifest entry."""
+    h5py = _h5py()
+    final = Path(folder) / TEXT_FILE
+    with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("class_embeddings", data=class_embeddings.float().cpu().numpy())
+        f.create_dataset("template_embeddings", data=template_embeddings.float().cpu().numpy())
+        f.attrs["classnames"] = json.dumps(classnames)
+        f.attrs["templates"] = json.dumps(templates)
+    return {"file": TEXT_FILE, "sha256": sha256_file(final)}
+
+
+def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
+    """Stamp `body` with the format and its own fingerprint and write `manifest.json` (last, atomically)."""
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
+    manifest.pop("fingerprint", None)
+    manifest["fingerprint"] = sha256_json(manifest)[:16]
+    write_json(Path(folder) / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class SplitFeatures:
+    """Rows of one split: features (N×D), labels, row in the dataset's split list, and view (0 = eval)."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    view: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def eval_view(self) -> SplitFeatures:
+        """Only the rows of the un-augmented view."""
+        keep = self.view == 0
+        return SplitFeatures(self.features[keep], self.labels[keep], self.index[keep], self.view[keep])
+
+
+class FeatureCache:
+    """A finished cache opened for reading; checks the manifest's format and every shard it touches."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BalladError(f"cache {self.path} does not exist; create it with `ballad extract-features`")
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            raise BalladError(f"{self.path} has no {MANIFEST}: the extraction did not finish; rerun extract-features")
+        self.manifest: dict[str, Any] = read_json(mpath)
+        if self.manifest.get("format") != FORMAT_NAME:
+            raise BalladError(f"{mpath} is not a ballad feature cache manifest")
+        if self.manifest.get("format_version") != FORMAT_VERSION:
+            raise BalladError(
+                f"{mpath} has format version {self.manifest.get('format_version')}, this ballad reads "
+                f"{FORMAT_VERSION}; re-extract with this version"
+            )
+
+    @property
+    def fingerprint(self) -> str:
+        """The manifest's fingerprint (hashes shards and provenance)."""
+        return str(self.manifest["fingerprint"])
+
+    @property
+    def classnames(self) -> list[str]:
+        """Class names, in label order."""
+        return list(self.manifest["classnames"])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        return len(self.manifest["classnames"])
+
+    @property
+    def train_counts(self) -> np.ndarray:
+        """Training images per class (not views), as counted at extraction."""
+        return np.asarray(self.manifest["train_class_counts"], dtype=np.int64)
+
+    @property
+    def splits(self) -> list[str]:
+        """Splits present in the cache."""
+        return list(self.manifest["splits"])
+
+    def shard_files(self, split: str) -> list[dict[str, Any]]:
+        """Manifest entries of `split`'s shards."""
+        if split not in self.manifest["splits"]:
+            raise BalladError(f"cache {self.path} has no '{split}' split (it has: {', '.join(self.splits)})")
+        return list(self.manifest["splits"][split]["shards"])
+
+    def text_embeddings(self, per_template: bool = False) -> torch.Tensor:
+        """Class text embeddings C×D (or C×T×D per template), float32."""
+        path = self.path / TEXT_FILE
+        try:
+            with _h5py().File(path, "r") as f:
+                arr = f["template_embeddings" if per_template else "class_embeddings"][()]
+        except (OSError, KeyError) as exc:
+            raise BalladError(f"{path} is unreadable ({exc}); run `ballad cache verify` and re-extract") from None
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+    def iter_shards(self, split: str, dtype: torch.dtype = torch.float32) -> Iterator[SplitFeatures]:
+        """Stream `split` one shard at a time (for caches larger than memory)."""
+        for entry in self.shard_files(split):
+            yield self._read_shard(entry, dtype)
+
+    def _read_shard(self, entry: dict[str, Any], dtype: torch.dtype) -> SplitFeatures:
+        path = self.path / entry["file"]
+        if not path.exists():
+            raise BalladError(f"shard {path} is missing; run `ballad extract-features` again to recreate it")
+        try:
+            with _h5py().File(path, "r") as f:
+                feats = f["features"][()]
+                labels = f["labels"][()]
+                index = f["index"][()]
+                view = f["view"][()]
+        except (OSError, KeyError, ValueError) as exc:
+            raise BalladError(
+                f"shard {path} is corrupt or truncated ({str(exc).splitlines()[0]}); rerun extract-features --overwrite"
+            ) from None
+        if len(labels) != entry["rows"] or feats.shape[0] != entry["rows"]:
+            raise BalladError(f"shard {path} has {len(labels)} rows, the manifest says {entry['rows']}; re-extract")
+        if not np.isfinite(feats).all():
+            row = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
+            raise BalladError(f"shard {path} holds NaN/Inf features (row {row}); re-extract it with --overwrite")
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise BalladError(f"shard {path} holds labels outside [0, {self.num_classes - 1}]; re-extract")
+        return SplitFeatures(
+            torch.from_numpy(feats).to(dtype),
+            torch.from_numpy(labels.astype(np.int64)),
+            torch.from_numpy(index),
+            torch.from_numpy(view.astype(np.int64)),
+        )
+
+    def load_split(self, split: str, dtype: torch.dtype = torch.float32) -> SplitFeatures:
+        """All rows of `split` in memory as `dtype` (float32 or float16)."""
+        parts = list(self.iter_shards(split, dtype))
+        if not parts:
+            dim = int(self.manifest["embed_dim"])
+            empty = torch.empty(0, dtype=torch.int64)
+            return SplitFeatures(torch.empty(0, dim, dtype=dtype), empty, empty, empty)
+        return SplitFeatures(
+            torch.cat([p.features for p in parts]),
+            torch.cat([p.labels for p in parts]),
+            torch.cat([p.index for p in parts]),
+            torch.cat([p.view for p in parts]),
+        )
+
+    def verify(self) -> list[str]:
+        """Re-hash every file against the manifest; returns the files checked.
+
+        Raises:
+            BalladError: naming the first missing, changed or unreadable file.
+        """
+        checked = []
+        entries = [self.manifest["text"]] + [e for s in self.splits for e in self.shard_files(s)]
+        for entry in entries:
+            path = self.path / entry["file"]
+            if not path.exists():
+                raise BalladError(f"{path} is missing; rerun extract-features to recreate it")
+            if sha256_file(path) != entry["sha256"]:
+                raise BalladError(f"{path} does not match its sha256 in the manifest (corrupt or changed); "
+                                  "rerun extract-features --overwrite")
+            checked.append(entry["file"])
+        for split in self.splits:
+            for entry in self.shard_files(split):
+                self._read_shard(entry, torch.float16)
+        return checked
+
+    def size_on_disk(self) -> int:
+        """Bytes of all files in the cache folder."""
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())

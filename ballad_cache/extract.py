@@ -1,0 +1,235 @@
+"""Extraction runner: reader → encoder → shard writer, resumable shard by shard, one rank's share at a time."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import remove_stale_temps, sha256_json
+from .cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
+from .datasets import LTDataset, load_templates
+from .distributed import DistContext
+from .encoder import ImageEncoder
+from .errors import BalladError
+from .models import LoadedModel, PromptBank
+from .progress import NullProgress, Progress
+from .reader import ImageRows, default_workers, make_loader
+
+
+@dataclass
+class ExtractConfig:
+    """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
+
+    splits: tuple[str, ...] = ("train", "val", "test")
+    train_views: int = 0  # augmented views per training image besides the eval view (official phase B augments)
+    templates: str = "ballad"  # template set name, .txt file, or a literal '{c}' prompt
+    dtype: str = "float16"  # feature dtype on disk; features are L2-normalised, so fp16 loses ~1e-3 cosine
+    shard_size: int = 16384  # rows per shard: the unit of resume and the bound on memory
+    batch_size: int = 256
+    workers: int = field(default_factory=default_workers)
+    seed: int = 0  # seeds the augmented views
+    precision: str = "fp32"  # fp32 or bf16 (autocast, GPU only)
+    skip_bad: bool = False  # skip unreadable images (listed in the manifest) instead of stopping
+    overwrite: bool = False  # recompute shards that are already complete
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError("dtype must be float16 or float32")
+        if self.shard_size < 1 or self.batch_size < 1 or self.train_views < 0:
+            raise ValueError("shard_size and batch_size must be >= 1 and train_views >= 0")
+
+
+def split_rows(num_images: int, views: int) -> np.ndarray:
+    """(index, view) rows of a split, image-major: every view of an image lands in the same shard."""
+    index = np.repeat(np.arange(num_images, dtype=np.int64), views + 1)
+    view = np.tile(np.arange(views + 1, dtype=np.int64), num_images)
+    return np.stack([index, view], axis=1)
+
+
+def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractConfig, templates: list[str]) -> str:
+    """Hash of everything that determines the cache's contents (not batch size, workers or ranks)."""
+    splits = {
+        s: sha256_json([dataset.split(s).labels.tolist(), dataset.split(s).paths]) for s in config.splits
+    }
+    return sha256_json({
+        "dataset": dataset.name, "splits": splits, "model": loaded.provenance(),
+        "preprocess": [repr(loaded.preprocess_eval), repr(loaded.preprocess_train)], "templates": templates,
+        "dtype": config.dtype, "train_views": config.train_views, "shard_size": config.shard_size,
+        "seed": config.seed, "precision": config.precision, "skip_bad": config.skip_bad,
+    })[:16]
+
+
+def extract_split(
+    dataset: LTDataset,
+    split: str,
+    encoder: Callable[[torch.Tensor], np.ndarray],
+    loaded: LoadedModel,
+    out: Path,
+    config: ExtractConfig,
+    fingerprint: str,
+    dist: DistContext,
+    progress: Progress,
+) -> tuple[int, int]:
+    """Encode this rank's unfinished shards of `split`; returns (shards computed, shards skipped as done)."""
+    image_split = dataset.split(split)
+    views = config.train_views if split == "train" else 0
+    rows = split_rows(len(image_split), views)
+    num_shards = max(1, -(-len(rows) // config.shard_size))
+    todo, done = [], 0
+    for s in range(dist.rank, num_shards, dist.world_size):
+        if not config.overwrite and read_shard_entry(out, split, s, fingerprint) is not None:
+            done += 1
+        else:
+            todo.append(s)
+    if not todo:
+        return 0, done
+    if len(rows) == 0:  # an empty split still gets its (empty) shard, so the manifest can list it
+        ShardWriter(out, split, 0, 0, int(loaded.model.visual.output_dim), fingerprint, config.dtype).close()
+        return 1, done
+    shard_rows = [rows[s * config.shard_size : (s + 1) * config.shard_size] for s in todo]
+    reader = ImageRows(image_split, np.concatenate(shard_rows), loaded.preprocess_eval, loaded.preprocess_train,
+                       seed=config.seed)
+    loader = make_loader(reader, config.batch_size, config.workers,
+                         pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda")
+    dim = int(loaded.model.visual.output_dim)
+    progress.start(f"extract {split}", len(reader))
+    bounds = np.cumsum([len(r) for r in shard_rows])
+    shard_i, written, writer = 0, 0, None
+    t0 = time.perf_counter()
+    try:
+        for batch in loader:
+            errors = [(e, int(i), p) for e, i, p in zip(batch["error"], batch["index"], batch["path"]) if e]
+            if errors and not config.skip_bad:
+                raise BalladError(errors[0][0])
+            feats = encoder(batch["image"])
+            n, pos = len(feats), 0
+            while pos < n:
+                if writer is None:
+                    writer = ShardWriter(out, split, todo[shard_i], len(shard_rows[shard_i]), dim, fingerprint,
+                                         config.dtype)
+                take = min(n - pos, int(bounds[shard_i]) - written)
+                sl = slice(pos, pos + take)
+                ok = np.array([not e for e in batch["error"][sl]], dtype=bool)
+                writer.skipped += [{"index": int(i), "path": p, "reason": e}
+                                   for e, i, p in zip(batch["error"][sl], batch["index"][sl], batch["path"][sl]) if e]
+                writer.write(
+                    feats[sl][ok],
+                    batch["label"][sl].numpy()[ok],
+                    batch["index"][sl].numpy()[ok],
+                    batch["view"][sl].numpy()[ok],
+                    [p for p, k in zip(batch["path"][sl], ok) if k],
+                )
+                pos += take
+                written += take
+                if written == bounds[shard_i]:
+                    writer.close()
+                    writer, shard_i = None, shard_i + 1
+            progress.advance(n, images_per_s=f"{written / max(time.perf_counter() - t0, 1e-9):.0f}")
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return len(todo), done
+
+
+def extract_features(
+    dataset: LTDataset,
+    loaded: LoadedModel,
+    out: str | Path,
+    config: ExtractConfig,
+    device: torch.device,
+    dist: DistContext | None = None,
+    progress: Progress | None = None,
+    encoder: Callable[[torch.Tensor], np.ndarray] | None = None,
+) -> dict[str, Any] | None:
+    """Build (or finish) a feature cache in `out`; returns the manifest on rank 0, None on other ranks.
+
+    Args:
+        dataset: the images.
+        loaded: the frozen model, with its transforms and tokenizer.
+        out: the cache folder.
+        config: what to extract.
+        device: where the encoder runs.
+        dist: this process's rank; one process when None.
+        progress: progress sink.
+        encoder: replaces `ImageEncoder(loaded.model, device, config.precision)` (benchmarks, tests).
+    """
+    dist = dist or DistContext()
+    progress = progress or NullProgress()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    templates = load_templates(config.templates)
+    fingerprint = config_fingerprint(dataset, loaded, config, templates)
+    if dist.is_main:
+        remove_stale_temps(out)
+        (out / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until the new manifest lands
+    dist.barrier()
+    encoder = encoder or ImageEncoder(loaded.model, device, config.precision)
+    stats = {}
+    for split in config.splits:
+        stats[split] = extract_split(dataset, split, encoder, loaded, out, config, fingerprint, dist, progress)
+    if dist.is_main:
+        bank = PromptBank(loaded, dataset.classnames, templates)
+        with torch.inference_mode():
+            per_template = bank.encode(loaded.model.to(device), per_template=True).float().cpu()
+        class_emb = torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
+        text_entry = write_text_embeddings(out, class_emb, per_template, dataset.classnames, templates)
+    dist.barrier()
+    if not dist.is_main:
+        return None
+    for split, (computed, reused) in stats.items():
+        progress.log(f"{split}: {computed} shard(s) computed, {reused} already complete")
+    return _finish_manifest(dataset, loaded, out, config, fingerprint, templates, text_entry)
+
+
+def _finish_manifest(
+    dataset: LTDataset, loaded: LoadedModel, out: Path, config: ExtractConfig, fingerprint: str,
+    templates: list[str], text_entry: dict[str, Any],
+) -> dict[str, Any]:
+    import open_clip
+
+    splits: dict[str, Any] = {}
+    skipped: list[dict[str, Any]] = []
+    for split in config.splits:
+        views = config.train_views if split == "train" else 0
+        n_rows = len(dataset.split(split)) * (views + 1)
+        entries = []
+        for s in range(max(1, -(-n_rows // config.shard_size))):
+            entry = read_shard_entry(out, split, s, fingerprint)
+            if entry is None:
+                raise BalladError(f"shard {out / f'{split}-{s:05d}.h5'} did not complete; rerun extract-features")
+            skipped += [{**e, "split": split} for e in entry.pop("skipped")]
+            entries.append(entry)
+        splits[split] = {
+            "images": len(dataset.split(split)), "views": views + 1, "rows": sum(e["rows"] for e in entries),
+            "shards": entries,
+        }
+    train_counts = dataset.class_counts("train").tolist() if "train" in dataset.splits else []
+    body = {
+        "dataset": dataset.name,
+        "model": loaded.provenance(),
+        "preprocess": {"eval": repr(loaded.preprocess_eval), "train": repr(loaded.preprocess_train),
+                       "cfg": loaded.preprocess_cfg},
+        "embed_dim": int(loaded.model.visual.output_dim),
+        "dtype": config.dtype,
+        "normalized": True,
+        "classnames": dataset.classnames,
+        "templates": templates,
+        "text": text_entry,
+        "splits": splits,
+        "train_class_counts": train_counts,
+        "skipped": skipped,
+        "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "overwrite", "batch_size")},
+        "config_fingerprint": fingerprint,
+        "versions": {"ballad": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "python": platform.python_version()},
+    }
+    return write_manifest(out, body)

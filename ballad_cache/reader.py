@@ -1,0 +1,88 @@
+"""Decoding dataset rows into model inputs, for extraction and finetuning.
+
+A row is (image index in the split, view): view 0 is the eval transform, view k ≥ 1 the k-th augmented view.
+Augmentations are seeded per (seed, index, view), so a shard or an epoch decodes to the same tensors whether it
+runs in one go, after a crash, or split across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .datasets import BadImageError, ImageSplit
+
+
+def default_workers() -> int:
+    """DataLoader workers for this machine: all cores but one, at most 8 per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(0, min(8, cores // world - 1))
+
+
+class ImageRows(Dataset):
+    """Rows of a split as model inputs; an unreadable image yields a zero tensor and its error text."""
+
+    def __init__(
+        self,
+        split: ImageSplit,
+        rows: np.ndarray,
+        eval_transform: Callable[[Any], torch.Tensor],
+        train_transform: Callable[[Any], torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.split = split
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        self.eval_transform = eval_transform
+        self.train_transform = train_transform or eval_transform
+        self.seed = seed
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index, view = (int(v) for v in self.rows[i])
+        error = ""
+        try:
+            image = self.split.load(index)
+            if view == 0:
+                x = self.eval_transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
+                    x = self.train_transform(image)
+            self._shape = tuple(x.shape)
+        except BadImageError as exc:
+            error = str(exc)
+            x = torch.zeros(self._shape or self._probe_shape())
+        return {"image": x, "label": int(self.split.labels[index]), "index": index, "view": view, "error": error,
+                "path": self.split.paths[index]}
+
+    def _probe_shape(self) -> tuple[int, ...]:
+        from PIL import Image
+
+        self._shape = tuple(self.eval_transform(Image.new("RGB", (32, 32))).shape)
+        return self._shape
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False, shuffle: bool = False,
+    sampler: Any = None, drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with ballad's defaults: persistent workers off, pinned memory on GPU, prefetch 4 batches."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        prefetch_factor=4 if workers > 0 else None,
+    )
