@@ -1,0 +1,103 @@
+"""Evaluation on cached features: zero-shot, adapter, post-hoc logit adjustment, kNN; reports and files."""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter import Adapter, adapter_logits
+from .atomic import write_bytes, write_json
+from .cache import FeatureCache
+from .longtail import ShotThresholds, shot_groups
+from .metrics import classification_report, summary
+
+
+@dataclass
+class EvalConfig:
+    """What `ballad evaluate` reports."""
+
+    split: str = "test"
+    tau: float | None = None  # post-hoc logit adjustment strength (Menon et al.): logits - tau * log(prior)
+    knn: int | None = None  # add a kNN head with this many neighbours over the train features
+    many: int = 100  # shot-group thresholds (BALLAD's)
+    few: int = 20
+
+
+def logit_adjust(logits: torch.Tensor, train_counts: np.ndarray, tau: float) -> torch.Tensor:
+    """Subtract `tau * log(prior)` (prior from training counts); classes with no image get prior 1/N."""
+    counts = np.maximum(np.asarray(train_counts, dtype=np.float64), 1.0)
+    log_prior = torch.from_numpy(np.log(counts / counts.sum())).to(logits.dtype)
+    return logits - tau * log_prior
+
+
+def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalConfig) -> dict[str, Any]:
+    """Reports for zero-shot, the adapter, logit adjustment and kNN on one split of the cache.
+
+    Returns:
+        `{"heads": {name: report}, "thresholds", "train_class_counts", "cache_fingerprint", ...}`
+    """
+    thresholds = ShotThresholds(config.many, config.few)
+    counts = cache.train_counts
+    text = cache.text_embeddings()
+    rows = cache.load_split(config.split).eval_view()
+    heads: dict[str, dict[str, Any]] = {}
+    zero = adapter_logits(rows.features, None, 0.0, text)
+    heads["zero-shot"] = classification_report(zero, rows.labels, counts, thresholds)
+    best = zero
+    if adapter is not None:
+        best = adapter.logits(rows.features, text)
+        heads["adapter"] = classification_report(best, rows.labels, counts, thresholds)
+    if config.tau is not None:
+        name = "adapter+LA" if adapter is not None else "zero-shot+LA"
+        heads[name] = classification_report(logit_adjust(best, counts, config.tau), rows.labels, counts, thresholds)
+    if config.knn:
+        from .knn import knn_scores
+
+        train = cache.load_split("train").eval_view()
+        scores = knn_scores(train.features, train.labels, rows.features, cache.num_classes, config.knn)
+        heads[f"knn@{config.knn}"] = classification_report(scores, rows.labels, counts, thresholds)
+    return {
+        "split": config.split,
+        "heads": heads,
+        "thresholds": thresholds.to_dict(),
+        "train_class_counts": counts.tolist(),
+        "shot_groups": shot_groups(counts, thresholds).tolist(),
+        "classnames": cache.classnames,
+        "cache_fingerprint": cache.fingerprint,
+        "cache": str(cache.path),
+        "adapter": adapter.meta if adapter is not None else None,
+        "config": asdict(config),
+    }
+
+
+def write_result(result: dict[str, Any], out: str | Path, plot: bool = False) -> list[Path]:
+    """Write `result.json`, `per_class.csv` and (with `plot`) `per_class.png` into `out`; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "result.json", result)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    heads = list(result["heads"])
+    writer.writerow(["class", "name", "train_count", "group", *heads])
+    groups = ("many", "medium", "few")
+    for c, name in enumerate(result["classnames"]):
+        accs = [f"{result['heads'][h]['per_class'][c]:.2f}" for h in heads]
+        writer.writerow([c, name, result["train_class_counts"][c], groups[result["shot_groups"][c]], *accs])
+    write_bytes(out / "per_class.csv", buf.getvalue().encode())
+    paths = [out / "result.json", out / "per_class.csv"]
+    if plot:
+        from .plots import plot_per_class
+
+        paths.append(plot_per_class(result, out / "per_class.png"))
+    return paths
+
+
+def summary_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
+    """(head, headline numbers) for each head of a result, for tables."""
+    return [(name, summary(report)) for name, report in result["heads"].items()]

@@ -1,0 +1,292 @@
+"""Phase A: continue training both CLIP towers on the long-tailed train split (BALLAD's first phase).
+
+    logits = 100 * norm(image_features) · norm(text_features(class prompts))ᵀ,   cross-entropy
+
+Class prompts are tokenized once per run (PromptBank) and encoded every step, since the text tower trains too.
+The epoch order comes from a generator seeded by (seed, epoch) and augmentations are seeded per image, so a
+resumed run replays exactly the batches an uninterrupted one would, and N ranks with per-rank batch B/N see
+together the same batches as one process with batch B.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Sampler
+
+from .atomic import append_jsonl, atomic_path, write_json
+from .datasets import LTDataset, load_templates
+from .distributed import DistContext
+from .encoder import autocast
+from .errors import BalladError
+from .longtail import ShotThresholds
+from .metrics import classification_report, summary
+from .models import LoadedModel, PromptBank, save_local_dir
+from .progress import NullProgress, Progress
+from .reader import ImageRows, default_workers, make_loader
+
+LOGIT_SCALE = 100.0
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class FinetuneConfig:
+    """Phase-A settings; defaults follow the official BALLAD code unless noted."""
+
+    epochs: int = 10
+    batch_size: int = 128  # global batch; each of N ranks takes batch_size / N
+    lr: float = 1e-5
+    optimizer: str = "sgd"  # sgd (official) or adamw
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0  # linear warm-up before the per-step cosine
+    accum_steps: int = 1  # gradient accumulation: optimizer steps every accum_steps batches
+    loss: str = "ce"  # ce: over all class prompts (official); contrastive: symmetric CLIP loss over the batch
+    templates: str = "ballad"
+    precision: str = "fp32"  # fp32 or bf16 (autocast on GPU)
+    seed: int = 0
+    workers: int = field(default_factory=default_workers)
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch end)
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit; smoke runs and tests)
+    skip_bad: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or self.accum_steps < 1 or self.lr < 0:
+            raise ValueError("epochs and lr must be >= 0, batch_size and accum_steps >= 1")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError("optimizer must be sgd or adamw")
+        if self.loss not in ("ce", "contrastive"):
+            raise ValueError("loss must be ce or contrastive")
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of the split seeded by (seed, epoch), interleaved over ranks, optionally started mid-way.
+
+    Rank r takes positions r, r+N, ...; with per-rank batch B/N, step s of all ranks covers positions
+    [sB, (s+1)B) of the permutation: exactly the batch of one process with batch B.
+    """
+
+    def __init__(self, size: int, seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        perm = torch.randperm(size, generator=gen)
+        usable = size - size % world  # drop the tail so every rank runs the same number of steps
+        self.indices = perm[:usable][rank::world][start:].tolist()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class DualTower(torch.nn.Module):
+    """Both towers in one forward, so DDP sees every trained parameter."""
+
+    def __init__(self, model: torch.nn.Module, prompts: PromptBank) -> None:
+        super().__init__()
+        self.model = model
+        self.prompts = prompts
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image = F.normalize(self.model.encode_image(images), dim=-1)
+        return image, self.prompts.encode(self.model)
+
+
+def phase_a_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Cross-entropy over all class prompts (`ce`) or the symmetric CLIP loss over the batch (`contrastive`)."""
+    if kind == "ce":
+        return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+    captions = text[labels]
+    logits = LOGIT_SCALE * image @ captions.T
+    target = torch.arange(len(labels), device=labels.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def lr_at(config: FinetuneConfig, step: int, total: int) -> float:
+    """Linear warm-up, then cosine per optimizer step; the last step still has a non-zero rate."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(total - config.warmup_steps, 1)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / span))
+
+
+@torch.inference_mode()
+def evaluate_model(
+    model: torch.nn.Module, loaded: LoadedModel, dataset: LTDataset, split: str, prompts: PromptBank,
+    device: torch.device, batch_size: int, workers: int, precision: str = "fp32",
+) -> dict[str, Any]:
+    """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few."""
+    was_training = model.training
+    model.eval()
+    image_split = dataset.split(split)
+    rows = np.stack([np.arange(len(image_split)), np.zeros(len(image_split), dtype=np.int64)], axis=1)
+    loader = make_loader(ImageRows(image_split, rows, loaded.preprocess_eval), batch_size, workers)
+    with autocast(device, precision):
+        text = prompts.encode(model).float()
+    logits = []
+    for batch in loader:
+        with autocast(device, precision):
+            feats = model.encode_image(batch["image"].to(device, non_blocking=True))
+        logits.append(LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ text.T)
+    model.train(was_training)
+    report = classification_report(torch.cat(logits).cpu(), torch.as_tensor(image_split.labels),
+                                   dataset.class_counts("train"), ShotThresholds())
+    return summary(report)
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a phase-A checkpoint with `weights_only=True` (tensors and plain containers only).
+
+    Raises:
+        BalladError: the file is missing, truncated, or holds anything but weights (e.g. a crafted pickle).
+    """
+    if not path.exists():
+        raise BalladError(f"{path} does not exist; nothing to resume (drop --resume to start fresh)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BalladError(f"refusing to load {path}: not a plain weights checkpoint ({first}); "
+                          "delete it and start without --resume") from None
+
+
+def finetune(
+    dataset: LTDataset,
+    loaded: LoadedModel,
+    out: str | Path,
+    config: FinetuneConfig,
+    device: torch.device,
+    dist: DistContext | None = None,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run phase A; writes `model/` (best on val), `model-last/`, `checkpoint.pt`, `metrics.jsonl`.
+
+    Returns:
+        `{"best": val summary of the best epoch, "best_epoch", "start": val summary before training, "steps"}`.
+    """
+    dist = dist or DistContext()
+    progress = progress or NullProgress()
+    out = Path(out)
+    if config.batch_size % dist.world_size:
+        raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
+    torch.manual_seed(config.seed)
+    model = loaded.model.to(device).train()
+    prompts = PromptBank(loaded, dataset.classnames, load_templates(config.templates))
+    net: torch.nn.Module = DualTower(model, prompts)
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                                     weight_decay=config.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    train = dataset.split("train")
+    per_rank = config.batch_size // dist.world_size
+    usable = len(train) - len(train) % dist.world_size
+    batches_per_epoch = math.ceil(usable / dist.world_size / per_rank)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.accum_steps)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    has_val = "val" in dataset.splits
+    start_epoch, batch_offset, step, best, best_epoch, start_report = 0, 0, 0, -1.0, -1, None
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        best, best_epoch = state["best"], state["best_epoch"]
+        progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+    elif has_val:
+        start_report = evaluate_model(model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers,
+                                      config.precision)
+        if dist.is_main:
+            append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})
+
+    def checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        if dist.is_main:
+            _save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch, "step": step, "best": best, "best_epoch": best_epoch,
+                "config": asdict(config),
+            })
+        dist.barrier()
+
+    images_done, t0 = 0, time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        if config.max_steps and step >= config.max_steps:
+            break
+        sampler = EpochSampler(len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank)
+        rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
+        reader = ImageRows(train, rows, loaded.preprocess_eval, loaded.preprocess_train,
+                           seed=config.seed * 1000 + epoch)
+        loader = make_loader(reader, per_rank, config.workers, pin_memory=device.type == "cuda", sampler=sampler)
+        progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
+        batch_i = batch_offset
+        batch_offset = 0
+        for batch in loader:
+            bad = [e for e in batch["error"] if e]
+            if bad and not config.skip_bad:
+                raise BalladError(bad[0])
+            keep = torch.tensor([not e for e in batch["error"]])
+            images = batch["image"][keep].to(device, non_blocking=True)
+            labels = batch["label"][keep].to(device, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(config, step, total_steps)
+            with autocast(device, config.precision):
+                image_feats, text_feats = net(images)
+                loss = phase_a_loss(image_feats.float(), text_feats.float(), labels, config.loss)
+            (loss / config.accum_steps).backward()
+            batch_i += 1
+            if batch_i % config.accum_steps == 0 or batch_i == batches_per_epoch:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < batches_per_epoch:
+                    checkpoint(epoch, batch_i)
+            images_done += len(labels) * dist.world_size
+            rate = images_done / max(time.perf_counter() - t0, 1e-9)
+            progress.advance(1, loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
+            if dist.is_main:
+                append_jsonl(out / "metrics.jsonl", {"epoch": epoch + 1, "step": step, "loss": loss.item(),
+                                                     "lr": opt.param_groups[0]["lr"]})
+            if config.max_steps and step >= config.max_steps:
+                break
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "images_per_s": images_done / (time.perf_counter() - t0)}
+        if has_val:
+            record["val"] = evaluate_model(model, loaded, dataset, "val", prompts, device, per_rank * 2,
+                                           config.workers, config.precision)
+            if record["val"]["top1"] > best:
+                best, best_epoch = record["val"]["top1"], epoch + 1
+                if dist.is_main:
+                    save_local_dir(loaded, model, out / "model")
+        elif dist.is_main:
+            save_local_dir(loaded, model, out / "model")
+        if dist.is_main:
+            append_jsonl(out / "metrics.jsonl", record)
+            save_local_dir(loaded, model, out / "model-last")
+        checkpoint(epoch + 1, 0)
+        progress.log(f"epoch {epoch + 1}: " + (f"val top1 {record['val']['top1']:.2f}" if has_val else "done"))
+    if dist.is_main and not (out / "model").exists():
+        save_local_dir(loaded, model, out / "model")
+        save_local_dir(loaded, model, out / "model-last")
+    summary_ = {"start": start_report, "best_epoch": best_epoch, "best_val_top1": best, "steps": step}
+    if dist.is_main:
+        write_json(out / "summary.json", summary_)
+    return summary_

@@ -1,0 +1,54 @@
+"""Long-tailed classification metrics: top-k, many/medium/few, per-class accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .longtail import GROUP_NAMES, ShotThresholds, shot_groups
+
+
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Accuracy of each class (NaN for a class with no test image)."""
+    correct = np.bincount(labels, weights=(pred == labels).astype(np.float64), minlength=num_classes)
+    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return correct / total
+
+
+def classification_report(
+    logits: torch.Tensor, labels: torch.Tensor, train_counts: np.ndarray, thresholds: ShotThresholds | None = None
+) -> dict[str, Any]:
+    """Top-1/top-5, many/medium/few and per-class accuracy (percent) of `logits` (N×C) against `labels`.
+
+    Group accuracies average over the group's test images, as BALLAD's and OLTR's code do; with balanced test
+    sets that equals the mean of per-class accuracies.
+    """
+    thresholds = thresholds or ShotThresholds()
+    num_classes = logits.shape[1]
+    labels_np = labels.cpu().numpy()
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices.cpu().numpy()
+    pred = topk[:, 0]
+    correct = pred == labels_np
+    groups = shot_groups(train_counts, thresholds)[labels_np]
+    report: dict[str, Any] = {
+        "top1": 100.0 * float(correct.mean()) if len(correct) else float("nan"),
+        "top5": 100.0 * float((topk == labels_np[:, None]).any(axis=1).mean()) if len(correct) else float("nan"),
+    }
+    for g, name in enumerate(GROUP_NAMES):
+        mask = groups == g
+        report[name] = 100.0 * float(correct[mask].mean()) if mask.any() else float("nan")
+    report["per_class"] = (100.0 * per_class_accuracy(pred, labels_np, num_classes)).tolist()
+    report["num_images"] = len(labels_np)
+    return report
+
+
+SUMMARY_KEYS = ("top1", "top5", "many", "medium", "few")
+
+
+def summary(report: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers of a report (no per-class list)."""
+    return {k: report[k] for k in SUMMARY_KEYS}

@@ -1,0 +1,176 @@
+"""Phase B composers: fit one adapter on a cache, or sweep a grid of configurations in one process."""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, group_by_stream, save_adapter
+from .atomic import atomic_path, read_json, write_bytes, write_json
+from .cache import FeatureCache
+from .errors import BalladError
+from .metrics import classification_report, summary
+from .progress import NullProgress, Progress
+
+
+def _val_split(cache: FeatureCache) -> str | None:
+    return "val" if "val" in cache.splits else None
+
+
+def fit_on_cache(
+    cache: FeatureCache, config: AdapterConfig, out: str | Path, device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body."""
+    progress = progress or NullProgress()
+    rows = TrainRows.from_split(cache.load_split("train"))
+    if len(rows.image_labels) == 0:
+        raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
+    text = cache.text_embeddings()
+    result = fit_adapters(rows, text, [config], device=device, progress=progress)
+    weight = result.weights[0]
+    extra: dict[str, Any] = {"final_loss": float(result.losses[0, -1]) if result.losses.size else None,
+                             "steps": int(result.losses.shape[1]), "train_seconds": result.seconds}
+    split = _val_split(cache)
+    if split:
+        val = cache.load_split(split).eval_view()
+        extra["val"] = summary(classification_report(
+            adapter_logits(val.features, weight, config.ratio, text), val.labels, cache.train_counts))
+    save_adapter(out, weight, config, cache, extra)
+    return read_json(Path(out) / "adapter.json")
+
+
+def point_key(c: AdapterConfig) -> str:
+    """A file-safe name for one sweep point."""
+    return (f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
+            f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}")
+
+
+def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
+    """Every combination of the given axes over `base` (e.g. ratio=[...], lr=[...], sampler=[...])."""
+    axes = {k: v for k, v in axes.items() if v}
+    if not axes:
+        return [base]
+    names = list(axes)
+    out = []
+    for values in itertools.product(*(axes[n] for n in names)):
+        out.append(AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values))}))
+    return out
+
+
+@dataclass
+class SweepResult:
+    """Ranked points (best first) and the winner's test report."""
+
+    points: list[dict[str, Any]]
+    best: dict[str, Any]
+    test: dict[str, Any] | None
+
+
+def run_sweep(
+    cache: FeatureCache, configs: list[AdapterConfig], out: str | Path, metric: str = "top1",
+    device: torch.device | str = "cpu", progress: Progress | None = None,
+) -> SweepResult:
+    """Train every configuration (stream-sharing ones batched), rank on val by `metric`, keep the best.
+
+    Finished points live in `out/points/` (weights + metrics) and are skipped on a rerun with the same cache.
+    Writes `results.csv`, `results.json`, `best/` (the winning adapter) and `heatmap.png`.
+    """
+    progress = progress or NullProgress()
+    if not configs:
+        raise BalladError("the sweep grid is empty; give at least one value per option")
+    if metric not in ("top1", "top5", "many", "medium", "few"):
+        raise BalladError(f"unknown metric '{metric}'; use top1, top5, many, medium or few")
+    split = _val_split(cache)
+    if split is None:
+        raise BalladError(f"cache {cache.path} has no val split to rank on; extract it with --splits train,val,test")
+    out = Path(out)
+    points_dir = out / "points"
+    points_dir.mkdir(parents=True, exist_ok=True)
+    text = cache.text_embeddings()
+    val = cache.load_split(split).eval_view()
+    keys = [point_key(c) for c in configs]
+    done = {k for k in keys if _point_done(points_dir, k, cache.fingerprint)}
+    todo = [i for i, k in enumerate(keys) if k not in done]
+    progress.log(f"sweep: {len(configs)} points, {len(done)} already done, {len(todo)} to train")
+    if todo:
+        rows = TrainRows.from_split(cache.load_split("train"))
+        for group in group_by_stream([configs[i] for i in todo]):
+            members = [todo[j] for j in group]
+            fit = fit_adapters(rows, text, [configs[i] for i in members], device=device, progress=progress)
+            for j, i in enumerate(members):
+                report = summary(classification_report(
+                    adapter_logits(val.features, fit.weights[j], configs[i].ratio, text), val.labels, cache.train_counts))
+                _save_point(points_dir, keys[i], fit.weights[j], configs[i], report, cache.fingerprint,
+                            float(fit.losses[j, -1]) if fit.losses.size else float("nan"), fit.seconds / len(members))
+    points = [read_json(points_dir / f"{k}.json") for k in keys]
+    ranked = sorted(points, key=lambda p: -p["val"][metric])
+    best = ranked[0]
+    best_cfg = AdapterConfig.from_dict(best["config"])
+    from safetensors.torch import load_file
+
+    weight = load_file(str(points_dir / f"{best['key']}.safetensors"))["weight"]
+    test = None
+    if "test" in cache.splits:
+        t = cache.load_split("test").eval_view()
+        test = summary(classification_report(adapter_logits(t.features, weight, best_cfg.ratio, text), t.labels,
+                                             cache.train_counts))
+    save_adapter(out / "best", weight, best_cfg, cache, {"val": best["val"], "test": test, "sweep_metric": metric})
+    _write_tables(out, ranked, metric, test, cache)
+    _heatmap(out, ranked, metric)
+    return SweepResult(ranked, best, test)
+
+
+def _point_done(folder: Path, key: str, fingerprint: str) -> bool:
+    meta, weights = folder / f"{key}.json", folder / f"{key}.safetensors"
+    if not (meta.exists() and weights.exists()):
+        return False
+    try:
+        return read_json(meta).get("cache_fingerprint") == fingerprint
+    except BalladError:
+        return False
+
+
+def _save_point(folder: Path, key: str, weight: torch.Tensor, config: AdapterConfig, val: dict[str, float],
+                fingerprint: str, final_loss: float, seconds: float) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(folder / f"{key}.safetensors") as tmp:
+        save_file({"weight": weight.contiguous()}, str(tmp))
+    write_json(folder / f"{key}.json", {"key": key, "config": config.to_dict(), "val": val, "final_loss": final_loss,
+                                         "train_seconds": seconds, "cache_fingerprint": fingerprint})
+
+
+def _write_tables(out: Path, ranked: list[dict[str, Any]], metric: str, test: dict[str, Any] | None,
+                  cache: FeatureCache) -> None:
+    cols = ["sampler", "ratio", "lr", "epochs", "batch_size", "weight_decay", "momentum", "samples_per_class", "seed"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", *cols, *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")), "final_loss"])
+    for r, p in enumerate(ranked, start=1):
+        w.writerow([r, *(p["config"][c] for c in cols), *(f"{p['val'][k]:.2f}" for k in ("top1", "top5", "many",
+                    "medium", "few")), f"{p['final_loss']:.4f}"])
+    write_bytes(out / "results.csv", buf.getvalue().encode())
+    write_json(out / "results.json", {"metric": metric, "cache_fingerprint": cache.fingerprint, "points": ranked,
+                                      "best": ranked[0], "best_test": test})
+
+
+def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
+    best = ranked[0]["config"]
+    same = [p for p in ranked if all(p["config"][k] == best[k] for k in best if k not in ("ratio", "lr"))]
+    ratios = sorted({p["config"]["ratio"] for p in same})
+    lrs = sorted({p["config"]["lr"] for p in same})
+    grid = np.full((len(ratios), len(lrs)), np.nan)
+    for p in same:
+        grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
+    from .plots import plot_heatmap
+
+    plot_heatmap(grid, [f"{r:g}" for r in ratios], [f"{lr:g}" for lr in lrs],
+                 f"val {metric} ({best['sampler']}, {best['epochs']} epochs)", out / "heatmap.png", "ratio", "lr")

@@ -1,0 +1,463 @@
+"""`ballad`: BALLAD long-tailed recognition with CLIP; phase B, evaluation and sweeps run on cached features.
+
+    ballad finetune --data fmnist-lt --model ballad-tiny --out runs/phase-a
+    ballad extract-features --data fmnist-lt --model local-dir:runs/phase-a/model --out runs/cache
+    ballad fit-adapter --cache runs/cache --out runs/adapter --ratio 0.2
+    ballad evaluate --cache runs/cache --adapter runs/adapter --out runs/eval --tau 1.0 --plot
+    ballad sweep --cache runs/cache --out runs/sweep --ratio 0.1,0.2,0.4 --lr 0.05,0.2
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .ui import DEBUG, RichProgress, err, handle_errors, out, report_table
+
+app = typer.Typer(
+    help="BALLAD long-tailed recognition with CLIP: finetune once, cache features, fit adapters in seconds.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+cache_app = typer.Typer(help="Inspect and check feature caches.", no_args_is_help=True)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(data_app, name="data")
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Sampler(str, Enum):
+    class_aware = "class-aware"
+    sqrt = "sqrt"
+    instance = "instance"
+    progressive = "progressive"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+DataOpt = Annotated[str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:100, folder:ROOT, PATH.yaml.")]
+ModelOpt = Annotated[str, typer.Option("--model", help="open_clip name (ViT-B-16), ballad-tiny, or local-dir:PATH.")]
+PretrainedOpt = Annotated[
+    str | None, typer.Option("--pretrained", help="open_clip tag (openai, laion2b_...) or a weights file.")
+]
+DeviceOpt = Annotated[Device, typer.Option("--device", help="auto picks CUDA when torch sees a GPU.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seeds sampling, augmentation and initialisation.")]
+CacheOpt = Annotated[Path, typer.Option("--cache", help="A feature cache made by extract-features.")]
+
+
+@app.callback()
+def main_callback(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+) -> None:
+    """Set global flags."""
+    if debug:
+        DEBUG["on"] = True
+
+
+def _csv(value: str, cast: type, option: str) -> list[Any]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter("the grid is empty; give comma-separated values", param_hint=option)
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not a comma-separated list of {cast.__name__}", param_hint=option) from None
+
+
+def _device(device: Device) -> Any:
+    from ballad_cache.models import resolve_device
+
+    return resolve_device(device.value)
+
+
+def _save_config(folder: Path, command: str, config: Any, **extra: Any) -> None:
+    from dataclasses import asdict
+
+    from ballad_cache import __version__
+    from ballad_cache.atomic import write_json
+
+    write_json(folder / "config.json", {"command": command, "ballad": __version__, **extra, "config": asdict(config)})
+
+
+# ---------------------------------------------------------------------------------------------- phase A
+
+
+@app.command()
+@handle_errors
+def finetune(
+    data: DataOpt = "fmnist-lt",
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder: model/, checkpoint.pt, metrics.jsonl.")] = Path(
+        "runs/finetune"),
+    epochs: Annotated[int, typer.Option(min=0, help="Passes over the train split.")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (official: SGD 1e-5).")] = 1e-5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split over torchrun ranks).")] = 128,
+    optimizer: Annotated[str, typer.Option(help="sgd (official) or adamw.")] = "sgd",
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps before the cosine.")] = 0,
+    accum_steps: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
+    loss: Annotated[str, typer.Option(help="ce (over class prompts, official) or contrastive.")] = "ce",
+    templates: Annotated[str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")] = "ballad",
+    precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
+    checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N steps.")] = 0,
+    max_steps: Annotated[int, typer.Option(min=0, help="Stop after N optimizer steps (0: no limit).")] = 0,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: cores - 1).")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.pt.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Reuse an existing run folder.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Phase A: continue training both CLIP towers on the long-tailed train split (BALLAD's recipe).
+
+    Runs under `torchrun --nproc_per_node=N ballad finetune ...` for DDP (NCCL on GPU, gloo on CPU).
+    """
+    from ballad_cache.atomic import RunLock, prepare_run_dir
+    from ballad_cache.datasets import load_dataset
+    from ballad_cache.distributed import cleanup_distributed, init_distributed
+    from ballad_cache.finetune import FinetuneConfig
+    from ballad_cache.finetune import finetune as run_finetune
+    from ballad_cache.models import load_model
+
+    try:
+        config = FinetuneConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
+            warmup_steps=warmup_steps, accum_steps=accum_steps, loss=loss, templates=templates,
+            precision=precision.value, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
+            skip_bad=skip_bad, **({"workers": workers} if workers is not None else {}),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    dist, dev = init_distributed(_device(device))
+    try:
+        if dist.is_main:
+            prepare_run_dir(out_dir, overwrite, resume)
+        dist.barrier()
+        dataset = load_dataset(data)
+        loaded = load_model(model, pretrained)
+        with RunLock(out_dir) if dist.is_main else _nolock(), RichProgress() as progress:
+            if dist.is_main and not resume:
+                _save_config(out_dir, "finetune", config, data=data, model=model, pretrained=pretrained)
+            result = run_finetune(dataset, loaded, out_dir, config, dev, dist, resume=resume, progress=progress)
+        if dist.is_main:
+            start = result["start"]["top1"] if result["start"] else float("nan")
+            out.print(f"phase A done: val top1 {start:.2f} -> {result['best_val_top1']:.2f} (epoch {result['best_epoch']}); "
+                      f"model: {out_dir / 'model'}")
+    finally:
+        cleanup_distributed()
+
+
+class _nolock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+
+
+@app.command("extract-features")
+@handle_errors
+def extract_features(
+    data: DataOpt = "fmnist-lt",
+    model: ModelOpt = "ViT-B-16",
+    pretrained: PretrainedOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Cache folder.")] = Path("runs/cache"),
+    splits: Annotated[str, typer.Option(help="Comma-separated splits to extract.")] = "train,val,test",
+    train_views: Annotated[int, typer.Option(min=0, help="Augmented views per train image besides the eval view.")] = 0,
+    templates: Annotated[str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")] = "ballad",
+    dtype: Annotated[str, typer.Option(help="Feature dtype on disk: float16 or float32.")] = "float16",
+    shard_size: Annotated[int, typer.Option(min=1, help="Rows per shard (unit of resume).")] = 16384,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: cores - 1).")] = None,
+    precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
+    skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images (listed in the manifest).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Recompute shards that are already complete.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Encode images once with the frozen model into HDF5 shards; reruns skip finished shards.
+
+    Runs under `torchrun --nproc_per_node=N`: each rank writes its own shards, rank 0 the manifest.
+    """
+    from ballad_cache.atomic import RunLock
+    from ballad_cache.datasets import load_dataset
+    from ballad_cache.distributed import cleanup_distributed, init_distributed
+    from ballad_cache.extract import ExtractConfig
+    from ballad_cache.extract import extract_features as run_extract
+    from ballad_cache.models import load_model
+
+    try:
+        config = ExtractConfig(
+            splits=tuple(_csv(splits, str, "--splits")), train_views=train_views, templates=templates, dtype=dtype,
+            shard_size=shard_size, batch_size=batch_size, seed=seed, precision=precision.value, skip_bad=skip_bad,
+            overwrite=overwrite, **({"workers": workers} if workers is not None else {}),
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    dist, dev = init_distributed(_device(device))
+    try:
+        dataset = load_dataset(data)
+        loaded = load_model(model, pretrained)
+        with RunLock(out_dir, f".ballad.rank{dist.rank}.lock"), RichProgress() as progress:
+            manifest = run_extract(dataset, loaded, out_dir, config, dev, dist, progress)
+        if manifest is not None:
+            rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
+            skipped = f"; skipped {len(manifest['skipped'])} bad image(s)" if manifest["skipped"] else ""
+            out.print(f"cache {out_dir}: {rows} rows, dim {manifest['embed_dim']}, "
+                      f"fingerprint {manifest['fingerprint']}{skipped}")
+    finally:
+        cleanup_distributed()
+
+
+@cache_app.command("info")
+@handle_errors
+def cache_info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Splits, rows, dims, model, fingerprint and size on disk."""
+    from rich.table import Table
+
+    from ballad_cache.cache import FeatureCache
+
+    c = FeatureCache(cache)
+    m = c.manifest
+    table = Table(title=f"cache {cache}")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("views", justify="right")
+    table.add_column("rows", justify="right")
+    table.add_column("shards", justify="right")
+    for s, v in m["splits"].items():
+        table.add_row(s, str(v["images"]), str(v["views"]), str(v["rows"]), str(len(v["shards"])))
+    out.print(table)
+    model = m["model"]
+    out.print(f"model: {model['name']} pretrained={model['pretrained']} sha256={str(model['checkpoint_sha256'])[:12]}")
+    out.print(f"dataset: {m['dataset']}  classes: {len(m['classnames'])}  templates: {len(m['templates'])}")
+    out.print(f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
+              f"size: {c.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}")
+
+
+@cache_app.command("verify")
+@handle_errors
+def cache_verify(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> None:
+    """Re-hash every shard against the manifest; exit 1 naming the first bad one."""
+    from ballad_cache.cache import FeatureCache
+
+    checked = FeatureCache(cache).verify()
+    out.print(f"ok: {len(checked)} files match the manifest of {cache}")
+
+
+# ---------------------------------------------------------------------------------------------- phase B
+
+
+def _adapter_config(**kw: Any) -> Any:
+    from ballad_cache.adapter import AdapterConfig
+
+    try:
+        return AdapterConfig(**kw)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+@app.command("fit-adapter")
+@handle_errors
+def fit_adapter(
+    cache: CacheOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Adapter folder: adapter.safetensors + adapter.json.")],
+    ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Residual mix: ratio * W f + (1 - ratio) * f.")] = 0.2,
+    sampler: Annotated[Sampler, typer.Option(help="Index stream.")] = Sampler.class_aware,
+    samples_per_class: Annotated[int, typer.Option(min=1, help="Consecutive draws per class (class-aware).")] = 4,
+    epochs: Annotated[int, typer.Option(min=0, help="One epoch = as many draws as training images.")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0)] = 0.2,
+    momentum: Annotated[float, typer.Option(min=0.0)] = 0.9,
+    weight_decay: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    batch_size: Annotated[int, typer.Option(min=1)] = 512,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --out.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Phase B: train BALLAD's residual linear adapter on cached features (class-balanced by default)."""
+    from ballad_cache.atomic import RunLock, prepare_run_dir
+    from ballad_cache.cache import FeatureCache
+    from ballad_cache.phase_b import fit_on_cache
+
+    config = _adapter_config(ratio=ratio, sampler=sampler.value, samples_per_class=samples_per_class, epochs=epochs,
+                             lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    c = FeatureCache(cache)
+    prepare_run_dir(out_dir, overwrite)
+    with RunLock(out_dir), RichProgress() as progress:
+        _save_config(out_dir, "fit-adapter", config, cache=str(cache), cache_fingerprint=c.fingerprint)
+        meta = fit_on_cache(c, config, out_dir, _device(device), progress)
+    if "val" in meta:
+        out.print(report_table(f"adapter {out_dir} on val", [("adapter", meta["val"])]))
+    out.print(f"adapter written to {out_dir} ({meta['steps']} steps, {meta['train_seconds']:.1f}s)")
+
+
+@app.command()
+@handle_errors
+def evaluate(
+    cache: CacheOpt,
+    adapter: Annotated[Path | None, typer.Option(help="Adapter folder (fit-adapter's --out, or sweep's best/).")] = None,
+    split: Annotated[str, typer.Option(help="Split to score.")] = "test",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json, per_class.csv, plots.")] = None,
+    tau: Annotated[float | None, typer.Option(help="Post-hoc logit adjustment: logits - tau * log prior.")] = None,
+    knn: Annotated[int | None, typer.Option(min=1, help="Add a kNN head with K neighbours (faiss).")] = None,
+    plot: Annotated[bool, typer.Option(help="Per-class accuracy vs training count PNG (needs --out).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing result in --out.")] = False,
+) -> None:
+    """Zero-shot and adapter accuracy on cached features: top-1/5, many/medium/few, per class."""
+    from ballad_cache.adapter import load_adapter
+    from ballad_cache.atomic import prepare_run_dir
+    from ballad_cache.cache import FeatureCache
+    from ballad_cache.evaluate import EvalConfig, evaluate_cache, summary_rows, write_result
+
+    c = FeatureCache(cache)
+    ad = load_adapter(adapter, c) if adapter else None
+    config = EvalConfig(split=split, tau=tau, knn=knn)
+    result = evaluate_cache(c, ad, config)
+    out.print(report_table(f"{split} accuracy (%) on {cache}", summary_rows(result)))
+    if out_dir is not None:
+        prepare_run_dir(out_dir, overwrite)
+        _save_config(out_dir, "evaluate", config, cache=str(cache), adapter=str(adapter) if adapter else None)
+        paths = write_result(result, out_dir, plot=plot)
+        err.print("wrote " + ", ".join(str(p) for p in paths))
+    elif plot:
+        raise typer.BadParameter("--plot needs --out", param_hint="--plot")
+
+
+@app.command()
+@handle_errors
+def sweep(
+    cache: CacheOpt,
+    out_dir: Annotated[Path, typer.Option("--out", help="Sweep folder: results.csv/json, best/, heatmap.png.")],
+    ratio: Annotated[str, typer.Option(help="Comma-separated ratios in [0, 1].")] = "0.1,0.2,0.4",
+    sampler: Annotated[str, typer.Option(help="Comma-separated samplers.")] = "class-aware",
+    lr: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = "0.2",
+    epochs: Annotated[str, typer.Option(help="Comma-separated epoch counts.")] = "10",
+    weight_decay: Annotated[str, typer.Option(help="Comma-separated weight decays.")] = "5e-4",
+    batch_size: Annotated[int, typer.Option(min=1)] = 512,
+    metric: Annotated[str, typer.Option(help="Val metric to rank by: top1, many, medium, few.")] = "top1",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Train a grid of adapters in one process (shared index streams batched), rank on val, keep the best.
+
+    A rerun into the same --out skips finished points.
+    """
+    from ballad_cache.adapter import AdapterConfig
+    from ballad_cache.atomic import RunLock
+    from ballad_cache.cache import FeatureCache
+    from ballad_cache.phase_b import expand_grid, run_sweep
+    from ballad_cache.samplers import SAMPLERS
+
+    ratios = _csv(ratio, float, "--ratio")
+    if any(not 0 <= r <= 1 for r in ratios):
+        raise typer.BadParameter("ratios must be in [0, 1]", param_hint="--ratio")
+    samplers = _csv(sampler, str, "--sampler")
+    unknown = [s for s in samplers if s not in SAMPLERS]
+    if unknown:
+        raise typer.BadParameter(f"unknown sampler '{unknown[0]}'; known: {', '.join(SAMPLERS)}", param_hint="--sampler")
+    lrs, eps, wds = _csv(lr, float, "--lr"), _csv(epochs, int, "--epochs"), _csv(weight_decay, float, "--weight-decay")
+    if any(e < 0 for e in eps):
+        raise typer.BadParameter("epochs must be >= 0", param_hint="--epochs")
+    base = AdapterConfig(batch_size=batch_size, seed=seed)
+    configs = expand_grid(base, sampler=samplers, ratio=ratios, lr=lrs, epochs=eps, weight_decay=wds)
+    c = FeatureCache(cache)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir), RichProgress() as progress:
+        from ballad_cache.atomic import write_json
+
+        write_json(out_dir / "config.json", {"command": "sweep", "cache": str(cache), "metric": metric,
+                                             "grid": [cfg.to_dict() for cfg in configs]})
+        result = run_sweep(c, configs, out_dir, metric, _device(device), progress)
+    rows = [(f"{p['config']['sampler']} r={p['config']['ratio']:g} lr={p['config']['lr']:g} e={p['config']['epochs']}",
+             p["val"]) for p in result.points[:10]]
+    out.print(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, ranked by {metric})", rows))
+    if result.test:
+        out.print(report_table("best configuration on test", [("best", result.test)]))
+    out.print(f"best adapter: {out_dir / 'best'}; results: {out_dir / 'results.csv'}")
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+
+
+@data_app.command("info")
+@handle_errors
+def data_info(spec: Annotated[str, typer.Argument(help="Dataset spec.")] = "fmnist-lt") -> None:
+    """Class counts, imbalance factor and many/medium/few groups of a dataset's train split."""
+    from rich.table import Table
+
+    from ballad_cache.datasets import load_dataset
+    from ballad_cache.longtail import GROUP_NAMES, group_sizes, imbalance_factor, shot_groups
+
+    ds = load_dataset(spec)
+    counts = ds.class_counts("train")
+    groups = shot_groups(counts)
+    table = Table(title=f"{ds.name}: train class counts")
+    table.add_column("class", justify="right")
+    table.add_column("name")
+    table.add_column("train", justify="right")
+    table.add_column("group")
+    order = sorted(range(len(counts)), key=lambda c: -counts[c])
+    shown = order if len(order) <= 40 else order[:20] + order[-20:]
+    for c in shown:
+        table.add_row(str(c), ds.classnames[c], str(counts[c]), GROUP_NAMES[groups[c]])
+    out.print(table)
+    sizes = group_sizes(counts)
+    split_sizes = ", ".join(f"{s} {len(v)}" for s, v in ds.splits.items())
+    out.print(f"{ds.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
+              f"imbalance factor {imbalance_factor(counts):.1f}")
+    out.print(f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
+              f"(many > 100, few < 20); splits: {split_sizes}")
+
+
+@app.command()
+@handle_errors
+def models() -> None:
+    """List model names: ballad's built-ins, then open_clip's (use with --model)."""
+    from ballad_cache.models import list_models
+
+    for name in list_models():
+        out.print(name, highlight=False)
+
+
+@app.command()
+@handle_errors
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Demo folder; each step gets a subfolder.")] = Path("ballad-demo"),
+    size: Annotated[str, typer.Option(help="full (the README's run) or tiny (a few steps, for CI).")] = "full",
+    overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """The whole BALLAD pipeline on fmnist-lt with ballad-tiny, offline: finetune, extract, fit, sweep, evaluate."""
+    from ballad_cache.demo import DEMO_SIZES, run_demo
+
+    if size not in DEMO_SIZES:
+        raise typer.BadParameter(f"size must be one of {', '.join(DEMO_SIZES)}", param_hint="--size")
+    with RichProgress() as progress:
+        summary = run_demo(out_dir, DEMO_SIZES[size], _device(device), progress, overwrite=overwrite)
+    out.print(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))
+    out.print(f"report: {out_dir / 'report'}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

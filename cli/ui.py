@@ -1,0 +1,110 @@
+"""Terminal output: rich progress on stderr, result tables on stdout, one-line errors with exit codes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+err = Console(stderr=True)
+out = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+DEBUG = {"on": os.environ.get("BALLAD_DEBUG") == "1"}
+
+
+class RichProgress:
+    """The library's Progress interface rendered as a rich bar on stderr (plain lines when not a terminal)."""
+
+    def __init__(self) -> None:
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._last_line = 0.0
+        self._desc = ""
+        self._done = 0
+        self._total: int | None = None
+
+    def start(self, description: str, total: int | None) -> None:
+        self._close()
+        self._desc, self._done, self._total = description, 0, total
+        if err.is_terminal:
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                                 console=err, transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(description, total=total, info="")
+
+    def advance(self, n: int = 1, **fields: Any) -> None:
+        self._done += n
+        info = "  ".join(f"{k}={v}" for k, v in fields.items())
+        if self._bar is not None:
+            self._bar.update(self._task, advance=n, info=info)
+        elif time.monotonic() - self._last_line > 5 or self._done == self._total:
+            self._last_line = time.monotonic()
+            err.print(f"{self._desc}: {self._done}/{self._total or '?'} {info}", highlight=False)
+
+    def log(self, message: str) -> None:
+        err.print(message, highlight=False)
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
+
+    def __enter__(self) -> RichProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+
+def quiet_libraries() -> None:
+    """Silence open_clip's and transformers' chatter unless --debug."""
+    level = logging.INFO if DEBUG["on"] else logging.ERROR
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def handle_errors(fn: F) -> F:
+    """Turn BalladError into one red line and exit 1, bad option values into exit 2, Ctrl-C into exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ballad_cache.errors import BalladError
+
+        quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except BalladError as exc:
+            if DEBUG["on"]:
+                raise
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]: finished files are kept; rerun the same command to continue")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
+    """A table of headline accuracies: one row per head or run."""
+    table = Table(title=title)
+    table.add_column("", style="bold")
+    for col in ("top1", "top5", "many", "medium", "few"):
+        table.add_column(col, justify="right")
+    for name, vals in rows:
+        table.add_row(name, *(f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-" for c in
+                              ("top1", "top5", "many", "medium", "few")))
+    return table
