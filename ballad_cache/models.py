@@ -143,9 +143,13 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise BalladError(f"no pretrained tag '{pretrained}' for {name}; known tags: {tags}, or a weights file")
     try:
-        model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, load_weights=True
-        )
+        # Weights not loaded from a file start from a fixed seed, so a "random" model is the same model in every
+        # process: resumed and multi-rank extraction depend on it.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device, load_weights=True
+            )
     except (RuntimeError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200]
         if pretrained and not Path(pretrained).is_file():

@@ -1,0 +1,157 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from ballad_cache.cache import FeatureCache
+from ballad_cache.datasets import load_dataset
+from ballad_cache.errors import BalladError
+from ballad_cache.extract import ExtractConfig, extract_features
+from ballad_cache.models import load_model
+from cli.main import app
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _extract(out: Path, **kw) -> FeatureCache:
+    ds = load_dataset("fmnist-lt")
+    loaded = load_model("ballad-micro")
+    cfg = ExtractConfig(workers=0, batch_size=128, **kw)
+    extract_features(ds, loaded, out, cfg, torch.device("cpu"))
+    return FeatureCache(out)
+
+
+@pytest.fixture()
+def small_cache(ballad_data, tmp_path) -> FeatureCache:
+    return _extract(tmp_path / "cache", splits=("train", "val"), shard_size=500, train_views=1)
+
+
+def test_cached_features_match_the_encoders(small_cache, ballad_data):
+    ds = load_dataset("fmnist-lt")
+    loaded = load_model("ballad-micro")
+    val = small_cache.load_split("val")
+    images = torch.stack([loaded.preprocess_eval(ds.split("val").load(int(i))) for i in val.index[:64]])
+    with torch.no_grad():
+        ref = F.normalize(loaded.model.encode_image(images), dim=-1)
+    cos = (ref * val.features[:64].float()).sum(dim=1)
+    assert cos.min() >= 0.999
+    prompts = [f"a photo of a {c}." for c in ds.classnames]
+    with torch.no_grad():
+        text_ref = F.normalize(loaded.model.encode_text(loaded.tokenizer(prompts)), dim=-1)
+    assert torch.allclose(small_cache.text_embeddings(), text_ref, atol=1e-5)
+    train = small_cache.load_split("train")
+    assert len(train) == 2 * 1236 and set(train.view.tolist()) == {0, 1}
+    assert small_cache.train_counts.tolist() == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
+    assert len(small_cache.shard_files("train")) == 5  # 2472 rows in shards of 500
+
+
+def test_streaming_equals_loading(small_cache):
+    whole = small_cache.load_split("train", dtype=torch.float16)
+    parts = list(small_cache.iter_shards("train", dtype=torch.float16))
+    assert len(parts) == 5 and max(len(p) for p in parts) == 500
+    assert torch.equal(torch.cat([p.features for p in parts]), whole.features)
+
+
+def test_rerun_skips_complete_shards(small_cache, ballad_data, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in small_cache.path.glob("*-*.h5")}
+    again = _extract(small_cache.path, splits=("train", "val"), shard_size=500, train_views=1)
+    after = {p.name: p.stat().st_mtime_ns for p in again.path.glob("*-*.h5")}
+    assert before == after
+    assert again.fingerprint == small_cache.fingerprint
+
+
+def test_verify_catches_flipped_byte_and_truncation(small_cache):
+    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    assert r.exit_code == 0, r.output
+    shard = small_cache.path / "train-00002.h5"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    assert r.exit_code == 1 and "train-00002.h5" in r.output
+    shard.write_bytes(bytes(data[: len(data) // 3]))
+    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    assert r.exit_code == 1 and "train-00002.h5" in r.output
+    with pytest.raises(BalladError, match="train-00002.h5"):
+        FeatureCache(small_cache.path).load_split("train")
+
+
+def test_missing_shard_nan_rows_and_other_format_version(small_cache):
+    (small_cache.path / "val-00000.h5").rename(small_cache.path / "moved.h5")
+    with pytest.raises(BalladError, match="val-00000.h5 is missing"):
+        FeatureCache(small_cache.path).load_split("val")
+    (small_cache.path / "moved.h5").rename(small_cache.path / "val-00000.h5")
+    import h5py
+
+    with h5py.File(small_cache.path / "val-00000.h5", "r+") as f:
+        f["features"][3] = np.nan
+    with pytest.raises(BalladError, match="val-00000.h5 holds NaN"):
+        FeatureCache(small_cache.path).load_split("val")
+    manifest = json.loads((small_cache.path / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (small_cache.path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BalladError, match="format version 99"):
+        FeatureCache(small_cache.path)
+
+
+def _cli_extract(out: Path, env: dict, extra: list[str] = ()) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "cli.main", "extract-features", "--data", "fmnist-lt", "--model", "ballad-micro",
+           "--out", str(out), "--shard-size", "400", "--batch-size", "50", "--workers", "0", "--device", "cpu",
+           "--train-views", "1", *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_kill_9_then_rerun_recomputes_only_unfinished_shards(ballad_data, tmp_path):
+    env = {**os.environ, "BALLAD_DATA": str(ballad_data)}
+    ref = tmp_path / "ref"
+    assert _cli_extract(ref, env).wait() == 0
+    killed = tmp_path / "killed"
+    proc = _cli_extract(killed, env)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(killed.glob("train-*.h5"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name: p.stat().st_mtime_ns for p in killed.glob("*-*.h5")}
+    assert survivors and not (killed / "manifest.json").exists()
+    rerun = _cli_extract(killed, env)
+    output = rerun.communicate()[0].decode()
+    assert rerun.returncode == 0, output
+    assert f"train: {7 - len([s for s in survivors if s.startswith('train')])} shard(s) computed" in output
+    for name, mtime in survivors.items():
+        assert (killed / name).stat().st_mtime_ns == mtime  # finished shards were not rewritten
+    a = json.loads((ref / "manifest.json").read_text())
+    b = json.loads((killed / "manifest.json").read_text())
+    assert [e["sha256"] for s in a["splits"].values() for e in s["shards"]] == \
+           [e["sha256"] for s in b["splits"].values() for e in s["shards"]]
+    assert a["fingerprint"] == b["fingerprint"]
+    assert not list(killed.glob(".*.tmp"))
+
+
+def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
+    env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
+    common = ["extract-features", "--data", "fmnist-lt", "--model", "ballad-micro", "--shard-size", "300",
+              "--workers", "0", "--device", "cpu", "--splits", "train,val"]
+    one = subprocess.run([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+                          "-m", "cli.main", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for split in ("train", "val"):
+        a = FeatureCache(tmp_path / "one").load_split(split)
+        b = FeatureCache(tmp_path / "two").load_split(split)
+        oa, ob = torch.argsort(a.index), torch.argsort(b.index)
+        assert torch.equal(a.index[oa], b.index[ob]) and torch.equal(a.labels[oa], b.labels[ob])
+        assert torch.allclose(a.features[oa], b.features[ob], atol=2e-3)
