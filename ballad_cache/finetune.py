@@ -180,10 +180,15 @@ def finetune(
     dist = dist or DistContext()
     progress = progress or NullProgress()
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     if config.batch_size % dist.world_size:
         raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
     torch.manual_seed(config.seed)
     model = loaded.model.to(device).train()
+    for name in ("logit_scale", "logit_bias"):  # BALLAD fixes the scale at 100; unused params would stall DDP
+        param = getattr(model, name, None)
+        if isinstance(param, torch.nn.Parameter):
+            param.requires_grad_(False)
     prompts = PromptBank(loaded, dataset.classnames, load_templates(config.templates))
     net: torch.nn.Module = DualTower(model, prompts)
     if dist.enabled:

@@ -1,0 +1,93 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ballad_cache.datasets import load_dataset
+from ballad_cache.errors import BalladError
+from ballad_cache.finetune import FinetuneConfig, finetune, load_checkpoint
+from ballad_cache.models import load_model
+from ballad_cache.progress import NullProgress
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "ballad-micro"  # fast; the demo test covers ballad-tiny end to end
+
+
+def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_path):
+    import open_clip
+
+    ds = load_dataset("fmnist-lt")
+    cfg = FinetuneConfig(epochs=5, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=5,
+                         workers=0)
+    result = finetune(ds, load_model(MODEL), tmp_path, cfg, torch.device("cpu"))
+    assert result["best_val_top1"] >= result["start"]["top1"] + 15.0
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "val" in r] == [0, 1, 2, 3, 4, 5]
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'model'}")
+    reloaded = load_model(f"local-dir:{tmp_path / 'model'}")
+    assert (tmp_path / "model-last" / "open_clip_model.safetensors").exists()
+    saved = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
+    for name, tensor in reloaded.model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert model.visual.output_dim == 64
+
+
+class StopAfterEpoch(NullProgress):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def log(self, message: str) -> None:
+        if message.startswith(f"epoch {self.epoch}:"):
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interrupt_gives_the_same_weights(ballad_data, tmp_path):
+    ds = load_dataset("fmnist-lt")
+    cfg = FinetuneConfig(epochs=2, batch_size=128, lr=0.05, workers=0)
+    finetune(ds, load_model("ballad-micro"), tmp_path / "a", cfg, torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        finetune(ds, load_model("ballad-micro"), tmp_path / "b", cfg, torch.device("cpu"), progress=StopAfterEpoch(1))
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    finetune(ds, load_model("ballad-micro"), tmp_path / "b", cfg, torch.device("cpu"), resume=True)
+    a = load_file(str(tmp_path / "a" / "model-last" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model-last" / "open_clip_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    start = load_file(str(tmp_path / "a" / "model-last" / "open_clip_model.safetensors"))
+    assert any((start[k] - load_model("ballad-micro").model.state_dict()[k]).abs().max() > 1e-4 for k in start)
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    import pickle
+
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(pickle.dumps({"model": Evil()}))
+    with pytest.raises(BalladError, match="refusing to load"):
+        load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
+    env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
+    common = ["finetune", "--data", "fmnist-lt", "--model", "ballad-micro", "--max-steps", "3", "--lr", "0.05",
+              "--batch-size", "64", "--workers", "0", "--device", "cpu", "--epochs", "1"]
+    one = subprocess.run([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
+                         env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573",
+                          "-m", "cli.main", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "model-last" / "open_clip_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model-last" / "open_clip_model.safetensors"))
+    start = load_model("ballad-micro").model.state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # the steps moved the weights
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5  # fp32 all-reduce order
