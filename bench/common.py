@@ -1,0 +1,54 @@
+"""Helpers for bench scripts: synthetic ImageNet-LT-shaped features, timing, JSON output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ballad_cache.adapter import TrainRows
+from ballad_cache.cache import SplitFeatures
+from ballad_cache.longtail import exponential_profile
+
+
+def imagenet_lt_shaped(scale: float = 1.0, dim: int = 1024, classes: int = 1000, seed: int = 0) -> tuple[TrainRows, torch.Tensor]:
+    """Normalised random features with ImageNet-LT's class profile (1280 ... 5, 115,846 rows at scale 1)."""
+    counts = [max(1, int(c * scale)) for c in exponential_profile(classes, 1280, 256)]
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(np.repeat(np.arange(classes), counts))
+    feats = F.normalize(torch.randn(len(labels), dim, generator=gen), dim=-1)
+    text = F.normalize(torch.randn(classes, dim, generator=gen), dim=-1)
+    split = SplitFeatures(feats, labels, torch.arange(len(labels)), torch.zeros(len(labels), dtype=torch.int64))
+    return TrainRows.from_split(split), text
+
+
+def machine() -> str:
+    """A one-line description of where the benchmark ran."""
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def timed(fn: Any, sync: bool = False) -> float:
+    """Seconds one call of `fn` takes."""
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync and torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def write(name: str, record: dict[str, Any]) -> None:
+    """Print and store a result as bench/out/NAME.json."""
+    record = {"bench": name, "machine": machine(), **record}
+    out = Path(__file__).parent / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
+    print(json.dumps(record, indent=2))
