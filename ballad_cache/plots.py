@@ -19,6 +19,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
 def plot_per_class(result: dict[str, Any], path: str | Path, heads: list[str] | None = None) -> Path:
     """Per-class accuracy against training count (log x), shot-group boundaries marked, heads side by side."""
     plt = _pyplot()
@@ -48,11 +56,7 @@ def plot_per_class(result: dict[str, Any], path: str | Path, heads: list[str] | 
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title("Per-class accuracy vs training count")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_heatmap(
@@ -74,8 +78,4 @@ def plot_heatmap(
     fig.colorbar(im, ax=ax)
     ax.set_title(title)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
