@@ -11,7 +11,10 @@ Models are named as open_clip names them: `ViT-B-16` with `pretrained="openai"` 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+from urllib.parse import urlparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +118,54 @@ def _weights_file(name: str, pretrained: str | None) -> Path | None:
     return None
 
 
+def _cached_weights(cfg: dict[str, Any]) -> bool:
+    """Whether the weights a pretrained config names are already in the local hub or URL cache."""
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        from huggingface_hub import try_to_load_from_cache
+        from open_clip.pretrained import HF_WEIGHTS_NAME, _get_safe_alternatives
+
+        repo_id, filename = os.path.split(hub.rstrip("/")) if hub.rstrip("/").count("/") > 1 else (hub.rstrip("/"), "")
+        filename = filename or HF_WEIGHTS_NAME
+        for candidate in (*_get_safe_alternatives(filename), filename):
+            if isinstance(try_to_load_from_cache(repo_id, candidate), str):
+                return True
+        return False
+    url = cfg.get("url", "")
+    return bool(url) and (Path("~/.cache/clip").expanduser() / os.path.basename(url)).is_file()
+
+
+def check_weights_reachable(name: str, tag: str, timeout: float = 3.0) -> None:
+    """Fail fast when a pretrained tag's weights are neither cached nor downloadable.
+
+    Without this, an offline machine spends a minute in the hub client's retries before it fails. One TCP
+    connect to the download host (skipped behind a proxy, which the hub client handles itself) decides it.
+
+    Raises:
+        BalladError: the weights are not cached and the host cannot be reached (or `HF_HUB_OFFLINE` is set).
+    """
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, tag)
+    if not cfg or _cached_weights(cfg):
+        return
+    fix = "download them where there is a network and pass --pretrained /path/to/weights"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise BalladError(f"{name} '{tag}' weights are not in the local cache and HF_HUB_OFFLINE is set; {fix}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    if cfg.get("hf_hub"):
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    else:
+        host = urlparse(cfg.get("url", "")).hostname or ""
+    if not host:
+        return
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as exc:
+        raise BalladError(f"cannot reach {host} to download {name} '{tag}' weights ({exc.strerror or exc}); {fix}") from None
+
+
 def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Create an open_clip model and its transforms.
 
@@ -142,6 +193,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
             raise BalladError(f"pretrained weights file {pretrained} does not exist")
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise BalladError(f"no pretrained tag '{pretrained}' for {name}; known tags: {tags}, or a weights file")
+    if pretrained and not Path(pretrained).is_file():
+        check_weights_reachable(name, pretrained)
     try:
         # Weights not loaded from a file start from a fixed seed, so a "random" model is the same model in every
         # process: resumed and multi-rank extraction depend on it.
