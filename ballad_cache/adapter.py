@@ -84,7 +84,9 @@ def adapt(features: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.T
     return F.normalize(ratio * x @ weight.T + (1.0 - ratio) * x, dim=-1)
 
 
-def adapter_logits(features: torch.Tensor, weight: torch.Tensor | None, ratio: float, text: torch.Tensor) -> torch.Tensor:
+def adapter_logits(
+    features: torch.Tensor, weight: torch.Tensor | None, ratio: float, text: torch.Tensor
+) -> torch.Tensor:
     """Class logits `100 * norm(x') · textᵀ`; zero-shot (`norm(f) · textᵀ`) when `weight` is None."""
     x = F.normalize(features.float(), dim=-1) if weight is None else adapt(features.float(), weight, ratio)
     return LOGIT_SCALE * x @ text.T.to(x.dtype)
@@ -246,8 +248,13 @@ class Adapter:
         return adapter_logits(features, self.weight, self.config.ratio, text)
 
 
-def save_adapter(folder: str | Path, weight: torch.Tensor, config: AdapterConfig, cache: FeatureCache,
-                 extra: dict[str, Any] | None = None) -> Path:
+def save_adapter(
+    folder: str | Path,
+    weight: torch.Tensor,
+    config: AdapterConfig,
+    cache: FeatureCache,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write `adapter.safetensors` and `adapter.json` (config, cache fingerprint and model, extra metrics)."""
     from safetensors.torch import save_file
 
@@ -294,5 +301,7 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
                 f"({why}); refit it on {cache.path}"
             )
         if weight.shape != (cache.manifest["embed_dim"],) * 2:
-            raise BalladError(f"adapter {folder} is {tuple(weight.shape)}, the cache has dim {cache.manifest['embed_dim']}")
+            raise BalladError(
+                f"adapter {folder} is {tuple(weight.shape)}, the cache has dim {cache.manifest['embed_dim']}"
+            )
     return Adapter(weight, AdapterConfig.from_dict(meta["config"]), str(meta.get("cache_fingerprint")), meta)

@@ -42,7 +42,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise BalladError(f"cannot write {final}: {os.strerror(exc.errno)}; free space or pick another --out") from exc
+            raise BalladError(
+                f"cannot write {final}: {os.strerror(exc.errno)}; free space or pick another --out"
+            ) from exc
         raise
 
 

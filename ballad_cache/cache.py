@@ -67,9 +67,7 @@ class ShardWriter:
         self._labels = f.create_dataset("labels", shape=(capacity,), maxshape=(None,), dtype=np.int32)
         self._index = f.create_dataset("index", shape=(capacity,), maxshape=(None,), dtype=np.int64)
         self._view = f.create_dataset("view", shape=(capacity,), maxshape=(None,), dtype=np.int16)
-        self._paths = f.create_dataset(
-            "paths", shape=(capacity,), maxshape=(None,), dtype=h5py.string_dtype("utf-8")
-        )
+        self._paths = f.create_dataset("paths", shape=(capacity,), maxshape=(None,), dtype=h5py.string_dtype("utf-8"))
         f.attrs["split"] = split
         f.attrs["shard"] = shard
         f.attrs["fingerprint"] = fingerprint
@@ -82,8 +80,10 @@ class ShardWriter:
         """Append a batch of rows (features already L2-normalised)."""
         if not np.isfinite(features).all():
             bad = int(index[~np.isfinite(features).all(axis=1)][0])
-            raise BalladError(f"the encoder produced NaN/Inf features for row {bad} of {self.final.name}; "
-                              "check the model weights and --precision")
+            raise BalladError(
+                f"the encoder produced NaN/Inf features for row {bad} of {self.final.name}; "
+                "check the model weights and --precision"
+            )
         n = len(labels)
         s = slice(self.rows, self.rows + n)
         self._features[s] = features
@@ -130,7 +130,10 @@ def read_shard_entry(folder: Path, split: str, shard: int, fingerprint: str) -> 
 
 
 def write_text_embeddings(
-    folder: Path, class_embeddings: torch.Tensor, template_embeddings: torch.Tensor, classnames: list[str],
+    folder: Path,
+    class_embeddings: torch.Tensor,
+    template_embeddings: torch.Tensor,
+    classnames: list[str],
     templates: list[str],
 ) -> dict[str, Any]:
     """Write `text.h5` atomically; returns its manifest entry."""
@@ -291,8 +294,10 @@ class FeatureCache:
             if not path.exists():
                 raise BalladError(f"{path} is missing; rerun extract-features to recreate it")
             if sha256_file(path) != entry["sha256"]:
-                raise BalladError(f"{path} does not match its sha256 in the manifest (corrupt or changed); "
-                                  "rerun extract-features --overwrite")
+                raise BalladError(
+                    f"{path} does not match its sha256 in the manifest (corrupt or changed); "
+                    "rerun extract-features --overwrite"
+                )
             checked.append(entry["file"])
         for split in self.splits:
             for entry in self.shard_files(split):

@@ -190,7 +190,9 @@ def check_classnames(classnames: Sequence[str], origin: str) -> list[str]:
     seen: dict[str, int] = {}
     for i, n in enumerate(names):
         if n in seen:
-            raise BalladError(f"{origin}: duplicate class name '{n}' (lines {seen[n] + 1} and {i + 1}); names must be unique")
+            raise BalladError(
+                f"{origin}: duplicate class name '{n}' (lines {seen[n] + 1} and {i + 1}); names must be unique"
+            )
         seen[n] = i
     return names
 
@@ -207,7 +209,9 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
             path = resource_dir() / "templates" / f"{spec}.txt"
             if not path.exists():
                 known = sorted(p.stem for p in (resource_dir() / "templates").glob("*.txt"))
-                raise BalladError(f"unknown template set '{spec}'; known: {', '.join(known)}, a .txt file, or a '{{c}}' string")
+                raise BalladError(
+                    f"unknown template set '{spec}'; known: {', '.join(known)}, a .txt file, or a '{{c}}' string"
+                )
         templates = read_lines(path)
     bad = [t for t in templates if "{c}" not in t]
     if bad or not templates:
@@ -320,7 +324,10 @@ def fashion_mnist_lt(
 
     def make(name: str, x: np.ndarray, y: np.ndarray, idx: np.ndarray, tag: str) -> ImageSplit:
         return ImageSplit(
-            name, y[idx].astype(np.int64), [f"fashion-mnist/{tag}/{i}" for i in idx], pixels=np.ascontiguousarray(x[idx])
+            name,
+            y[idx].astype(np.int64),
+            [f"fashion-mnist/{tag}/{i}" for i in idx],
+            pixels=np.ascontiguousarray(x[idx]),
         )
 
     splits = {
@@ -384,7 +391,9 @@ def cifar100_lt(imbalance: float, n_max: int = 500, seed: int = 0, root: Path | 
     """
     if root is None:
         if not os.environ.get("BALLAD_DATA"):
-            raise BalladError("cifar100-lt reads CIFAR-100 from $BALLAD_DATA; set it to the folder holding cifar-100-python/")
+            raise BalladError(
+                "cifar100-lt reads CIFAR-100 from $BALLAD_DATA; set it to the folder holding cifar-100-python/"
+            )
         root = Path(os.environ["BALLAD_DATA"])
     classnames = read_lines(resource_dir() / "classnames" / "cifar100.txt")
     arrays = _read_cifar100(root)
@@ -393,7 +402,9 @@ def cifar100_lt(imbalance: float, n_max: int = 500, seed: int = 0, root: Path | 
     train = ImageSplit("train", train_y[picked], [f"cifar-100/train/{i}" for i in picked], pixels=train_x[picked])
     test = ImageSplit("test", test_y, [f"cifar-100/test/{i}" for i in range(len(test_y))], pixels=test_x)
     val = ImageSplit("val", test.labels, test.paths, pixels=test.pixels)
-    return LTDataset(f"cifar100-lt:{imbalance:g}", classnames, {"train": train, "val": val, "test": test}, source=str(root))
+    return LTDataset(
+        f"cifar100-lt:{imbalance:g}", classnames, {"train": train, "val": val, "test": test}, source=str(root)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- folder: and YAML
@@ -486,5 +497,7 @@ def yaml_dataset(path: Path) -> LTDataset:
     counts = np.bincount(splits["train"].labels, minlength=len(classnames))
     if (counts == 0).any():
         c = int(np.flatnonzero(counts == 0)[0])
-        raise BalladError(f"{path}: class {c} ('{classnames[c]}') has no training image; fix the train list or the class list")
+        raise BalladError(
+            f"{path}: class {c} ('{classnames[c]}') has no training image; fix the train list or the class list"
+        )
     return LTDataset(path.stem, classnames, splits, templates=templates, source=str(root))

@@ -42,8 +42,9 @@ class DemoSize:
 
 DEMO_SIZES: dict[str, DemoSize] = {
     "full": DemoSize(
-        finetune=FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.05,
-                                warmup_steps=30),
+        finetune=FinetuneConfig(
+            epochs=8, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=30
+        ),
         extract=ExtractConfig(train_views=4, shard_size=4096),
         adapter=AdapterConfig(epochs=10, batch_size=128, lr=0.2),
         sweep_ratios=(0.1, 0.2, 0.4, 0.6),
@@ -59,8 +60,9 @@ DEMO_SIZES: dict[str, DemoSize] = {
 }
 
 
-def run_demo(out: str | Path, size: DemoSize, device: torch.device, progress: Progress | None = None,
-             overwrite: bool = False) -> dict[str, Any]:
+def run_demo(
+    out: str | Path, size: DemoSize, device: torch.device, progress: Progress | None = None, overwrite: bool = False
+) -> dict[str, Any]:
     """Run (or finish) every step under `out`; returns `summary.json`'s body (also written to `out/report/`)."""
     progress = progress or NullProgress()
     out = Path(out)
@@ -92,14 +94,22 @@ def run_demo(out: str | Path, size: DemoSize, device: torch.device, progress: Pr
     plot_per_class(result, report / "per_class.png", heads=["zero-shot", "adapter"])
     if (sweep_dir / "heatmap.png").exists():
         (report / "sweep_heatmap.png").write_bytes((sweep_dir / "heatmap.png").read_bytes())
-    names = {"zero-shot": "zero-shot (phase-A model)", "adapter": "BALLAD adapter",
-             "adapter+LA": f"adapter + logit adj. (tau={size.tau:g})"}
-    rows = [{"name": names[h], "head": h, **summary(result["heads"][h])} for h in ("zero-shot", "adapter", "adapter+LA")]
+    names = {
+        "zero-shot": "zero-shot (phase-A model)",
+        "adapter": "BALLAD adapter",
+        "adapter+LA": f"adapter + logit adj. (tau={size.tau:g})",
+    }
+    rows = [
+        {"name": names[h], "head": h, **summary(result["heads"][h])} for h in ("zero-shot", "adapter", "adapter+LA")
+    ]
     body = {
-        "dataset": DATA, "model": MODEL, "rows": rows,
+        "dataset": DATA,
+        "model": MODEL,
+        "rows": rows,
         "phase_a": read_json(ft_dir / "summary.json"),
         "sweep_best": {"config": swept.best["config"], "val": swept.best["val"], "test": swept.test},
-        "train_class_counts": result["train_class_counts"], "thresholds": result["thresholds"],
+        "train_class_counts": result["train_class_counts"],
+        "thresholds": result["thresholds"],
         "cache_fingerprint": cache.fingerprint,
     }
     write_json(report / "summary.json", body)

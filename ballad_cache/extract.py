@@ -56,15 +56,22 @@ def split_rows(num_images: int, views: int) -> np.ndarray:
 
 def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractConfig, templates: list[str]) -> str:
     """Hash of everything that determines the cache's contents (not batch size, workers or ranks)."""
-    splits = {
-        s: sha256_json([dataset.split(s).labels.tolist(), dataset.split(s).paths]) for s in config.splits
-    }
-    return sha256_json({
-        "dataset": dataset.name, "splits": splits, "model": loaded.provenance(),
-        "preprocess": [repr(loaded.preprocess_eval), repr(loaded.preprocess_train)], "templates": templates,
-        "dtype": config.dtype, "train_views": config.train_views, "shard_size": config.shard_size,
-        "seed": config.seed, "precision": config.precision, "skip_bad": config.skip_bad,
-    })[:16]
+    splits = {s: sha256_json([dataset.split(s).labels.tolist(), dataset.split(s).paths]) for s in config.splits}
+    return sha256_json(
+        {
+            "dataset": dataset.name,
+            "splits": splits,
+            "model": loaded.provenance(),
+            "preprocess": [repr(loaded.preprocess_eval), repr(loaded.preprocess_train)],
+            "templates": templates,
+            "dtype": config.dtype,
+            "train_views": config.train_views,
+            "shard_size": config.shard_size,
+            "seed": config.seed,
+            "precision": config.precision,
+            "skip_bad": config.skip_bad,
+        }
+    )[:16]
 
 
 def extract_split(
@@ -95,10 +102,15 @@ def extract_split(
         ShardWriter(out, split, 0, 0, int(loaded.model.visual.output_dim), fingerprint, config.dtype).close()
         return 1, done
     shard_rows = [rows[s * config.shard_size : (s + 1) * config.shard_size] for s in todo]
-    reader = ImageRows(image_split, np.concatenate(shard_rows), loaded.preprocess_eval, loaded.preprocess_train,
-                       seed=config.seed)
-    loader = make_loader(reader, config.batch_size, config.workers,
-                         pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda")
+    reader = ImageRows(
+        image_split, np.concatenate(shard_rows), loaded.preprocess_eval, loaded.preprocess_train, seed=config.seed
+    )
+    loader = make_loader(
+        reader,
+        config.batch_size,
+        config.workers,
+        pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda",
+    )
     dim = int(loaded.model.visual.output_dim)
     progress.start(f"extract {split}", len(reader))
     bounds = np.cumsum([len(r) for r in shard_rows])
@@ -106,26 +118,32 @@ def extract_split(
     t0 = time.perf_counter()
     try:
         for batch in loader:
-            errors = [(e, int(i), p) for e, i, p in zip(batch["error"], batch["index"], batch["path"]) if e]
+            errors = [
+                (e, int(i), p) for e, i, p in zip(batch["error"], batch["index"], batch["path"], strict=True) if e
+            ]
             if errors and not config.skip_bad:
                 raise BalladError(errors[0][0])
             feats = encoder(batch["image"])
             n, pos = len(feats), 0
             while pos < n:
                 if writer is None:
-                    writer = ShardWriter(out, split, todo[shard_i], len(shard_rows[shard_i]), dim, fingerprint,
-                                         config.dtype)
+                    writer = ShardWriter(
+                        out, split, todo[shard_i], len(shard_rows[shard_i]), dim, fingerprint, config.dtype
+                    )
                 take = min(n - pos, int(bounds[shard_i]) - written)
                 sl = slice(pos, pos + take)
                 ok = np.array([not e for e in batch["error"][sl]], dtype=bool)
-                writer.skipped += [{"index": int(i), "path": p, "reason": e}
-                                   for e, i, p in zip(batch["error"][sl], batch["index"][sl], batch["path"][sl]) if e]
+                writer.skipped += [
+                    {"index": int(i), "path": p, "reason": e}
+                    for e, i, p in zip(batch["error"][sl], batch["index"][sl], batch["path"][sl], strict=True)
+                    if e
+                ]
                 writer.write(
                     feats[sl][ok],
                     batch["label"][sl].numpy()[ok],
                     batch["index"][sl].numpy()[ok],
                     batch["view"][sl].numpy()[ok],
-                    [p for p, k in zip(batch["path"][sl], ok) if k],
+                    [p for p, k in zip(batch["path"][sl], ok, strict=True) if k],
                 )
                 pos += take
                 written += take
@@ -191,8 +209,13 @@ def extract_features(
 
 
 def _finish_manifest(
-    dataset: LTDataset, loaded: LoadedModel, out: Path, config: ExtractConfig, fingerprint: str,
-    templates: list[str], text_entry: dict[str, Any],
+    dataset: LTDataset,
+    loaded: LoadedModel,
+    out: Path,
+    config: ExtractConfig,
+    fingerprint: str,
+    templates: list[str],
+    text_entry: dict[str, Any],
 ) -> dict[str, Any]:
     import open_clip
 
@@ -209,15 +232,20 @@ def _finish_manifest(
             skipped += [{**e, "split": split} for e in entry.pop("skipped")]
             entries.append(entry)
         splits[split] = {
-            "images": len(dataset.split(split)), "views": views + 1, "rows": sum(e["rows"] for e in entries),
+            "images": len(dataset.split(split)),
+            "views": views + 1,
+            "rows": sum(e["rows"] for e in entries),
             "shards": entries,
         }
     train_counts = dataset.class_counts("train").tolist() if "train" in dataset.splits else []
     body = {
         "dataset": dataset.name,
         "model": loaded.provenance(),
-        "preprocess": {"eval": repr(loaded.preprocess_eval), "train": repr(loaded.preprocess_train),
-                       "cfg": loaded.preprocess_cfg},
+        "preprocess": {
+            "eval": repr(loaded.preprocess_eval),
+            "train": repr(loaded.preprocess_train),
+            "cfg": loaded.preprocess_cfg,
+        },
         "embed_dim": int(loaded.model.visual.output_dim),
         "dtype": config.dtype,
         "normalized": True,
@@ -229,7 +257,11 @@ def _finish_manifest(
         "skipped": skipped,
         "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "overwrite", "batch_size")},
         "config_fingerprint": fingerprint,
-        "versions": {"ballad": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "ballad": __version__,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+            "python": platform.python_version(),
+        },
     }
     return write_manifest(out, body)

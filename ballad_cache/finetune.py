@@ -119,8 +119,15 @@ def lr_at(config: FinetuneConfig, step: int, total: int) -> float:
 
 @torch.inference_mode()
 def evaluate_model(
-    model: torch.nn.Module, loaded: LoadedModel, dataset: LTDataset, split: str, prompts: PromptBank,
-    device: torch.device, batch_size: int, workers: int, precision: str = "fp32",
+    model: torch.nn.Module,
+    loaded: LoadedModel,
+    dataset: LTDataset,
+    split: str,
+    prompts: PromptBank,
+    device: torch.device,
+    batch_size: int,
+    workers: int,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few."""
     was_training = model.training
@@ -136,8 +143,9 @@ def evaluate_model(
             feats = model.encode_image(batch["image"].to(device, non_blocking=True))
         logits.append(LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ text.T)
     model.train(was_training)
-    report = classification_report(torch.cat(logits).cpu(), torch.as_tensor(image_split.labels),
-                                   dataset.class_counts("train"), ShotThresholds())
+    report = classification_report(
+        torch.cat(logits).cpu(), torch.as_tensor(image_split.labels), dataset.class_counts("train"), ShotThresholds()
+    )
     return summary(report)
 
 
@@ -158,8 +166,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise BalladError(f"refusing to load {path}: not a plain weights checkpoint ({first}); "
-                          "delete it and start without --resume") from None
+        raise BalladError(
+            f"refusing to load {path}: not a plain weights checkpoint ({first}); delete it and start without --resume"
+        ) from None
 
 
 def finetune(
@@ -193,11 +202,13 @@ def finetune(
     net: torch.nn.Module = DualTower(model, prompts)
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
+            net, device_ids=[device.index] if device.type == "cuda" else None
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                                                     weight_decay=config.weight_decay)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     else:
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     train = dataset.split("train")
@@ -219,28 +230,40 @@ def finetune(
         best, best_epoch = state["best"], state["best_epoch"]
         progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
     elif has_val:
-        start_report = evaluate_model(model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers,
-                                      config.precision)
+        start_report = evaluate_model(
+            model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers, config.precision
+        )
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
         if dist.is_main:
-            _save_checkpoint(ckpt_path, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch, "step": step, "best": best, "best_epoch": best_epoch,
-                "config": asdict(config),
-            })
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "epoch": epoch,
+                    "batch_in_epoch": batch_in_epoch,
+                    "step": step,
+                    "best": best,
+                    "best_epoch": best_epoch,
+                    "config": asdict(config),
+                },
+            )
         dist.barrier()
 
     images_done, t0 = 0, time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps and step >= config.max_steps:
             break
-        sampler = EpochSampler(len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank)
+        sampler = EpochSampler(
+            len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank
+        )
         rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
-        reader = ImageRows(train, rows, loaded.preprocess_eval, loaded.preprocess_train,
-                           seed=config.seed * 1000 + epoch)
+        reader = ImageRows(
+            train, rows, loaded.preprocess_eval, loaded.preprocess_train, seed=config.seed * 1000 + epoch
+        )
         loader = make_loader(reader, per_rank, config.workers, pin_memory=device.type == "cuda", sampler=sampler)
         progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
         batch_i = batch_offset
@@ -269,14 +292,21 @@ def finetune(
             rate = images_done / max(time.perf_counter() - t0, 1e-9)
             progress.advance(1, loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
             if dist.is_main:
-                append_jsonl(out / "metrics.jsonl", {"epoch": epoch + 1, "step": step, "loss": loss.item(),
-                                                     "lr": opt.param_groups[0]["lr"]})
+                append_jsonl(
+                    out / "metrics.jsonl",
+                    {"epoch": epoch + 1, "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]},
+                )
             if config.max_steps and step >= config.max_steps:
                 break
-        record: dict[str, Any] = {"epoch": epoch + 1, "step": step, "images_per_s": images_done / (time.perf_counter() - t0)}
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": step,
+            "images_per_s": images_done / (time.perf_counter() - t0),
+        }
         if has_val:
-            record["val"] = evaluate_model(model, loaded, dataset, "val", prompts, device, per_rank * 2,
-                                           config.workers, config.precision)
+            record["val"] = evaluate_model(
+                model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers, config.precision
+            )
             if record["val"]["top1"] > best:
                 best, best_epoch = record["val"]["top1"], epoch + 1
                 if dist.is_main:

@@ -14,7 +14,11 @@ def faiss_has_gpu() -> bool:
 
 
 def knn_scores(
-    train_features: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor, num_classes: int, k: int = 10,
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 10,
     temperature: float = 0.07,
 ) -> torch.Tensor:
     """Class scores N×C from the k most cosine-similar training rows, votes weighted by exp(sim / temperature).

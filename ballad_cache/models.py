@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import socket
-from urllib.parse import urlparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +75,6 @@ BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
 
 def register_model(name: str) -> None:
     """Register one of ballad's built-in architectures with open_clip (idempotent)."""
-    import open_clip
     from open_clip.factory import _MODEL_CONFIGS
 
     if name in BUILTIN_MODELS and name not in _MODEL_CONFIGS:
@@ -163,7 +162,9 @@ def check_weights_reachable(name: str, tag: str, timeout: float = 3.0) -> None:
     try:
         socket.create_connection((host, 443), timeout=timeout).close()
     except OSError as exc:
-        raise BalladError(f"cannot reach {host} to download {name} '{tag}' weights ({exc.strerror or exc}); {fix}") from None
+        raise BalladError(
+            f"cannot reach {host} to download {name} '{tag}' weights ({exc.strerror or exc}); {fix}"
+        ) from None
 
 
 def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -184,11 +185,17 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1])
         if not (folder / "open_clip_config.json").is_file():
-            raise BalladError(f"{folder} is not an open_clip model folder (no open_clip_config.json); point at DIR/model")
+            raise BalladError(
+                f"{folder} is not an open_clip model folder (no open_clip_config.json); point at DIR/model"
+            )
         _register_hf_for_local_dir(folder)
     elif name not in open_clip.list_models():
         raise BalladError(f"unknown model '{name}'; see `ballad models` or open_clip.list_models()")
-    if pretrained and not Path(pretrained).is_file() and pretrained not in open_clip.list_pretrained_tags_by_model(name):
+    if (
+        pretrained
+        and not Path(pretrained).is_file()
+        and pretrained not in open_clip.list_pretrained_tags_by_model(name)
+    ):
         if any(sep in pretrained for sep in "/\\.") and not Path(pretrained).exists():
             raise BalladError(f"pretrained weights file {pretrained} does not exist")
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
@@ -335,7 +342,11 @@ def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, mode: str =
     x = model.ln_final(x)
     x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
     if model.text_projection is not None:
-        x = model.text_projection(x) if isinstance(model.text_projection, torch.nn.Linear) else x @ model.text_projection
+        x = (
+            model.text_projection(x)
+            if isinstance(model.text_projection, torch.nn.Linear)
+            else x @ model.text_projection
+        )
     return x
 
 

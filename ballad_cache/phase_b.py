@@ -25,7 +25,10 @@ def _val_split(cache: FeatureCache) -> str | None:
 
 
 def fit_on_cache(
-    cache: FeatureCache, config: AdapterConfig, out: str | Path, device: torch.device | str = "cpu",
+    cache: FeatureCache,
+    config: AdapterConfig,
+    out: str | Path,
+    device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body."""
@@ -36,21 +39,29 @@ def fit_on_cache(
     text = cache.text_embeddings()
     result = fit_adapters(rows, text, [config], device=device, progress=progress)
     weight = result.weights[0]
-    extra: dict[str, Any] = {"final_loss": float(result.losses[0, -1]) if result.losses.size else None,
-                             "steps": int(result.losses.shape[1]), "train_seconds": result.seconds}
+    extra: dict[str, Any] = {
+        "final_loss": float(result.losses[0, -1]) if result.losses.size else None,
+        "steps": int(result.losses.shape[1]),
+        "train_seconds": result.seconds,
+    }
     split = _val_split(cache)
     if split:
         val = cache.load_split(split).eval_view()
-        extra["val"] = summary(classification_report(
-            adapter_logits(val.features, weight, config.ratio, text), val.labels, cache.train_counts))
+        extra["val"] = summary(
+            classification_report(
+                adapter_logits(val.features, weight, config.ratio, text), val.labels, cache.train_counts
+            )
+        )
     save_adapter(out, weight, config, cache, extra)
     return read_json(Path(out) / "adapter.json")
 
 
 def point_key(c: AdapterConfig) -> str:
     """A file-safe name for one sweep point."""
-    return (f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
-            f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}")
+    return (
+        f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
+        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}"
+    )
 
 
 def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
@@ -61,7 +72,7 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     names = list(axes)
     out = []
     for values in itertools.product(*(axes[n] for n in names)):
-        out.append(AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values))}))
+        out.append(AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))}))
     return out
 
 
@@ -75,8 +86,12 @@ class SweepResult:
 
 
 def run_sweep(
-    cache: FeatureCache, configs: list[AdapterConfig], out: str | Path, metric: str = "top1",
-    device: torch.device | str = "cpu", progress: Progress | None = None,
+    cache: FeatureCache,
+    configs: list[AdapterConfig],
+    out: str | Path,
+    metric: str = "top1",
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
 ) -> SweepResult:
     """Train every configuration (stream-sharing ones batched), rank on val by `metric`, keep the best.
 
@@ -106,10 +121,23 @@ def run_sweep(
             members = [todo[j] for j in group]
             fit = fit_adapters(rows, text, [configs[i] for i in members], device=device, progress=progress)
             for j, i in enumerate(members):
-                report = summary(classification_report(
-                    adapter_logits(val.features, fit.weights[j], configs[i].ratio, text), val.labels, cache.train_counts))
-                _save_point(points_dir, keys[i], fit.weights[j], configs[i], report, cache.fingerprint,
-                            float(fit.losses[j, -1]) if fit.losses.size else float("nan"), fit.seconds / len(members))
+                report = summary(
+                    classification_report(
+                        adapter_logits(val.features, fit.weights[j], configs[i].ratio, text),
+                        val.labels,
+                        cache.train_counts,
+                    )
+                )
+                _save_point(
+                    points_dir,
+                    keys[i],
+                    fit.weights[j],
+                    configs[i],
+                    report,
+                    cache.fingerprint,
+                    float(fit.losses[j, -1]) if fit.losses.size else float("nan"),
+                    fit.seconds / len(members),
+                )
     points = [read_json(points_dir / f"{k}.json") for k in keys]
     ranked = sorted(points, key=lambda p: -p["val"][metric])
     best = ranked[0]
@@ -120,8 +148,11 @@ def run_sweep(
     test = None
     if "test" in cache.splits:
         t = cache.load_split("test").eval_view()
-        test = summary(classification_report(adapter_logits(t.features, weight, best_cfg.ratio, text), t.labels,
-                                             cache.train_counts))
+        test = summary(
+            classification_report(
+                adapter_logits(t.features, weight, best_cfg.ratio, text), t.labels, cache.train_counts
+            )
+        )
     save_adapter(out / "best", weight, best_cfg, cache, {"val": best["val"], "test": test, "sweep_metric": metric})
     _write_tables(out, ranked, metric, test, cache)
     _heatmap(out, ranked, metric)
@@ -138,28 +169,60 @@ def _point_done(folder: Path, key: str, fingerprint: str) -> bool:
         return False
 
 
-def _save_point(folder: Path, key: str, weight: torch.Tensor, config: AdapterConfig, val: dict[str, float],
-                fingerprint: str, final_loss: float, seconds: float) -> None:
+def _save_point(
+    folder: Path,
+    key: str,
+    weight: torch.Tensor,
+    config: AdapterConfig,
+    val: dict[str, float],
+    fingerprint: str,
+    final_loss: float,
+    seconds: float,
+) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(folder / f"{key}.safetensors") as tmp:
         save_file({"weight": weight.contiguous()}, str(tmp))
-    write_json(folder / f"{key}.json", {"key": key, "config": config.to_dict(), "val": val, "final_loss": final_loss,
-                                         "train_seconds": seconds, "cache_fingerprint": fingerprint})
+    write_json(
+        folder / f"{key}.json",
+        {
+            "key": key,
+            "config": config.to_dict(),
+            "val": val,
+            "final_loss": final_loss,
+            "train_seconds": seconds,
+            "cache_fingerprint": fingerprint,
+        },
+    )
 
 
-def _write_tables(out: Path, ranked: list[dict[str, Any]], metric: str, test: dict[str, Any] | None,
-                  cache: FeatureCache) -> None:
+def _write_tables(
+    out: Path, ranked: list[dict[str, Any]], metric: str, test: dict[str, Any] | None, cache: FeatureCache
+) -> None:
     cols = ["sampler", "ratio", "lr", "epochs", "batch_size", "weight_decay", "momentum", "samples_per_class", "seed"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["rank", *cols, *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")), "final_loss"])
     for r, p in enumerate(ranked, start=1):
-        w.writerow([r, *(p["config"][c] for c in cols), *(f"{p['val'][k]:.2f}" for k in ("top1", "top5", "many",
-                    "medium", "few")), f"{p['final_loss']:.4f}"])
+        w.writerow(
+            [
+                r,
+                *(p["config"][c] for c in cols),
+                *(f"{p['val'][k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")),
+                f"{p['final_loss']:.4f}",
+            ]
+        )
     write_bytes(out / "results.csv", buf.getvalue().encode())
-    write_json(out / "results.json", {"metric": metric, "cache_fingerprint": cache.fingerprint, "points": ranked,
-                                      "best": ranked[0], "best_test": test})
+    write_json(
+        out / "results.json",
+        {
+            "metric": metric,
+            "cache_fingerprint": cache.fingerprint,
+            "points": ranked,
+            "best": ranked[0],
+            "best_test": test,
+        },
+    )
 
 
 def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
@@ -172,5 +235,12 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
         grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
     from .plots import plot_heatmap
 
-    plot_heatmap(grid, [f"{r:g}" for r in ratios], [f"{lr:g}" for lr in lrs],
-                 f"val {metric} ({best['sampler']}, {best['epochs']} epochs)", out / "heatmap.png", "ratio", "lr")
+    plot_heatmap(
+        grid,
+        [f"{r:g}" for r in ratios],
+        [f"{lr:g}" for lr in lrs],
+        f"val {metric} ({best['sampler']}, {best['epochs']} epochs)",
+        out / "heatmap.png",
+        "ratio",
+        "lr",
+    )

@@ -60,7 +60,12 @@ def plot_per_class(result: dict[str, Any], path: str | Path, heads: list[str] | 
 
 
 def plot_heatmap(
-    values: np.ndarray, rows: list[str], cols: list[str], title: str, path: str | Path, row_label: str,
+    values: np.ndarray,
+    rows: list[str],
+    cols: list[str],
+    title: str,
+    path: str | Path,
+    row_label: str,
     col_label: str,
 ) -> Path:
     """A labelled heatmap (sweep metric over two hyperparameters)."""

@@ -61,8 +61,14 @@ class ImageRows(Dataset):
         except BadImageError as exc:
             error = str(exc)
             x = torch.zeros(self._shape or self._probe_shape())
-        return {"image": x, "label": int(self.split.labels[index]), "index": index, "view": view, "error": error,
-                "path": self.split.paths[index]}
+        return {
+            "image": x,
+            "label": int(self.split.labels[index]),
+            "index": index,
+            "view": view,
+            "error": error,
+            "path": self.split.paths[index],
+        }
 
     def _probe_shape(self) -> tuple[int, ...]:
         from PIL import Image
@@ -72,8 +78,13 @@ class ImageRows(Dataset):
 
 
 def make_loader(
-    dataset: Dataset, batch_size: int, workers: int, pin_memory: bool = False, shuffle: bool = False,
-    sampler: Any = None, drop_last: bool = False,
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool = False,
+    shuffle: bool = False,
+    sampler: Any = None,
+    drop_last: bool = False,
 ) -> DataLoader:
     """A DataLoader with ballad's defaults: persistent workers off, pinned memory on GPU, prefetch 4 batches."""
     return DataLoader(

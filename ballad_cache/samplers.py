@@ -24,7 +24,9 @@ def _class_lists(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
     return [order[bounds[c] : bounds[c + 1]] for c in range(num_classes)]
 
 
-def class_aware(labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4) -> np.ndarray:
+def class_aware(
+    labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
+) -> np.ndarray:
     """OLTR class-aware sampling: classes in shuffled cycles, `samples_per_class` draws per visit."""
     n = len(labels)
     num_classes = int(labels.max()) + 1
@@ -52,18 +54,24 @@ def _weighted(labels: np.ndarray, class_weight: np.ndarray, rng: np.random.Gener
     return rng.choice(len(labels), size=len(labels), replace=True, p=w / w.sum())
 
 
-def sqrt_sampling(labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4) -> np.ndarray:
+def sqrt_sampling(
+    labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
+) -> np.ndarray:
     """Classes drawn ∝ sqrt(n_c) (Mahajan et al.; Kang et al.)."""
     counts = np.bincount(labels).astype(np.float64)
     return _weighted(labels, np.sqrt(counts), rng)
 
 
-def instance(labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4) -> np.ndarray:
+def instance(
+    labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
+) -> np.ndarray:
     """A shuffled pass over every image."""
     return rng.permutation(len(labels)).astype(np.int64)
 
 
-def progressive(labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4) -> np.ndarray:
+def progressive(
+    labels: np.ndarray, epoch: int, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
+) -> np.ndarray:
     """p_c = (1 - t) n_c / N + t / C with t = epoch / (epochs - 1) (Kang et al., 2020)."""
     counts = np.bincount(labels).astype(np.float64)
     t = epoch / max(epochs - 1, 1)

@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 from ballad_cache.adapter import AdapterConfig, fit_adapters  # noqa: E402
+from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 
 def main() -> None:
@@ -40,11 +40,24 @@ def main() -> None:
     reps = 20
     mm = timed(lambda: [(x @ w, x @ t, x.T @ x, x @ w.T, x @ t) for _ in range(reps)], sync=True)
     mm_flops = reps * 2 * b * d * (d * 2 + c * 2 + c) / mm
-    peak = (torch.cuda.max_memory_allocated() if a.device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    write("adapter", {"rows": n, "epochs": a.epochs, "wall_s": round(wall, 2), "peak_mem_mib": round(peak / 2**20),
-                      "achieved_gflops": round(flops / wall / 1e9, 1), "mm_gflops": round(mm_flops / 1e9, 1),
-                      "fraction_of_mm": round(flops / wall / mm_flops, 2), "target": ">= 0.5"})
+    peak = (
+        torch.cuda.max_memory_allocated()
+        if a.device.startswith("cuda")
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    write(
+        "adapter",
+        {
+            "rows": n,
+            "epochs": a.epochs,
+            "wall_s": round(wall, 2),
+            "peak_mem_mib": round(peak / 2**20),
+            "achieved_gflops": round(flops / wall / 1e9, 1),
+            "mm_gflops": round(mm_flops / 1e9, 1),
+            "fraction_of_mm": round(flops / wall / mm_flops, 2),
+            "target": ">= 0.5",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from ballad_cache.cache import SplitFeatures
 from ballad_cache.longtail import exponential_profile
 
 
-def imagenet_lt_shaped(scale: float = 1.0, dim: int = 1024, classes: int = 1000, seed: int = 0) -> tuple[TrainRows, torch.Tensor]:
+def imagenet_lt_shaped(
+    scale: float = 1.0, dim: int = 1024, classes: int = 1000, seed: int = 0
+) -> tuple[TrainRows, torch.Tensor]:
     """Normalised random features with ImageNet-LT's class profile (1280 ... 5, 115,846 rows at scale 1)."""
     counts = [max(1, int(c * scale)) for c in exponential_profile(classes, 1280, 256)]
     gen = torch.Generator().manual_seed(seed)
@@ -30,7 +32,11 @@ def imagenet_lt_shaped(scale: float = 1.0, dim: int = 1024, classes: int = 1000,
 
 def machine() -> str:
     """A one-line description of where the benchmark ran."""
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    dev = (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()})"
+    )
     return f"{dev}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 

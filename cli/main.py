@@ -1,10 +1,10 @@
 """`ballad`: BALLAD long-tailed recognition with CLIP; phase B, evaluation and sweeps run on cached features.
 
-    ballad finetune --data fmnist-lt --model ballad-tiny --out runs/phase-a
-    ballad extract-features --data fmnist-lt --model local-dir:runs/phase-a/model --out runs/cache
-    ballad fit-adapter --cache runs/cache --out runs/adapter --ratio 0.2
-    ballad evaluate --cache runs/cache --adapter runs/adapter --out runs/eval --tau 1.0 --plot
-    ballad sweep --cache runs/cache --out runs/sweep --ratio 0.1,0.2,0.4 --lr 0.05,0.2
+ballad finetune --data fmnist-lt --model ballad-tiny --out runs/phase-a
+ballad extract-features --data fmnist-lt --model local-dir:runs/phase-a/model --out runs/cache
+ballad fit-adapter --cache runs/cache --out runs/adapter --ratio 0.2
+ballad evaluate --cache runs/cache --adapter runs/adapter --out runs/eval --tau 1.0 --plot
+ballad sweep --cache runs/cache --out runs/sweep --ratio 0.1,0.2,0.4 --lr 0.05,0.2
 """
 
 from __future__ import annotations
@@ -47,7 +47,9 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-DataOpt = Annotated[str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:100, folder:ROOT, PATH.yaml.")]
+DataOpt = Annotated[
+    str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:100, folder:ROOT, PATH.yaml.")
+]
 ModelOpt = Annotated[str, typer.Option("--model", help="open_clip name (ViT-B-16), ballad-tiny, or local-dir:PATH.")]
 PretrainedOpt = Annotated[
     str | None, typer.Option("--pretrained", help="open_clip tag (openai, laion2b_...) or a weights file.")
@@ -73,7 +75,9 @@ def _csv(value: str, cast: type, option: str) -> list[Any]:
     try:
         return [cast(v) for v in items]
     except ValueError:
-        raise typer.BadParameter(f"'{value}' is not a comma-separated list of {cast.__name__}", param_hint=option) from None
+        raise typer.BadParameter(
+            f"'{value}' is not a comma-separated list of {cast.__name__}", param_hint=option
+        ) from None
 
 
 def _device(device: Device) -> Any:
@@ -101,7 +105,8 @@ def finetune(
     model: ModelOpt = "ViT-B-16",
     pretrained: PretrainedOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder: model/, checkpoint.pt, metrics.jsonl.")] = Path(
-        "runs/finetune"),
+        "runs/finetune"
+    ),
     epochs: Annotated[int, typer.Option(min=0, help="Passes over the train split.")] = 10,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (official: SGD 1e-5).")] = 1e-5,
     batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split over torchrun ranks).")] = 128,
@@ -110,7 +115,9 @@ def finetune(
     warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps before the cosine.")] = 0,
     accum_steps: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
     loss: Annotated[str, typer.Option(help="ce (over class prompts, official) or contrastive.")] = "ce",
-    templates: Annotated[str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")] = "ballad",
+    templates: Annotated[
+        str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")
+    ] = "ballad",
     precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N steps.")] = 0,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after N optimizer steps (0: no limit).")] = 0,
@@ -134,10 +141,21 @@ def finetune(
 
     try:
         config = FinetuneConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, weight_decay=weight_decay,
-            warmup_steps=warmup_steps, accum_steps=accum_steps, loss=loss, templates=templates,
-            precision=precision.value, seed=seed, checkpoint_every=checkpoint_every, max_steps=max_steps,
-            skip_bad=skip_bad, **({"workers": workers} if workers is not None else {}),
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            accum_steps=accum_steps,
+            loss=loss,
+            templates=templates,
+            precision=precision.value,
+            seed=seed,
+            checkpoint_every=checkpoint_every,
+            max_steps=max_steps,
+            skip_bad=skip_bad,
+            **({"workers": workers} if workers is not None else {}),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -154,8 +172,10 @@ def finetune(
             result = run_finetune(dataset, loaded, out_dir, config, dev, dist, resume=resume, progress=progress)
         if dist.is_main:
             start = result["start"]["top1"] if result["start"] else float("nan")
-            out.print(f"phase A done: val top1 {start:.2f} -> {result['best_val_top1']:.2f} (epoch {result['best_epoch']}); "
-                      f"model: {out_dir / 'model'}")
+            out.print(
+                f"phase A done: val top1 {start:.2f} -> {result['best_val_top1']:.2f} (epoch {result['best_epoch']}); "
+                f"model: {out_dir / 'model'}"
+            )
     finally:
         cleanup_distributed()
 
@@ -180,7 +200,9 @@ def extract_features(
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder.")] = Path("runs/cache"),
     splits: Annotated[str, typer.Option(help="Comma-separated splits to extract.")] = "train,val,test",
     train_views: Annotated[int, typer.Option(min=0, help="Augmented views per train image besides the eval view.")] = 0,
-    templates: Annotated[str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")] = "ballad",
+    templates: Annotated[
+        str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")
+    ] = "ballad",
     dtype: Annotated[str, typer.Option(help="Feature dtype on disk: float16 or float32.")] = "float16",
     shard_size: Annotated[int, typer.Option(min=1, help="Rows per shard (unit of resume).")] = 16384,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
@@ -204,9 +226,17 @@ def extract_features(
 
     try:
         config = ExtractConfig(
-            splits=tuple(_csv(splits, str, "--splits")), train_views=train_views, templates=templates, dtype=dtype,
-            shard_size=shard_size, batch_size=batch_size, seed=seed, precision=precision.value, skip_bad=skip_bad,
-            overwrite=overwrite, **({"workers": workers} if workers is not None else {}),
+            splits=tuple(_csv(splits, str, "--splits")),
+            train_views=train_views,
+            templates=templates,
+            dtype=dtype,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            seed=seed,
+            precision=precision.value,
+            skip_bad=skip_bad,
+            overwrite=overwrite,
+            **({"workers": workers} if workers is not None else {}),
         )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
@@ -219,8 +249,10 @@ def extract_features(
         if manifest is not None:
             rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())
             skipped = f"; skipped {len(manifest['skipped'])} bad image(s)" if manifest["skipped"] else ""
-            out.print(f"cache {out_dir}: {rows} rows, dim {manifest['embed_dim']}, "
-                      f"fingerprint {manifest['fingerprint']}{skipped}")
+            out.print(
+                f"cache {out_dir}: {rows} rows, dim {manifest['embed_dim']}, "
+                f"fingerprint {manifest['fingerprint']}{skipped}"
+            )
     finally:
         cleanup_distributed()
 
@@ -247,8 +279,10 @@ def cache_info(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -> 
     model = m["model"]
     out.print(f"model: {model['name']} pretrained={model['pretrained']} sha256={str(model['checkpoint_sha256'])[:12]}")
     out.print(f"dataset: {m['dataset']}  classes: {len(m['classnames'])}  templates: {len(m['templates'])}")
-    out.print(f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
-              f"size: {c.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}")
+    out.print(
+        f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
+        f"size: {c.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}"
+    )
 
 
 @cache_app.command("verify")
@@ -295,8 +329,17 @@ def fit_adapter(
     from ballad_cache.cache import FeatureCache
     from ballad_cache.phase_b import fit_on_cache
 
-    config = _adapter_config(ratio=ratio, sampler=sampler.value, samples_per_class=samples_per_class, epochs=epochs,
-                             lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, seed=seed)
+    config = _adapter_config(
+        ratio=ratio,
+        sampler=sampler.value,
+        samples_per_class=samples_per_class,
+        epochs=epochs,
+        lr=lr,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        seed=seed,
+    )
     c = FeatureCache(cache)
     prepare_run_dir(out_dir, overwrite)
     with RunLock(out_dir), RichProgress() as progress:
@@ -311,7 +354,9 @@ def fit_adapter(
 @handle_errors
 def evaluate(
     cache: CacheOpt,
-    adapter: Annotated[Path | None, typer.Option(help="Adapter folder (fit-adapter's --out, or sweep's best/).")] = None,
+    adapter: Annotated[
+        Path | None, typer.Option(help="Adapter folder (fit-adapter's --out, or sweep's best/).")
+    ] = None,
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json, per_class.csv, plots.")] = None,
     tau: Annotated[float | None, typer.Option(help="Post-hoc logit adjustment: logits - tau * log prior.")] = None,
@@ -370,7 +415,9 @@ def sweep(
     samplers = _csv(sampler, str, "--sampler")
     unknown = [s for s in samplers if s not in SAMPLERS]
     if unknown:
-        raise typer.BadParameter(f"unknown sampler '{unknown[0]}'; known: {', '.join(SAMPLERS)}", param_hint="--sampler")
+        raise typer.BadParameter(
+            f"unknown sampler '{unknown[0]}'; known: {', '.join(SAMPLERS)}", param_hint="--sampler"
+        )
     lrs, eps, wds = _csv(lr, float, "--lr"), _csv(epochs, int, "--epochs"), _csv(weight_decay, float, "--weight-decay")
     if any(e < 0 for e in eps):
         raise typer.BadParameter("epochs must be >= 0", param_hint="--epochs")
@@ -381,11 +428,18 @@ def sweep(
     with RunLock(out_dir), RichProgress() as progress:
         from ballad_cache.atomic import write_json
 
-        write_json(out_dir / "config.json", {"command": "sweep", "cache": str(cache), "metric": metric,
-                                             "grid": [cfg.to_dict() for cfg in configs]})
+        write_json(
+            out_dir / "config.json",
+            {"command": "sweep", "cache": str(cache), "metric": metric, "grid": [cfg.to_dict() for cfg in configs]},
+        )
         result = run_sweep(c, configs, out_dir, metric, _device(device), progress)
-    rows = [(f"{p['config']['sampler']} r={p['config']['ratio']:g} lr={p['config']['lr']:g} e={p['config']['epochs']}",
-             p["val"]) for p in result.points[:10]]
+    rows = [
+        (
+            f"{p['config']['sampler']} r={p['config']['ratio']:g} lr={p['config']['lr']:g} e={p['config']['epochs']}",
+            p["val"],
+        )
+        for p in result.points[:10]
+    ]
     out.print(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, ranked by {metric})", rows))
     if result.test:
         out.print(report_table("best configuration on test", [("best", result.test)]))
@@ -419,10 +473,14 @@ def data_info(spec: Annotated[str, typer.Argument(help="Dataset spec.")] = "fmni
     out.print(table)
     sizes = group_sizes(counts)
     split_sizes = ", ".join(f"{s} {len(v)}" for s, v in ds.splits.items())
-    out.print(f"{ds.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
-              f"imbalance factor {imbalance_factor(counts):.1f}")
-    out.print(f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
-              f"(many > 100, few < 20); splits: {split_sizes}")
+    out.print(
+        f"{ds.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
+        f"imbalance factor {imbalance_factor(counts):.1f}"
+    )
+    out.print(
+        f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
+        f"(many > 100, few < 20); splits: {split_sizes}"
+    )
 
 
 @app.command()
@@ -438,7 +496,9 @@ def models() -> None:
 @app.command()
 @handle_errors
 def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Demo folder; each step gets a subfolder.")] = Path("ballad-demo"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Demo folder; each step gets a subfolder.")] = Path(
+        "ballad-demo"
+    ),
     size: Annotated[str, typer.Option(help="full (the README's run) or tiny (a few steps, for CI).")] = "full",
     overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
     device: DeviceOpt = Device.auto,

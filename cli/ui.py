@@ -36,9 +36,16 @@ class RichProgress:
         self._close()
         self._desc, self._done, self._total = description, 0, total
         if err.is_terminal:
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                                 console=err, transient=False)
+            self._bar = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=err,
+                transient=False,
+            )
             self._bar.start()
             self._task = self._bar.add_task(description, total=total, info="")
 
@@ -105,6 +112,11 @@ def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
     for col in ("top1", "top5", "many", "medium", "few"):
         table.add_column(col, justify="right")
     for name, vals in rows:
-        table.add_row(name, *(f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-" for c in
-                              ("top1", "top5", "many", "medium", "few")))
+        table.add_row(
+            name,
+            *(
+                f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-"
+                for c in ("top1", "top5", "many", "medium", "few")
+            ),
+        )
     return table

@@ -58,8 +58,14 @@ def ballad_data(fmnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return fmnist_dir
 
 
-def make_cache(folder: Path, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-               test: tuple[np.ndarray, np.ndarray], text: np.ndarray, dtype: str = "float32") -> Path:
+def make_cache(
+    folder: Path,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    text: np.ndarray,
+    dtype: str = "float32",
+) -> Path:
     """Write a cache of given (features, labels) per split without any model (features normalised here)."""
     from ballad_cache.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
 
@@ -72,23 +78,38 @@ def make_cache(folder: Path, train: tuple[np.ndarray, np.ndarray], val: tuple[np
     for name, (x, y) in (("train", train), ("val", val), ("test", test)):
         x = x / np.linalg.norm(x, axis=1, keepdims=True)
         w = ShardWriter(folder, name, 0, len(y), dim, "synthetic", dtype)
-        w.write(x.astype(np.float32), y.astype(np.int32), np.arange(len(y)), np.zeros(len(y), np.int16),
-                [f"{name}/{i}" for i in range(len(y))])
+        w.write(
+            x.astype(np.float32),
+            y.astype(np.int32),
+            np.arange(len(y)),
+            np.zeros(len(y), np.int16),
+            [f"{name}/{i}" for i in range(len(y))],
+        )
         w.close()
         entry = read_shard_entry(folder, name, 0, "synthetic")
         entry.pop("skipped")
         splits[name] = {"images": len(y), "views": 1, "rows": len(y), "shards": [entry]}
-    write_manifest(folder, {
-        "dataset": "synthetic", "model": {"name": "synthetic", "pretrained": None, "checkpoint_sha256": None},
-        "embed_dim": dim, "dtype": dtype, "classnames": classnames, "templates": ["a photo of a {c}."],
-        "text": text_entry, "splits": splits,
-        "train_class_counts": np.bincount(train[1], minlength=num_classes).tolist(), "skipped": [],
-    })
+    write_manifest(
+        folder,
+        {
+            "dataset": "synthetic",
+            "model": {"name": "synthetic", "pretrained": None, "checkpoint_sha256": None},
+            "embed_dim": dim,
+            "dtype": dtype,
+            "classnames": classnames,
+            "templates": ["a photo of a {c}."],
+            "text": text_entry,
+            "splits": splits,
+            "train_class_counts": np.bincount(train[1], minlength=num_classes).tolist(),
+            "skipped": [],
+        },
+    )
     return folder
 
 
-def longtail_features(rng: np.random.Generator, counts: list[int], dim: int, per_class_eval: int,
-                      tail_shift: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def longtail_features(
+    rng: np.random.Generator, counts: list[int], dim: int, per_class_eval: int, tail_shift: float
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Features near their class's text embedding, except the tail half whose images are rotated away."""
     num_classes = len(counts)
     text = rng.normal(size=(num_classes, dim))
@@ -103,5 +124,9 @@ def longtail_features(rng: np.random.Generator, counts: list[int], dim: int, per
         centre = text[y] + tail * tail_shift * text[(y + 1) % num_classes] + 0.3 * shift[y]
         return centre + 0.25 * rng.normal(size=(len(y), dim)), y
 
-    return {"text": (text, None), "train": sample(counts), "val": sample([per_class_eval] * num_classes),
-            "test": sample([per_class_eval] * num_classes)}
+    return {
+        "text": (text, None),
+        "train": sample(counts),
+        "val": sample([per_class_eval] * num_classes),
+        "test": sample([per_class_eval] * num_classes),
+    }

@@ -9,7 +9,7 @@ from ballad_cache.adapter import AdapterConfig, TrainRows, batch_schedule, fit_a
 from ballad_cache.cache import FeatureCache
 from ballad_cache.errors import BalladError
 from ballad_cache.evaluate import EvalConfig, evaluate_cache
-from ballad_cache.phase_b import expand_grid, fit_on_cache, run_sweep
+from ballad_cache.phase_b import expand_grid, fit_on_cache
 from ballad_cache.samplers import class_aware, index_stream
 from cli.main import app
 from tests.conftest import longtail_features, make_cache
@@ -35,7 +35,7 @@ def test_class_aware_sampler_is_balanced_in_runs_of_four():
     per_class = np.bincount(labels[draws], minlength=10)
     assert per_class.max() - per_class.min() <= 8  # balanced despite the 40x imbalance
     again = index_stream(labels, "class-aware", 2, seed=3)
-    assert all(np.array_equal(a, b) for a, b in zip(again, index_stream(labels, "class-aware", 2, seed=3)))
+    assert all(np.array_equal(a, b) for a, b in zip(again, index_stream(labels, "class-aware", 2, seed=3), strict=True))
 
 
 def test_fit_adapter_matches_the_plain_pytorch_recipe_every_step(lt_cache):
@@ -88,9 +88,25 @@ def test_class_balanced_adapter_raises_few_shot_accuracy(lt_cache, tmp_path):
 
 
 def test_sweep_cli_ranks_saves_best_and_skips_finished_points(lt_cache, tmp_path):
-    args = ["sweep", "--cache", str(lt_cache.path), "--out", str(tmp_path / "sweep"), "--ratio", "0.1,0.4",
-            "--lr", "0.05,0.2", "--sampler", "class-aware,sqrt", "--epochs", "2", "--batch-size", "64", "--device",
-            "cpu"]
+    args = [
+        "sweep",
+        "--cache",
+        str(lt_cache.path),
+        "--out",
+        str(tmp_path / "sweep"),
+        "--ratio",
+        "0.1,0.4",
+        "--lr",
+        "0.05,0.2",
+        "--sampler",
+        "class-aware,sqrt",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--device",
+        "cpu",
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "8 to train" in r.output
@@ -106,11 +122,38 @@ def test_sweep_cli_ranks_saves_best_and_skips_finished_points(lt_cache, tmp_path
 
 
 def test_evaluate_cli_writes_results_and_refuses_foreign_adapter(lt_cache, tmp_path):
-    r = runner.invoke(app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(tmp_path / "ad"), "--epochs",
-                            "1", "--device", "cpu"])
+    r = runner.invoke(
+        app,
+        [
+            "fit-adapter",
+            "--cache",
+            str(lt_cache.path),
+            "--out",
+            str(tmp_path / "ad"),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = runner.invoke(app, ["evaluate", "--cache", str(lt_cache.path), "--adapter", str(tmp_path / "ad"), "--out",
-                            str(tmp_path / "ev"), "--tau", "1", "--knn", "5", "--plot"])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--cache",
+            str(lt_cache.path),
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--out",
+            str(tmp_path / "ev"),
+            "--tau",
+            "1",
+            "--knn",
+            "5",
+            "--plot",
+        ],
+    )
     assert r.exit_code == 0, r.output
     import json
 
@@ -128,13 +171,16 @@ def test_evaluate_cli_writes_results_and_refuses_foreign_adapter(lt_cache, tmp_p
     assert r.exit_code == 1 and "fitted on cache" in r.output
 
 
-@pytest.mark.parametrize("args, option", [
-    (["fit-adapter", "--ratio", "1.5"], "--ratio"),
-    (["fit-adapter", "--epochs", "-1"], "--epochs"),
-    (["fit-adapter", "--sampler", "magic"], "--sampler"),
-    (["sweep", "--ratio", ""], "--ratio"),
-    (["sweep", "--sampler", "class-aware,magic"], "--sampler"),
-])
+@pytest.mark.parametrize(
+    "args, option",
+    [
+        (["fit-adapter", "--ratio", "1.5"], "--ratio"),
+        (["fit-adapter", "--epochs", "-1"], "--epochs"),
+        (["fit-adapter", "--sampler", "magic"], "--sampler"),
+        (["sweep", "--ratio", ""], "--ratio"),
+        (["sweep", "--sampler", "class-aware,magic"], "--sampler"),
+    ],
+)
 def test_bad_options_exit_2_naming_the_option(lt_cache, tmp_path, args, option):
     r = runner.invoke(app, [*args, "--cache", str(lt_cache.path), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2, r.output

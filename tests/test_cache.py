@@ -105,9 +105,29 @@ def test_missing_shard_nan_rows_and_other_format_version(small_cache):
 
 
 def _cli_extract(out: Path, env: dict, extra: list[str] = ()) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cli.main", "extract-features", "--data", "fmnist-lt", "--model", "ballad-micro",
-           "--out", str(out), "--shard-size", "400", "--batch-size", "50", "--workers", "0", "--device", "cpu",
-           "--train-views", "1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "extract-features",
+        "--data",
+        "fmnist-lt",
+        "--model",
+        "ballad-micro",
+        "--out",
+        str(out),
+        "--shard-size",
+        "400",
+        "--batch-size",
+        "50",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--train-views",
+        "1",
+        *extra,
+    ]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -132,22 +152,56 @@ def test_kill_9_then_rerun_recomputes_only_unfinished_shards(ballad_data, tmp_pa
         assert (killed / name).stat().st_mtime_ns == mtime  # finished shards were not rewritten
     a = json.loads((ref / "manifest.json").read_text())
     b = json.loads((killed / "manifest.json").read_text())
-    assert [e["sha256"] for s in a["splits"].values() for e in s["shards"]] == \
-           [e["sha256"] for s in b["splits"].values() for e in s["shards"]]
+    assert [e["sha256"] for s in a["splits"].values() for e in s["shards"]] == [
+        e["sha256"] for s in b["splits"].values() for e in s["shards"]
+    ]
     assert a["fingerprint"] == b["fingerprint"]
     assert not list(killed.glob(".*.tmp"))
 
 
 def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
-    common = ["extract-features", "--data", "fmnist-lt", "--model", "ballad-micro", "--shard-size", "300",
-              "--workers", "0", "--device", "cpu", "--splits", "train,val"]
-    one = subprocess.run([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
+    common = [
+        "extract-features",
+        "--data",
+        "fmnist-lt",
+        "--model",
+        "ballad-micro",
+        "--shard-size",
+        "300",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--splits",
+        "train,val",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
-                          "-m", "cli.main", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29571",
+            "-m",
+            "cli.main",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     for split in ("train", "val"):
         a = FeatureCache(tmp_path / "one").load_split(split)

@@ -66,7 +66,9 @@ def test_yaml_spec_with_list_files(tmp_path):
     (tmp_path / "train.txt").write_text("train/a/0.png 0\ntrain/a/1.png 0\ntrain/b/0.png 1\n")
     (tmp_path / "test.txt").write_text("test/b/1.png 1\n")
     (tmp_path / "d.yaml").write_text(
-        "root: imgs\nclassnames: names.txt\ntemplate: 'a sketch of a {c}.'\nsplits:\n  train: train.txt\n  test: test.txt\n")
+        "root: imgs\nclassnames: names.txt\ntemplate: 'a sketch of a {c}.'\n"
+        "splits:\n  train: train.txt\n  test: test.txt\n"
+    )
     ds = load_dataset(str(tmp_path / "d.yaml"))
     assert ds.classnames == ["alpha", "beta"]
     assert ds.templates == ["a sketch of a {c}."]

@@ -15,8 +15,14 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
     assert summary["train_class_counts"] == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
     for row in summary["rows"]:
         assert 0.0 <= row["top1"] <= 100.0
-    for step in ("finetune/model", "cache/manifest.json", "adapter/adapter.json", "sweep/results.csv",
-                 "evaluate/result.json", "report/per_class.png"):
+    for step in (
+        "finetune/model",
+        "cache/manifest.json",
+        "adapter/adapter.json",
+        "sweep/results.csv",
+        "evaluate/result.json",
+        "report/per_class.png",
+    ):
         assert (tmp_path / "demo" / step).exists(), step
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--device", "cpu"])
     assert r.exit_code == 0 and "already done" in r.output  # a rerun reuses finished steps

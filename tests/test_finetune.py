@@ -22,8 +22,9 @@ def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_pat
     import open_clip
 
     ds = load_dataset("fmnist-lt")
-    cfg = FinetuneConfig(epochs=5, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=5,
-                         workers=0)
+    cfg = FinetuneConfig(
+        epochs=5, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=5, workers=0
+    )
     result = finetune(ds, load_model(MODEL), tmp_path, cfg, torch.device("cpu"))
     assert result["best_val_top1"] >= result["start"]["top1"] + 15.0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -77,14 +78,51 @@ def test_crafted_pickle_checkpoint_is_refused(tmp_path):
 
 def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
-    common = ["finetune", "--data", "fmnist-lt", "--model", "ballad-micro", "--max-steps", "3", "--lr", "0.05",
-              "--batch-size", "64", "--workers", "0", "--device", "cpu", "--epochs", "1"]
-    one = subprocess.run([sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")], cwd=ROOT,
-                         env=env, capture_output=True, text=True)
+    common = [
+        "finetune",
+        "--data",
+        "fmnist-lt",
+        "--model",
+        "ballad-micro",
+        "--max-steps",
+        "3",
+        "--lr",
+        "0.05",
+        "--batch-size",
+        "64",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+    ]
+    one = subprocess.run(
+        [sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29573",
-                          "-m", "cli.main", *common, "--out", str(tmp_path / "two")], cwd=ROOT, env=env,
-                         capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29573",
+            "-m",
+            "cli.main",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "model-last" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model-last" / "open_clip_model.safetensors"))
