@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +42,34 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise BalladError(
-                f"cannot write {final}: {os.strerror(exc.errno)}; free space or pick another --out"
-            ) from exc
+        disk = disk_error(exc, final)
+        if disk is not None:
+            raise disk from exc
         raise
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
+
+
+def disk_error(exc: BaseException, target: str | os.PathLike[str]) -> BalladError | None:
+    """The one-line error for a full, read-only or forbidden disk behind `exc`, or None for other errors."""
+    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+        return None
+    return BalladError(f"cannot write {target}: {os.strerror(exc.errno)}; free space or pick another --out")
+
+
+def ensure_free_space(target: str | os.PathLike[str], needed: int) -> None:
+    """Refuse before writing `needed` bytes to `target` when its disk has less free space (10% margin).
+
+    For writers that fail badly on a full disk (torch.save raises an opaque RuntimeError there).
+    """
+    folder = Path(target).parent
+    free = shutil.disk_usage(folder).free
+    if free < needed * 1.1 + (1 << 20):
+        raise BalladError(
+            f"cannot write {target}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free on its disk; "
+            "free space or pick another --out"
+        )
 
 
 def _fsync(path: Path) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .atomic import remove_stale_temps, sha256_json
+from .atomic import disk_error, remove_stale_temps, sha256_json
 from .cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
 from .datasets import LTDataset, load_templates
 from .distributed import DistContext
@@ -151,9 +151,13 @@ def extract_split(
                     writer.close()
                     writer, shard_i = None, shard_i + 1
             progress.advance(n, images_per_s=f"{written / max(time.perf_counter() - t0, 1e-9):.0f}")
-    except BaseException:
+    except BaseException as exc:
+        target = writer.final if writer is not None else out
         if writer is not None:
             writer.abort()
+        disk = disk_error(exc, target)
+        if disk is not None:
+            raise disk from exc
         raise
     return len(todo), done
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from .atomic import append_jsonl, atomic_path, write_json
+from .atomic import append_jsonl, atomic_path, ensure_free_space, write_json
 from .datasets import LTDataset, load_templates
 from .distributed import DistContext
 from .encoder import autocast
@@ -128,8 +128,14 @@ def evaluate_model(
     batch_size: int,
     workers: int,
     precision: str = "fp32",
+    skip_bad: bool = False,
 ) -> dict[str, Any]:
-    """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few."""
+    """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few.
+
+    Raises:
+        BalladError: an unreadable image (path and index), unless `skip_bad`: then it is left out of the scores
+            and counted under `skipped`.
+    """
     was_training = model.training
     model.eval()
     image_split = dataset.split(split)
@@ -137,21 +143,50 @@ def evaluate_model(
     loader = make_loader(ImageRows(image_split, rows, loaded.preprocess_eval), batch_size, workers)
     with autocast(device, precision):
         text = prompts.encode(model).float()
-    logits = []
+    logits, labels, skipped = [], [], 0
     for batch in loader:
+        keep = _usable(batch, skip_bad)
+        skipped += int((~keep).sum())
         with autocast(device, precision):
-            feats = model.encode_image(batch["image"].to(device, non_blocking=True))
+            feats = model.encode_image(batch["image"][keep].to(device, non_blocking=True))
         logits.append(LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ text.T)
+        labels.append(batch["label"][keep])
     model.train(was_training)
     report = classification_report(
-        torch.cat(logits).cpu(), torch.as_tensor(image_split.labels), dataset.class_counts("train"), ShotThresholds()
+        torch.cat(logits).cpu(), torch.cat(labels), dataset.class_counts("train"), ShotThresholds()
     )
-    return summary(report)
+    return {**summary(report), **({"skipped": skipped} if skipped else {})}
+
+
+def _usable(batch: dict[str, Any], skip_bad: bool) -> torch.Tensor:
+    """Mask of the batch rows whose image decoded; the first unreadable one is an error unless `skip_bad`."""
+    bad = [e for e in batch["error"] if e]
+    if bad and not skip_bad:
+        raise BalladError(bad[0])
+    return torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically; a full disk is a one-line error and the previous checkpoint stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(path, _state_bytes(state))
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (e.g. disk filled meanwhile) this way
+            first = str(exc).strip().splitlines()[0][:160]
+            raise BalladError(f"cannot write {path}: {first}; check free space, then rerun with --resume") from None
+
+
+def _state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -231,7 +266,16 @@ def finetune(
         progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
     elif has_val:
         start_report = evaluate_model(
-            model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers, config.precision
+            model,
+            loaded,
+            dataset,
+            "val",
+            prompts,
+            device,
+            per_rank * 2,
+            config.workers,
+            config.precision,
+            config.skip_bad,
         )
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})
@@ -254,6 +298,7 @@ def finetune(
         dist.barrier()
 
     images_done, t0 = 0, time.perf_counter()
+    skipped: dict[int, dict[str, str]] = {}  # unreadable training images seen (with --skip-bad), by index
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps and step >= config.max_steps:
             break
@@ -269,10 +314,9 @@ def finetune(
         batch_i = batch_offset
         batch_offset = 0
         for batch in loader:
-            bad = [e for e in batch["error"] if e]
-            if bad and not config.skip_bad:
-                raise BalladError(bad[0])
-            keep = torch.tensor([not e for e in batch["error"]])
+            keep = _usable(batch, config.skip_bad)
+            for i in torch.nonzero(~keep).flatten().tolist():
+                skipped[int(batch["index"][i])] = {"path": batch["path"][i], "reason": batch["error"][i]}
             images = batch["image"][keep].to(device, non_blocking=True)
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
@@ -302,10 +346,20 @@ def finetune(
             "epoch": epoch + 1,
             "step": step,
             "images_per_s": images_done / (time.perf_counter() - t0),
+            "skipped_images": len(skipped),
         }
         if has_val:
             record["val"] = evaluate_model(
-                model, loaded, dataset, "val", prompts, device, per_rank * 2, config.workers, config.precision
+                model,
+                loaded,
+                dataset,
+                "val",
+                prompts,
+                device,
+                per_rank * 2,
+                config.workers,
+                config.precision,
+                config.skip_bad,
             )
             if record["val"]["top1"] > best:
                 best, best_epoch = record["val"]["top1"], epoch + 1
@@ -321,7 +375,17 @@ def finetune(
     if dist.is_main and not (out / "model").exists():
         save_local_dir(loaded, model, out / "model")
         save_local_dir(loaded, model, out / "model-last")
-    summary_ = {"start": start_report, "best_epoch": best_epoch, "best_val_top1": best, "steps": step}
+    if dist.enabled:  # each rank saw its own share of the bad images
+        shares: list[Any] = [None] * dist.world_size
+        torch.distributed.all_gather_object(shares, skipped)
+        skipped = {k: v for share in shares for k, v in share.items()}
+    summary_ = {
+        "start": start_report,
+        "best_epoch": best_epoch,
+        "best_val_top1": best,
+        "steps": step,
+        "skipped": [{"index": i, **skipped[i]} for i in sorted(skipped)],
+    }
     if dist.is_main:
         write_json(out / "summary.json", summary_)
     return summary_

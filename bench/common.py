@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -12,9 +14,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ballad_cache.adapter import TrainRows
-from ballad_cache.cache import SplitFeatures
-from ballad_cache.longtail import exponential_profile
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+logging.getLogger().setLevel(logging.ERROR)
+
+from ballad_cache.adapter import TrainRows  # noqa: E402
+from ballad_cache.cache import SplitFeatures  # noqa: E402
+from ballad_cache.longtail import exponential_profile  # noqa: E402
 
 
 def imagenet_lt_shaped(

@@ -176,6 +176,8 @@ def finetune(
                 f"phase A done: val top1 {start:.2f} -> {result['best_val_top1']:.2f} (epoch {result['best_epoch']}); "
                 f"model: {out_dir / 'model'}"
             )
+            if result["skipped"]:
+                out.print(f"skipped {len(result['skipped'])} unreadable training image(s); listed in summary.json")
     finally:
         cleanup_distributed()
 

@@ -15,7 +15,7 @@ from ballad_cache.models import load_model
 from ballad_cache.progress import NullProgress
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "ballad-micro"  # fast; the demo test covers ballad-tiny end to end
+MODEL = "ballad-micro"  # fast; the first test and the demo test run ballad-tiny
 
 
 def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_path):
@@ -23,19 +23,19 @@ def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_pat
 
     ds = load_dataset("fmnist-lt")
     cfg = FinetuneConfig(
-        epochs=5, batch_size=32, lr=3e-3, optimizer="adamw", weight_decay=0.05, warmup_steps=5, workers=0
+        epochs=3, batch_size=32, lr=3e-4, optimizer="adamw", weight_decay=0.05, warmup_steps=10, workers=0
     )
-    result = finetune(ds, load_model(MODEL), tmp_path, cfg, torch.device("cpu"))
-    assert result["best_val_top1"] >= result["start"]["top1"] + 15.0
+    result = finetune(ds, load_model("ballad-tiny"), tmp_path, cfg, torch.device("cpu"))
+    assert result["best_val_top1"] >= result["start"]["top1"] + 15.0  # observed 2.0 -> 30.0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records if "val" in r] == [0, 1, 2, 3, 4, 5]
+    assert [r["epoch"] for r in records if "val" in r] == [0, 1, 2, 3]
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'model'}")
     reloaded = load_model(f"local-dir:{tmp_path / 'model'}")
     assert (tmp_path / "model-last" / "open_clip_model.safetensors").exists()
     saved = load_file(str(tmp_path / "model" / "open_clip_model.safetensors"))
     for name, tensor in reloaded.model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
-    assert model.visual.output_dim == 64
+    assert model.visual.output_dim == 256
 
 
 class StopAfterEpoch(NullProgress):
