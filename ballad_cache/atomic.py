@@ -53,9 +53,13 @@ DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS)
 
 def disk_error(exc: BaseException, target: str | os.PathLike[str]) -> BalladError | None:
     """The one-line error for a full, read-only or forbidden disk behind `exc`, or None for other errors."""
-    if not isinstance(exc, OSError) or exc.errno not in DISK_ERRNOS:
+    code = exc.errno if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS else None
+    if code is None and isinstance(exc, (OSError, RuntimeError)):  # HDF5 reports a failed write in its message
+        text = str(exc)
+        code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if f"errno = {c}," in text), None)
+    if code is None:
         return None
-    return BalladError(f"cannot write {target}: {os.strerror(exc.errno)}; free space or pick another --out")
+    return BalladError(f"cannot write {target}: {os.strerror(code)}; free space or pick another --out")
 
 
 def ensure_free_space(target: str | os.PathLike[str], needed: int) -> None:
@@ -67,7 +71,7 @@ def ensure_free_space(target: str | os.PathLike[str], needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed * 1.1 + (1 << 20):
         raise BalladError(
-            f"cannot write {target}: {needed / 2**20:.0f} MiB needed, {free / 2**20:.0f} MiB free on its disk; "
+            f"cannot write {target}: {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free on its disk; "
             "free space or pick another --out"
         )
 

@@ -13,6 +13,7 @@ sha256 sums included: it names this exact cache, and adapters record it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_path, read_json, sha256_file, sha256_json, write_json
+from .atomic import atomic_path, ensure_free_space, read_json, sha256_file, sha256_json, write_json
 from .errors import BalladError
 
 FORMAT_NAME = "ballad-feature-cache"
@@ -54,11 +55,15 @@ class ShardWriter:
         self, folder: Path, split: str, shard: int, capacity: int, dim: int, fingerprint: str, dtype: str = "float16"
     ) -> None:
         self.final = Path(folder) / shard_name(split, shard)
+        np_dtype = np.dtype(dtype)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        # features + labels/index/view + a path string per row; HDF5 reports a full disk only at close, badly
+        ensure_free_space(self.final, capacity * (dim * np_dtype.itemsize + 14 + 80))
         self._ctx = atomic_path(self.final)
         tmp = self._ctx.__enter__()
         h5py = _h5py()
         self._file = h5py.File(tmp, "w", track_order=False)
-        np_dtype = np.dtype(dtype)
+        self._open = True
         chunk_rows = max(1, min(capacity, CHUNK_BYTES // (dim * np_dtype.itemsize)))
         f = self._file
         self._features = f.create_dataset(
@@ -95,22 +100,26 @@ class ShardWriter:
 
     def close(self) -> dict[str, Any]:
         """Finish the shard and move it into place; returns its manifest entry."""
-        for ds in (self._features, self._labels, self._index, self._view, self._paths):
-            ds.resize(self.rows, axis=0)
-        self._file.attrs["skipped"] = json.dumps(self.skipped)
-        self._file.close()
+        try:
+            for ds in (self._features, self._labels, self._index, self._view, self._paths):
+                ds.resize(self.rows, axis=0)
+            self._file.attrs["skipped"] = json.dumps(self.skipped)
+        finally:
+            self._open = False
+            self._file.close()
         self._ctx.__exit__(None, None, None)
         return {"file": self.final.name, "rows": self.rows, "sha256": sha256_file(self.final), "skipped": self.skipped}
 
     def abort(self) -> None:
         """Drop the shard: close and delete the temporary file."""
         try:
-            self._file.close()
+            if self._open:
+                self._open = False
+                with contextlib.suppress(Exception):  # the file may be what failed (e.g. a full disk)
+                    self._file.close()
         finally:
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 self._ctx.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-            except KeyboardInterrupt:
-                pass
 
 
 def read_shard_entry(folder: Path, split: str, shard: int, fingerprint: str) -> dict[str, Any] | None:

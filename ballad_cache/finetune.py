@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from .atomic import append_jsonl, atomic_path, ensure_free_space, write_json
+from .atomic import append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
 from .datasets import LTDataset, load_templates
 from .distributed import DistContext
 from .encoder import autocast
@@ -225,6 +225,10 @@ def finetune(
     progress = progress or NullProgress()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:  # temporaries of a killed run (checkpoint, model files) are never resumed from
+        for folder in (out, out / "model", out / "model-last"):
+            if folder.is_dir():
+                remove_stale_temps(folder)
     if config.batch_size % dist.world_size:
         raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
     torch.manual_seed(config.seed)

@@ -200,7 +200,9 @@ def extract_features(
     model: ModelOpt = "ViT-B-16",
     pretrained: PretrainedOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Cache folder.")] = Path("runs/cache"),
-    splits: Annotated[str, typer.Option(help="Comma-separated splits to extract.")] = "train,val,test",
+    splits: Annotated[
+        str | None, typer.Option(help="Comma-separated splits to extract [default: every split the dataset has].")
+    ] = None,
     train_views: Annotated[int, typer.Option(min=0, help="Augmented views per train image besides the eval view.")] = 0,
     templates: Annotated[
         str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")
@@ -228,7 +230,7 @@ def extract_features(
 
     try:
         config = ExtractConfig(
-            splits=tuple(_csv(splits, str, "--splits")),
+            splits=tuple(_csv(splits, str, "--splits")) if splits else ("train", "val", "test"),
             train_views=train_views,
             templates=templates,
             dtype=dtype,
@@ -245,6 +247,8 @@ def extract_features(
     dist, dev = init_distributed(_device(device))
     try:
         dataset = load_dataset(data)
+        if not splits:
+            config.splits = tuple(s for s in ("train", "val", "test") if s in dataset.splits)
         loaded = load_model(model, pretrained)
         with RunLock(out_dir, f".ballad.rank{dist.rank}.lock"), RichProgress() as progress:
             manifest = run_extract(dataset, loaded, out_dir, config, dev, dist, progress)
