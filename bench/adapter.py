@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--label", default="adapter", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     rows, text = imagenet_lt_shaped(a.scale)
     n, d, c, b = len(rows.image_labels), 1024, 1000, 512
@@ -46,7 +47,7 @@ def main() -> None:
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
     write(
-        "adapter",
+        a.label,
         {
             "rows": n,
             "epochs": a.epochs,

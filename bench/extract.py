@@ -39,6 +39,7 @@ def jpeg_split(folder: Path, n: int, size: int, classes: int = 10) -> ImageSplit
     """n JPEG files of smooth colour fields plus noise (compress like photos, not like white noise)."""
     from PIL import Image
 
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:size, 0:size] / size
     files = []
@@ -47,7 +48,8 @@ def jpeg_split(folder: Path, n: int, size: int, classes: int = 10) -> ImageSplit
         base = np.stack([np.sin(a * xx + b * yy + c + k) for k in range(3)], -1) * 100 + 128
         img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
         path = folder / f"{i:06d}.jpg"
-        Image.fromarray(img).save(path, quality=90)
+        if not path.exists():  # a folder from an earlier run of the same size is reused
+            Image.fromarray(img).save(path, quality=90)
         files.append(str(path))
     labels = np.arange(n) % classes
     return ImageSplit("test", labels, files, files=files)
@@ -102,13 +104,15 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--jpeg-dir", default=None, help="keep the synthetic JPEGs here for the next run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--memory-rows", type=int, default=16384, help="rows of the memory check's larger split")
+    p.add_argument("--label", default="extract", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     device = resolve_device(a.device)
     loaded = load_model(a.model, device=device)
     tmp = Path(tempfile.mkdtemp(prefix="ballad-bench-"))
-    split = jpeg_split(tmp, a.images, a.image_size)
+    split = jpeg_split(Path(a.jpeg_dir or tmp) / f"jpeg-{a.image_size}", a.images, a.image_size)
     rows = np.stack([np.arange(a.images), np.zeros(a.images, dtype=np.int64)], 1)
     pin = device.type == "cuda"
 
@@ -165,7 +169,7 @@ def main() -> None:
     n_big = a.memory_rows
     mib = 2**20
     write(
-        "extract",
+        a.label,
         {
             "model": a.model,
             "images": a.images,

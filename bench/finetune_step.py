@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--label", default="finetune_step", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     device = resolve_device(a.device)
     loaded = load_model(a.model)
@@ -95,7 +96,7 @@ def main() -> None:
     t_ours = run_steps(ours, a.steps, device)
     t_ref = run_steps(reference, a.steps, device)
     write(
-        "finetune_step",
+        a.label,
         {
             "model": a.model,
             "classes": len(classnames),

@@ -21,13 +21,14 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=0.05, help="fraction of ImageNet-LT's rows per class")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--label", default="sweep", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     rows, text = imagenet_lt_shaped(a.scale)
     grid = expand_grid(AdapterConfig(epochs=a.epochs), ratio=[0.1, 0.2, 0.4, 0.6], lr=[0.05, 0.1, 0.2, 0.4])
     batched = timed(lambda: fit_adapters(rows, text, grid, device=a.device), sync=True)
     separate = timed(lambda: [fit_adapters(rows, text, [c], device=a.device) for c in grid], sync=True)
     write(
-        "sweep",
+        a.label,
         {
             "points": len(grid),
             "rows": len(rows.image_labels),

@@ -179,6 +179,9 @@ def test_evaluate_cli_writes_results_and_refuses_foreign_adapter(lt_cache, tmp_p
         (["fit-adapter", "--sampler", "magic"], "--sampler"),
         (["sweep", "--ratio", ""], "--ratio"),
         (["sweep", "--sampler", "class-aware,magic"], "--sampler"),
+        (["sweep", "--ratio", "0.2,-0.1"], "--ratio"),
+        (["sweep", "--epochs", "10,-2"], "--epochs"),
+        (["sweep", "--lr", ","], "--lr"),
     ],
 )
 def test_bad_options_exit_2_naming_the_option(lt_cache, tmp_path, args, option):
