@@ -156,6 +156,7 @@ def fit_adapters(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
+    chunk: int | None = None,
 ) -> FitResult:
     """Train K adapters that share an index stream as one batched computation.
 
@@ -166,6 +167,9 @@ def fit_adapters(
         device: where to train.
         progress: progress sink (one unit per step).
         on_step: called with (step, per-adapter losses) after every step (tests, logging).
+        chunk: adapters computed together per step; default all K on GPU (one wide matmul fills the device),
+            `cpu_chunk(...)` on CPU, where K×B×(d+C) intermediates that spill out of cache cost more than the
+            per-step work batching saves. Every chunk size gives the same result.
     """
     if not configs:
         raise ValueError("no configurations to fit")
@@ -179,14 +183,17 @@ def fit_adapters(
     dim = rows.features.shape[1]
     feats = rows.features.to(device)
     text = text.to(device, torch.float32)
-    w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device).view(k * dim, dim).requires_grad_()
+    w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device)  # K×d×d
     ratio = torch.tensor([c.ratio for c in configs], device=device).view(k, 1, 1)
     lr0 = [c.lr for c in configs]
     mom = torch.tensor([c.momentum for c in configs], device=device).view(k, 1, 1)
     wd = torch.tensor([c.weight_decay for c in configs], device=device).view(k, 1, 1)
-    buf: torch.Tensor | None = None
+    buf = torch.zeros_like(w)
     steps = batch_schedule(rows, cfg0)
     losses = np.zeros((k, len(steps)), dtype=np.float64)
+    if chunk is None:
+        chunk = k if device.type == "cuda" else cpu_chunk(cfg0.batch_size, dim, text.shape[0])
+    spans = [(a, min(a + chunk, k)) for a in range(0, k, chunk)]
     progress.start(f"fit {k} adapter(s)", len(steps))
     t0 = time.perf_counter()
     row_labels = _row_labels(rows, device)
@@ -194,23 +201,52 @@ def fit_adapters(
         idx = torch.as_tensor(batch_rows, device=device)
         x = feats.index_select(0, idx).float()  # B×d
         y = row_labels.index_select(0, idx)
-        b = x.shape[0]
-        h = (x @ w.T).view(b, k, dim).transpose(0, 1)  # K×B×d, one matmul for all adapters
-        h = F.normalize(ratio * h + (1.0 - ratio) * x.unsqueeze(0), dim=-1)
-        logits = LOGIT_SCALE * h.reshape(k * b, dim) @ text.T
-        per = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(dim=1)
-        grad = torch.autograd.grad(per.sum(), w)[0].view(k, dim, dim)
-        with torch.no_grad():
-            wk = w.view(k, dim, dim)
-            g = grad + wd * wk  # torch.optim.SGD: weight decay added to the gradient
-            buf = g.clone() if buf is None else buf.mul_(mom).add_(g)  # first step: buf = g, as torch does
-            lr = torch.tensor([cosine_lr(base, step, len(steps)) for base in lr0], device=device).view(k, 1, 1)
-            wk.sub_(lr * buf)
-        losses[:, step] = per.detach().cpu().numpy()
+        lr = torch.tensor([cosine_lr(base, step, len(steps)) for base in lr0], device=device).view(k, 1, 1)
+        per_all = []
+        for a, e in spans:
+            per_all.append(_adapter_step(x, y, w[a:e], ratio[a:e], text, wd[a:e], mom[a:e], lr[a:e], buf[a:e], step))
+        per = torch.cat(per_all)
+        losses[:, step] = per.cpu().numpy()
         if on_step is not None:
-            on_step(step, per.detach())
+            on_step(step, per)
         progress.advance(1, loss=f"{losses[:, step].mean():.3f}")
-    return FitResult(list(configs), w.detach().view(k, dim, dim).cpu(), losses, time.perf_counter() - t0)
+    return FitResult(list(configs), w.cpu(), losses, time.perf_counter() - t0)
+
+
+def cpu_chunk(batch_size: int, dim: int, num_classes: int, budget_bytes: int = 8 << 20) -> int:
+    """Adapters per chunk on CPU: as many as keep one step's B×(d+C) float32 intermediates within `budget`."""
+    return max(1, budget_bytes // (batch_size * (dim + num_classes) * 4))
+
+
+def _adapter_step(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    w: torch.Tensor,
+    ratio: torch.Tensor,
+    text: torch.Tensor,
+    wd: torch.Tensor,
+    mom: torch.Tensor,
+    lr: torch.Tensor,
+    buf: torch.Tensor,
+    step: int,
+) -> torch.Tensor:
+    """One SGD step, in place, for the adapters `w` (k×d×d views) on batch (x, y); returns their k losses."""
+    k, dim, _ = w.shape
+    b = x.shape[0]
+    leaf = w.detach().view(k * dim, dim).requires_grad_()
+    h = (x @ leaf.T).view(b, k, dim).transpose(0, 1)  # k×B×d, one matmul for the chunk
+    h = F.normalize(ratio * h + (1.0 - ratio) * x.unsqueeze(0), dim=-1)
+    logits = LOGIT_SCALE * h.reshape(k * b, dim) @ text.T
+    per = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(dim=1)
+    grad = torch.autograd.grad(per.sum(), leaf)[0].view(k, dim, dim)
+    with torch.no_grad():
+        g = grad.add_(wd * w)  # torch.optim.SGD: weight decay added to the gradient
+        if step == 0:
+            buf.copy_(g)  # first step: buf = g, as torch does
+        else:
+            buf.mul_(mom).add_(g)
+        w.sub_(lr * buf)
+    return per.detach()
 
 
 def _row_labels(rows: TrainRows, device: torch.device) -> torch.Tensor:

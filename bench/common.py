@@ -57,9 +57,9 @@ def timed(fn: Any, sync: bool = False) -> float:
 
 
 def write(name: str, record: dict[str, Any]) -> None:
-    """Print and store a result as bench/out/NAME.json."""
+    """Print and store a result as NAME.json in $BALLAD_BENCH_OUT (default bench/out/)."""
     record = {"bench": name, "machine": machine(), **record}
-    out = Path(__file__).parent / "out"
-    out.mkdir(exist_ok=True)
+    out = Path(os.environ.get("BALLAD_BENCH_OUT") or Path(__file__).parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(record, indent=2))
     print(json.dumps(record, indent=2))

@@ -70,11 +70,14 @@ def test_batched_sweep_equals_each_point_alone(lt_cache):
     rows = TrainRows.from_split(lt_cache.load_split("train"))
     text = lt_cache.text_embeddings()
     grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.1, 0.4], lr=[0.05, 0.3])
-    together = fit_adapters(rows, text, grid)
+    together = fit_adapters(rows, text, grid, chunk=len(grid))  # all four in one matmul, as on a GPU
+    chunked = fit_adapters(rows, text, grid, chunk=3)  # a ragged split, as the CPU default may choose
     for k, cfg in enumerate(grid):
         alone = fit_adapters(rows, text, [cfg])
         assert torch.allclose(together.weights[k], alone.weights[0], atol=1e-5)
+        assert torch.allclose(chunked.weights[k], alone.weights[0], atol=1e-5)
         assert np.abs(together.losses[k] - alone.losses[0]).max() < 1e-5
+    assert not torch.allclose(together.weights[0], together.weights[3], atol=1e-3)  # the points really differ
 
 
 def test_class_balanced_adapter_raises_few_shot_accuracy(lt_cache, tmp_path):
