@@ -1,0 +1,106 @@
+"""Run every bench script at a size that fits a 2-core machine and write bench/RESULTS.md.
+
+    python bench/run_all.py            # about 3 minutes on 2 cores
+    python bench/run_all.py --only sweep,knn
+
+Each figure is a ratio of two things measured in the same run, so it holds on the machine that ran it; the
+machine is written beside it. GPU figures come from `bash bench/gpu_check.sh` (its summary is included when
+bench/out/gpu/summary.json exists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.report import headline  # noqa: E402
+
+# label, script and arguments, what the issue asked for
+RUNS: list[tuple[str, list[str], str]] = [
+    ("finetune_step", ["finetune_step.py", "--model", "ballad-tiny", "--classes", "fashion-mnist"], "> 1"),
+    ("finetune_step_c100", ["finetune_step.py", "--model", "ballad-tiny", "--classes", "cifar100"], "> 1"),
+    ("extract", ["extract.py", "--model", "ballad-tiny", "--images", "2048", "--image-size", "64"], ">= 0.9"),
+    ("phase_b", ["phase_b.py", "--model", "ballad-tiny"], "> 1"),
+    ("adapter", ["adapter.py", "--scale", "0.05", "--epochs", "1"], ">= 0.5"),
+    ("sweep", ["sweep.py", "--scale", "0.02", "--epochs", "1"], ">= 3 (GPU)"),
+    ("knn", ["knn.py", "--scale", "0.05", "--queries", "2000"], "same predictions"),
+]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
+    p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    a = p.parse_args()
+    only = set(filter(None, a.only.split(",")))
+    out = Path(tempfile.mkdtemp(prefix="ballad-bench-out-"))
+    env = {**os.environ, "BALLAD_BENCH_OUT": str(out), "TRANSFORMERS_VERBOSITY": "error"}
+    rows = []
+    for label, args, target in RUNS:
+        if only and label not in only:
+            continue
+        cmd = [sys.executable, str(HERE / args[0]), *args[1:], "--label", label]
+        shown = "python bench/" + " ".join(args)
+        print(f"== {shown}", flush=True)
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-2000:], sep="\n")
+            rows.append((label, shown, f"FAILED (exit {done.returncode})", target, ""))
+            continue
+        record = json.loads((out / f"{label}.json").read_text())
+        figure, value = headline(record)
+        rows.append((figure, shown, value, target, record["machine"]))
+        print(f"   {value}", flush=True)
+    write_results(Path(a.results), rows)
+    print(f"wrote {a.results}")
+
+
+def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> None:
+    """RESULTS.md: the CPU table from this run, then the GPU table or a note that it is pending."""
+    machines = sorted({r[4] for r in rows if r[4]})
+    lines = [
+        "# Benchmark results",
+        "",
+        "Written by `python bench/run_all.py`. Every figure is a ratio of two measurements taken in the same run.",
+        f"Run on {datetime.date.today().isoformat()}; machine: {'; '.join(machines) or 'unknown'}.",
+        "",
+        "| figure | command | result | target |",
+        "|---|---|---|---|",
+        *[f"| {f} | `{c}` | {v} | {t} |" for f, c, v, t, _ in rows],
+        "",
+        "## GPU",
+        "",
+    ]
+    gpu = HERE / "out" / "gpu" / "summary.json"
+    if gpu.exists():
+        summary = json.loads(gpu.read_text())
+        lines += [
+            f"`bash bench/gpu_check.sh` on {summary['records'][0]['machine']}:",
+            "",
+            "| figure | result |",
+            "|---|---|",
+        ]
+        lines += [f"| {f} | {v} |" for f, v in summary["table"]]
+    else:
+        lines += [
+            "Pending: no GPU machine has run `bash bench/gpu_check.sh` yet. It runs every figure above at GPU size",
+            "(ViT-B-16 extraction fp32/bf16, ViT-B-16 phase-A step with 1000 ImageNet prompts, fit-adapter and the",
+            "16-point sweep on the full ImageNet-LT-shaped cache, ViT-B-32 phase B, faiss kNN) in about 4 minutes.",
+        ]
+    notes = HERE / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The GPU check script runs end to end at a tiny size on CPU, so its GPU run cannot fail on a typo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
+    env = {**os.environ, "PYTHON": sys.executable}
+    done = subprocess.run(
+        ["bash", "bench/gpu_check.sh", "--cpu-smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    records = {r["bench"]: r for r in summary["records"]}
+    expected = {"extract_fp32", "extract_bf16", "finetune_step_fp32", "finetune_step_bf16", "adapter", "sweep"}
+    assert expected | {"phase_b", "knn"} == set(records)
+    assert all(records[k]["images_per_s"]["ballad_extract"] > 0 for k in ("extract_fp32", "extract_bf16"))
+    assert records["extract_fp32"]["memory"]["growth_4x_rows"] < 2  # memory does not follow the split size
+    assert records["finetune_step_fp32"]["context"] == {"ballad": 10, "reference": 32}  # cifar100 prompts trimmed
+    assert records["phase_b"]["speedup_per_epoch"] > 1
+    assert records["knn"]["same_prediction"] == 1.0
+    assert "16-point sweep" in done.stdout and "machine: CPU" in done.stdout
