@@ -15,9 +15,9 @@ PINS=$("$PY" - <<'PYEOF'
 import re
 from importlib import metadata
 
-skip = {"torch", "torchvision", "numpy", "h5py", "triton", "pillow", "setuptools", "sympy", "networkx",
+skip = {"torch", "torchvision", "numpy", "h5py", "triton", "setuptools", "sympy", "networkx",
         "jinja2", "markupsafe", "mpmath"}
-todo, seen = ["open_clip_torch", "safetensors", "pyyaml", "faiss-cpu"], {}
+todo, seen = ["open_clip_torch", "safetensors", "pyyaml", "faiss-cpu", "pillow"], {}
 while todo:
     name = re.sub(r"[-_.]+", "-", todo.pop()).lower()
     if name in seen or name in skip or name.startswith("nvidia-") or name.startswith("cuda-"):

@@ -33,7 +33,7 @@ rm -f "$OUTDIR"/*.json "$OUTDIR"/failures.txt
 export BALLAD_BENCH_OUT=$OUTDIR PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} TRANSFORMERS_VERBOSITY=error
 
 if ! "$PY" -c "import torchvision" 2>/dev/null && [ -d "$WHEELS" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" torchvision
+  "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" torchvision pillow
 fi
 if ! "$PY" -c "import open_clip, safetensors, yaml" 2>/dev/null; then
   if [ ! -d "$WHEELS" ]; then
