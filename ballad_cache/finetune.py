@@ -261,15 +261,9 @@ def finetune(
     has_val = "val" in dataset.splits
     start_epoch, batch_offset, step, best, best_epoch, start_report = 0, 0, 0, -1.0, -1, None
     ckpt_path = out / CHECKPOINT
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        best, best_epoch = state["best"], state["best_epoch"]
-        progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    elif has_val:
-        start_report = evaluate_model(
+
+    def validate() -> dict[str, Any]:
+        return evaluate_model(
             model,
             loaded,
             dataset,
@@ -281,6 +275,16 @@ def finetune(
             config.precision,
             config.skip_bad,
         )
+
+    if resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
+        best, best_epoch = state["best"], state["best_epoch"]
+        progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+    elif has_val:
+        start_report = validate()
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})
 
@@ -353,18 +357,7 @@ def finetune(
             "skipped_images": len(skipped),
         }
         if has_val:
-            record["val"] = evaluate_model(
-                model,
-                loaded,
-                dataset,
-                "val",
-                prompts,
-                device,
-                per_rank * 2,
-                config.workers,
-                config.precision,
-                config.skip_bad,
-            )
+            record["val"] = validate()
             if record["val"]["top1"] > best:
                 best, best_epoch = record["val"]["top1"], epoch + 1
                 if dist.is_main:
