@@ -19,14 +19,32 @@ logging.getLogger().setLevel(logging.ERROR)
 
 from ballad_cache.adapter import TrainRows  # noqa: E402
 from ballad_cache.cache import SplitFeatures  # noqa: E402
-from ballad_cache.longtail import exponential_profile  # noqa: E402
+
+
+def imagenet_lt_counts(classes: int = 1000, head: int = 1280, tail: int = 5, total: int = 115_846) -> np.ndarray:
+    """ImageNet-LT's shape: `classes` counts from `head` down to `tail` summing to `total` (115,846 by default).
+
+    A Zipf-like profile n_r = head / (1 + r / r0)^a with a fixed by n_last = tail and r0 bisected to the total;
+    an exponential profile from 1280 to 5 would hold twice ImageNet-LT's images.
+    """
+    ranks = np.arange(classes)
+
+    def profile(r0: float) -> np.ndarray:
+        a = np.log(head / tail) / np.log(1 + (classes - 1) / r0)
+        return np.floor(head / (1 + ranks / r0) ** a + 1e-9).astype(np.int64)
+
+    lo, hi = 1e-3, 1e7
+    for _ in range(200):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (lo, mid) if profile(mid).sum() > total else (mid, hi)
+    return profile(lo)
 
 
 def imagenet_lt_shaped(
     scale: float = 1.0, dim: int = 1024, classes: int = 1000, seed: int = 0
 ) -> tuple[TrainRows, torch.Tensor]:
-    """Normalised random features with ImageNet-LT's class profile (1280 ... 5, 115,846 rows at scale 1)."""
-    counts = [max(1, int(c * scale)) for c in exponential_profile(classes, 1280, 256)]
+    """Normalised random features with ImageNet-LT's shape (1280 ... 5 per class, 115,846 rows at scale 1)."""
+    counts = [max(1, int(c * scale)) for c in imagenet_lt_counts(classes)]
     gen = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(np.repeat(np.arange(classes), counts))
     feats = F.normalize(torch.randn(len(labels), dim, generator=gen), dim=-1)

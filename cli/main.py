@@ -251,6 +251,8 @@ def extract_features(
             config.splits = tuple(s for s in ("train", "val", "test") if s in dataset.splits)
         loaded = load_model(model, pretrained)
         with RunLock(out_dir, f".ballad.rank{dist.rank}.lock"), RichProgress() as progress:
+            if dist.is_main:
+                _save_config(out_dir, "extract-features", config, data=data, model=model, pretrained=pretrained)
             manifest = run_extract(dataset, loaded, out_dir, config, dev, dist, progress)
         if manifest is not None:
             rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest["splits"].items())

@@ -30,3 +30,12 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     assert records["phase_b"]["speedup_per_epoch"] > 1
     assert records["knn"]["same_prediction"] == 1.0
     assert "16-point sweep" in done.stdout and "machine: CPU" in done.stdout
+
+
+def test_imagenet_lt_shaped_cache_has_imagenet_lt_size():
+    sys.path.insert(0, str(ROOT))
+    from bench.common import imagenet_lt_counts
+
+    counts = imagenet_lt_counts()
+    assert (len(counts), counts.sum(), counts.max(), counts.min()) == (1000, 115_846, 1280, 5)
+    assert (counts[:-1] >= counts[1:]).all()
