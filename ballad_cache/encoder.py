@@ -8,6 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import ClipModel
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -23,7 +25,7 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 class ImageEncoder:
     """Runs `model.encode_image` in inference mode on `device` and returns normalised numpy features."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str = "fp32") -> None:
+    def __init__(self, model: ClipModel, device: torch.device, precision: str = "fp32") -> None:
         self.model = model.eval().to(device)
         self.device = device
         self.precision = precision

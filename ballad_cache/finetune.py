@@ -28,7 +28,7 @@ from .encoder import autocast
 from .errors import BalladError
 from .longtail import ShotThresholds
 from .metrics import classification_report, summary
-from .models import LoadedModel, PromptBank, save_local_dir
+from .models import ClipModel, LoadedModel, PromptBank, save_local_dir
 from .progress import NullProgress, Progress
 from .reader import ImageRows, default_workers, make_loader
 
@@ -89,7 +89,7 @@ class EpochSampler(Sampler[int]):
 class DualTower(torch.nn.Module):
     """Both towers in one forward, so DDP sees every trained parameter."""
 
-    def __init__(self, model: torch.nn.Module, prompts: PromptBank) -> None:
+    def __init__(self, model: ClipModel, prompts: PromptBank) -> None:
         super().__init__()
         self.model = model
         self.prompts = prompts
@@ -119,7 +119,7 @@ def lr_at(config: FinetuneConfig, step: int, total: int) -> float:
 
 @torch.inference_mode()
 def evaluate_model(
-    model: torch.nn.Module,
+    model: ClipModel,
     loaded: LoadedModel,
     dataset: LTDataset,
     split: str,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -35,7 +37,7 @@ def knn_scores(
 
     xb = np.ascontiguousarray(train_features.float().numpy())
     xq = np.ascontiguousarray(queries.float().numpy())
-    index = faiss.IndexFlatIP(xb.shape[1])
+    index: Any = faiss.IndexFlatIP(xb.shape[1])
     if faiss_has_gpu():
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(xb)

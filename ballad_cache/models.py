@@ -26,6 +26,10 @@ import torch.nn.functional as F
 from .atomic import atomic_path, sha256_file, write_json
 from .errors import BalladError
 
+# An open_clip CLIP (or CustomTextCLIP) module. Typed as Any because its encode_image / encode_text / visual
+# attributes are invisible to type checkers through torch.nn.Module.__getattr__.
+ClipModel = Any
+
 MINILM_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -92,7 +96,7 @@ def list_models() -> list[str]:
 class LoadedModel:
     """A CLIP model with its transforms, tokenizer and provenance."""
 
-    model: torch.nn.Module
+    model: ClipModel
     preprocess_train: Callable[[Any], torch.Tensor]
     preprocess_eval: Callable[[Any], torch.Tensor]
     tokenizer: Any
@@ -244,7 +248,7 @@ def _register_hf_for_local_dir(folder: Path) -> None:
         write_json(cfg_path, cfg)
 
 
-def save_local_dir(loaded: LoadedModel, model: torch.nn.Module, folder: str | Path) -> Path:
+def save_local_dir(loaded: LoadedModel, model: ClipModel, folder: str | Path) -> Path:
     """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`.
 
     `open_clip.create_model_and_transforms("local-dir:FOLDER")` and `load_model("local-dir:FOLDER")` read it back.
@@ -302,7 +306,7 @@ class PromptBank:
         """Tokens per prompt actually encoded."""
         return int(self.tokens.shape[1])
 
-    def encode(self, model: torch.nn.Module, per_template: bool = False) -> torch.Tensor:
+    def encode(self, model: ClipModel, per_template: bool = False) -> torch.Tensor:
         """Class embeddings (C×D, L2-normalised mean over templates), or C×T×D normalised per template.
 
         Gradients flow when called in grad mode (phase A trains the text tower through this).
@@ -315,7 +319,7 @@ class PromptBank:
         return F.normalize(feats.mean(dim=1), dim=-1)
 
 
-def _trim_mode(model: torch.nn.Module) -> str:
+def _trim_mode(model: ClipModel) -> str:
     import open_clip
     from open_clip.hf_model import HFTextEncoder
 
@@ -328,7 +332,7 @@ def _trim_mode(model: torch.nn.Module) -> str:
     return "full"
 
 
-def encode_text_tokens(model: torch.nn.Module, tokens: torch.Tensor, mode: str = "full") -> torch.Tensor:
+def encode_text_tokens(model: ClipModel, tokens: torch.Tensor, mode: str = "full") -> torch.Tensor:
     """`model.encode_text` that accepts tokens shorter than the model's context (see PromptBank)."""
     if mode != "clip":
         return model.encode_text(tokens)
