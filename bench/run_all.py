@@ -95,6 +95,8 @@ def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> Non
             "Pending: no GPU machine has run `bash bench/gpu_check.sh` yet. It runs every figure above at GPU size",
             "(ViT-B-16 extraction fp32/bf16, ViT-B-16 phase-A step with 1000 ImageNet prompts, fit-adapter and the",
             "16-point sweep on the full ImageNet-LT-shaped cache, ViT-B-32 phase B, faiss kNN) in about 4 minutes.",
+            "To run it: `bash bench/fetch_wheels.sh` here, carry `bench/wheels/` with the repository, then",
+            "`bash bench/gpu_check.sh` on the GPU machine and `python bench/run_all.py` to fold its table in here.",
         ]
     notes = HERE / "NOTES.md"
     if notes.exists():
