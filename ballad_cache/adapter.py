@@ -190,26 +190,34 @@ def fit_adapters(
     wd = torch.tensor([c.weight_decay for c in configs], device=device).view(k, 1, 1)
     buf = torch.zeros_like(w)
     steps = batch_schedule(rows, cfg0)
-    losses = np.zeros((k, len(steps)), dtype=np.float64)
+    n = len(steps)
     if chunk is None:
         chunk = k if device.type == "cuda" else cpu_chunk(cfg0.batch_size, dim, text.shape[0])
     spans = [(a, min(a + chunk, k)) for a in range(0, k, chunk)]
-    progress.start(f"fit {k} adapter(s)", len(steps))
+    # the whole schedule, learning rates and losses live on the device: no host round trip inside the loop
+    bounds = np.concatenate([[0], np.cumsum([len(b) for b in steps])]).tolist()
+    flat = torch.as_tensor(np.concatenate(steps) if n else np.zeros(0, np.int64), device=device)
+    lr_table = torch.tensor([[cosine_lr(base, s, n) for base in lr0] for s in range(n)], device=device).view(n, k, 1, 1)
+    loss_dev = torch.zeros(k, n, device=device)
+    report_every = max(1, n // 200)  # a progress update reads the loss back: a device sync
+    progress.start(f"fit {k} adapter(s)", n)
     t0 = time.perf_counter()
     row_labels = _row_labels(rows, device)
-    for step, batch_rows in enumerate(steps):
-        idx = torch.as_tensor(batch_rows, device=device)
+    for step in range(n):
+        idx = flat[bounds[step] : bounds[step + 1]]
         x = feats.index_select(0, idx).float()  # B×d
         y = row_labels.index_select(0, idx)
-        lr = torch.tensor([cosine_lr(base, step, len(steps)) for base in lr0], device=device).view(k, 1, 1)
-        per_all = []
+        lr = lr_table[step]
         for a, e in spans:
-            per_all.append(_adapter_step(x, y, w[a:e], ratio[a:e], text, wd[a:e], mom[a:e], lr[a:e], buf[a:e], step))
-        per = torch.cat(per_all)
-        losses[:, step] = per.cpu().numpy()
+            loss_dev[a:e, step] = _adapter_step(
+                x, y, w[a:e], ratio[a:e], text, wd[a:e], mom[a:e], lr[a:e], buf[a:e], step
+            )
         if on_step is not None:
-            on_step(step, per)
-        progress.advance(1, loss=f"{losses[:, step].mean():.3f}")
+            on_step(step, loss_dev[:, step])
+        if (step + 1) % report_every == 0 or step + 1 == n:
+            done = (step % report_every) + 1
+            progress.advance(done, loss=f"{loss_dev[:, step].mean().item():.3f}")
+    losses = loss_dev.double().cpu().numpy()
     return FitResult(list(configs), w.cpu(), losses, time.perf_counter() - t0)
 
 

@@ -19,10 +19,10 @@ from .datasets import BadImageError, ImageSplit
 
 
 def default_workers() -> int:
-    """DataLoader workers for this machine: all cores but one, at most 8 per process."""
+    """DataLoader workers for this machine: all cores but one, at most 16 per process."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    return max(0, min(8, cores // world - 1))
+    return max(0, min(16, cores // world - 1))
 
 
 class ImageRows(Dataset):

@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--jpeg-dir", default=None, help="keep the synthetic JPEGs here for the next run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="print a cProfile of one extraction to stderr")
     p.add_argument("--memory-rows", type=int, default=16384, help="rows of the memory check's larger split")
     p.add_argument("--label", default="extract", help="name of the JSON written to bench/out/")
     a = p.parse_args()
@@ -151,6 +152,13 @@ def main() -> None:
     for _ in range(a.repeats):
         r_bare = max(r_bare, rate(a.images, bare))
         r_ours = max(r_ours, rate(a.images, ours))
+    if a.profile:  # where the main process spends one extraction (stderr, so the JSON on stdout stays clean)
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.runcall(ours)
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(15)
     r_decode = rate(a.images, decode_only)
     r_encode = rate(a.images, encode_only)
 

@@ -56,7 +56,7 @@ if [ $SMOKE = 1 ]; then
   LIMIT=120
 else
   DEV=cuda
-  EXTRACT="--model ViT-B-16 --images 4096 --image-size 256 --batch 256 --repeats 2 --memory-rows 16384"
+  EXTRACT="--model ViT-B-16 --images 4096 --image-size 256 --batch 256 --repeats 3 --memory-rows 16384 --profile"
   STEP="--model ViT-B-16 --classes imagenet --batch 128 --steps 5"
   ADAPTER="--scale 1.0 --epochs 10"
   SWEEP="--scale 1.0 --epochs 1"

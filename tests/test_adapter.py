@@ -191,3 +191,17 @@ def test_bad_options_exit_2_naming_the_option(lt_cache, tmp_path, args, option):
     r = runner.invoke(app, [*args, "--cache", str(lt_cache.path), "--out", str(tmp_path / "x")])
     assert r.exit_code == 2, r.output
     assert option in r.output
+
+
+def test_knn_backends_agree(lt_cache):
+    from ballad_cache.knn import knn_scores
+
+    train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
+    args = (train.features, train.labels, test.features, lt_cache.num_classes, 7)
+    by_faiss = knn_scores(*args, backend="faiss")
+    by_torch = knn_scores(*args, backend="torch")
+    assert by_faiss.shape == (len(test.labels), lt_cache.num_classes)
+    torch.testing.assert_close(by_faiss, by_torch, rtol=1e-4, atol=1e-3)
+    assert (by_faiss.sum(1) > 0).all()
+    with pytest.raises(ValueError, match="unknown kNN backend"):
+        knn_scores(*args, backend="annoy")
