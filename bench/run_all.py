@@ -4,8 +4,8 @@
     python bench/run_all.py --only sweep,knn
 
 Each figure is a ratio of two things measured in the same run, so it holds on the machine that ran it; the
-machine is written beside it. GPU figures come from `bash bench/gpu_check.sh` (its summary is included when
-bench/out/gpu/summary.json exists).
+machine is written beside it. GPU figures come from `bash bench/gpu_check.sh`: the tables it printed on lent
+GPU machines are kept in bench/gpu/ and copied into RESULTS.md.
 """
 
 from __future__ import annotations
@@ -80,23 +80,22 @@ def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> Non
         "## GPU",
         "",
     ]
-    gpu = HERE / "out" / "gpu" / "summary.json"
-    if gpu.exists():
-        summary = json.loads(gpu.read_text())
-        lines += [
-            f"`bash bench/gpu_check.sh` on {summary['records'][0]['machine']}:",
-            "",
-            "| figure | result |",
-            "|---|---|",
-        ]
-        lines += [f"| {f} | {v} |" for f, v in summary["table"]]
+    consoles = sorted((HERE / "gpu").glob("*-console.txt"))
+    if consoles:
+        lines += [(HERE / "gpu" / "NOTES.md").read_text().strip(), ""]
+        for console in consoles:
+            text = console.read_text().splitlines()
+            start = next((i for i, line in enumerate(text) if line.startswith("machine:")), 0)
+            table = [line for line in text[start:] if not line.startswith("rc=")]
+            lines += [f"`{console.relative_to(HERE.parent)}`:", "", "```", *table, "```", ""]
     else:
         lines += [
             "Pending: no GPU machine has run `bash bench/gpu_check.sh` yet. It runs every figure above at GPU size",
             "(ViT-B-16 extraction fp32/bf16, ViT-B-16 phase-A step with 1000 ImageNet prompts, fit-adapter and the",
             "16-point sweep on the full ImageNet-LT-shaped cache, ViT-B-32 phase B, faiss kNN) in about 4 minutes.",
             "To run it: `bash bench/fetch_wheels.sh` here, carry `bench/wheels/` with the repository, then",
-            "`bash bench/gpu_check.sh` on the GPU machine and `python bench/run_all.py` to fold its table in here.",
+            "`bash bench/gpu_check.sh --out bench/gpu/RUN` on the GPU machine; keep its printed table as",
+            "`bench/gpu/N-CARD-console.txt` and rerun `python bench/run_all.py`.",
         ]
     notes = HERE / "NOTES.md"
     if notes.exists():

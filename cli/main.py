@@ -368,7 +368,12 @@ def evaluate(
     split: Annotated[str, typer.Option(help="Split to score.")] = "test",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Write result.json, per_class.csv, plots.")] = None,
     tau: Annotated[float | None, typer.Option(help="Post-hoc logit adjustment: logits - tau * log prior.")] = None,
-    knn: Annotated[int | None, typer.Option(min=1, help="Add a kNN head with K neighbours (faiss).")] = None,
+    knn: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does)."
+        ),
+    ] = None,
     plot: Annotated[bool, typer.Option(help="Per-class accuracy vs training count PNG (needs --out).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing result in --out.")] = False,
 ) -> None:
