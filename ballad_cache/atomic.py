@@ -124,10 +124,10 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def remove_stale_temps(folder: str | os.PathLike[str]) -> int:
-    """Delete temporary files that a killed process left in `folder`; returns how many were removed."""
+def remove_stale_temps(*folders: str | os.PathLike[str]) -> int:
+    """Delete temporary files that a killed process left in `folders` (missing ones are fine); returns the count."""
     removed = 0
-    for p in Path(folder).glob(f".*{TMP_SUFFIX}"):
+    for p in (t for folder in folders for t in Path(folder).glob(f".*{TMP_SUFFIX}")):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
             removed += 1

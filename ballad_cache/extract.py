@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,14 @@ from .encoder import ImageEncoder
 from .errors import BalladError
 from .models import LoadedModel, PromptBank
 from .progress import NullProgress, Progress
-from .reader import ImageRows, default_workers, make_loader
+from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
 
 
 @dataclass
 class ExtractConfig:
     """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
 
-    splits: tuple[str, ...] = ("train", "val", "test")
+    splits: tuple[str, ...] = ()  # empty: every split the dataset has (see resolve_splits)
     train_views: int = 0  # augmented views per training image besides the eval view (official phase B augments)
     templates: str = "ballad"  # template set name, .txt file, or a literal '{c}' prompt
     dtype: str = "float16"  # feature dtype on disk; features are L2-normalised, so fp16 loses ~1e-3 cosine
@@ -52,6 +52,13 @@ def split_rows(num_images: int, views: int) -> np.ndarray:
     index = np.repeat(np.arange(num_images, dtype=np.int64), views + 1)
     view = np.tile(np.arange(views + 1, dtype=np.int64), num_images)
     return np.stack([index, view], axis=1)
+
+
+def resolve_splits(config: ExtractConfig, dataset: LTDataset) -> ExtractConfig:
+    """`config` with its splits spelled out: empty `splits` means every one of train, val, test the dataset has."""
+    if config.splits:
+        return config
+    return replace(config, splits=tuple(s for s in ("train", "val", "test") if s in dataset.splits))
 
 
 def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractConfig, templates: list[str]) -> str:
@@ -118,11 +125,7 @@ def extract_split(
     t0 = time.perf_counter()
     try:
         for batch in loader:
-            errors = [
-                (e, int(i), p) for e, i, p in zip(batch["error"], batch["index"], batch["path"], strict=True) if e
-            ]
-            if errors and not config.skip_bad:
-                raise BalladError(errors[0][0])
+            keep = usable_rows(batch, config.skip_bad)
             feats = encoder(batch["image"])
             n, pos = len(feats), 0
             while pos < n:
@@ -132,12 +135,8 @@ def extract_split(
                     )
                 take = min(n - pos, int(bounds[shard_i]) - written)
                 sl = slice(pos, pos + take)
-                ok = np.array([not e for e in batch["error"][sl]], dtype=bool)
-                writer.skipped += [
-                    {"index": int(i), "path": p, "reason": e}
-                    for e, i, p in zip(batch["error"][sl], batch["index"][sl], batch["path"][sl], strict=True)
-                    if e
-                ]
+                ok = keep[sl]
+                writer.skipped += [skipped_row(batch, pos + i) for i in np.flatnonzero(~ok)]
                 writer.write(
                     feats[sl][ok],
                     batch["label"][sl].numpy()[ok],
@@ -184,6 +183,7 @@ def extract_features(
         progress: progress sink.
         encoder: replaces `ImageEncoder(loaded.model, device, config.precision)` (benchmarks, tests).
     """
+    config = resolve_splits(config, dataset)
     dist = dist or DistContext()
     progress = progress or NullProgress()
     out = Path(out)

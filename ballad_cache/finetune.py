@@ -30,7 +30,7 @@ from .longtail import ShotThresholds
 from .metrics import classification_report, summary
 from .models import ClipModel, LoadedModel, PromptBank, save_local_dir
 from .progress import NullProgress, Progress
-from .reader import ImageRows, default_workers, make_loader
+from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
 
 LOGIT_SCALE = 100.0
 CHECKPOINT = "checkpoint.pt"
@@ -145,7 +145,7 @@ def evaluate_model(
         text = prompts.encode(model).float()
     logits, labels, skipped = [], [], 0
     for batch in loader:
-        keep = _usable(batch, skip_bad)
+        keep = torch.from_numpy(usable_rows(batch, skip_bad))
         skipped += int((~keep).sum())
         with autocast(device, precision):
             feats = model.encode_image(batch["image"][keep].to(device, non_blocking=True))
@@ -156,14 +156,6 @@ def evaluate_model(
         torch.cat(logits).cpu(), torch.cat(labels), dataset.class_counts("train"), ShotThresholds()
     )
     return {**summary(report), **({"skipped": skipped} if skipped else {})}
-
-
-def _usable(batch: dict[str, Any], skip_bad: bool) -> torch.Tensor:
-    """Mask of the batch rows whose image decoded; the first unreadable one is an error unless `skip_bad`."""
-    bad = [e for e in batch["error"] if e]
-    if bad and not skip_bad:
-        raise BalladError(bad[0])
-    return torch.tensor([not e for e in batch["error"]], dtype=torch.bool)
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -226,9 +218,7 @@ def finetune(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if dist.is_main:  # temporaries of a killed run (checkpoint, model files) are never resumed from
-        for folder in (out, out / "model", out / "model-last"):
-            if folder.is_dir():
-                remove_stale_temps(folder)
+        remove_stale_temps(out, out / "model", out / "model-last")
     if config.batch_size % dist.world_size:
         raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
     torch.manual_seed(config.seed)
@@ -306,7 +296,7 @@ def finetune(
         dist.barrier()
 
     images_done, t0 = 0, time.perf_counter()
-    skipped: dict[int, dict[str, str]] = {}  # unreadable training images seen (with --skip-bad), by index
+    skipped: dict[int, dict[str, Any]] = {}  # unreadable training images seen (with --skip-bad), by index
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps and step >= config.max_steps:
             break
@@ -322,9 +312,11 @@ def finetune(
         batch_i = batch_offset
         batch_offset = 0
         for batch in loader:
-            keep = _usable(batch, config.skip_bad)
-            for i in torch.nonzero(~keep).flatten().tolist():
-                skipped[int(batch["index"][i])] = {"path": batch["path"][i], "reason": batch["error"][i]}
+            keep_rows = usable_rows(batch, config.skip_bad)
+            for i in np.flatnonzero(~keep_rows):
+                row = skipped_row(batch, i)
+                skipped[row["index"]] = row
+            keep = torch.from_numpy(keep_rows)
             images = batch["image"][keep].to(device, non_blocking=True)
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
@@ -381,7 +373,7 @@ def finetune(
         "best_epoch": best_epoch,
         "best_val_top1": best,
         "steps": step,
-        "skipped": [{"index": i, **skipped[i]} for i in sorted(skipped)],
+        "skipped": [skipped[i] for i in sorted(skipped)],
     }
     if dist.is_main:
         write_json(out / "summary.json", summary_)

@@ -15,6 +15,12 @@ def faiss_has_gpu() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def auto_backend() -> str:
+    """faiss when it has a GPU or there is no CUDA; else torch on CUDA (a CPU-only faiss on a GPU machine is
+    ~100x slower than the GPU matmul)."""
+    return "faiss" if faiss_has_gpu() or not torch.cuda.is_available() else "torch"
+
+
 def knn_scores(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -34,11 +40,10 @@ def knn_scores(
         k: neighbours per query.
         temperature: vote sharpness (the InstDisc / DINO kNN weighting).
         backend: `faiss` (exact inner-product index, on GPU when faiss has GPU support), `torch` (blocked
-            matmul + topk on CUDA), or `auto`: faiss on GPU if it can, else torch if CUDA is there (a CPU-only
-            faiss on a GPU machine is ~100x slower than the GPU matmul), else faiss on CPU.
+            matmul + topk on CUDA), or `auto` (see `auto_backend`).
     """
     if backend == "auto":
-        backend = "faiss" if faiss_has_gpu() or not torch.cuda.is_available() else "torch"
+        backend = auto_backend()
     k = min(k, len(train_features))
     if backend == "torch":
         sims, nbrs = _torch_search(train_features, queries, k)

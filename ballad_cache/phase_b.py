@@ -33,8 +33,7 @@ def fit_on_cache(
 ) -> dict[str, Any]:
     """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body."""
     progress = progress or NullProgress()
-    if Path(out).is_dir():
-        remove_stale_temps(out)
+    remove_stale_temps(out)
     rows = TrainRows.from_split(cache.load_split("train"))
     if len(rows.image_labels) == 0:
         raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
@@ -111,9 +110,7 @@ def run_sweep(
     out = Path(out)
     points_dir = out / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
-    for folder in (out, points_dir, out / "best"):  # what a killed sweep may have left half-written
-        if folder.is_dir():
-            remove_stale_temps(folder)
+    remove_stale_temps(out, points_dir, out / "best")  # what a killed sweep may have left half-written
     text = cache.text_embeddings()
     val = cache.load_split(split).eval_view()
     keys = [point_key(c) for c in configs]

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import BadImageError, ImageSplit
+from .errors import BalladError
 
 
 def default_workers() -> int:
@@ -75,6 +76,23 @@ class ImageRows(Dataset):
 
         self._shape = tuple(self.eval_transform(Image.new("RGB", (32, 32))).shape)
         return self._shape
+
+
+def usable_rows(batch: dict[str, Any], skip_bad: bool) -> np.ndarray:
+    """Boolean mask of a collated ImageRows batch: the rows whose image decoded.
+
+    Raises:
+        BalladError: the first unreadable image's path and index, unless `skip_bad`.
+    """
+    keep = np.array([not e for e in batch["error"]], dtype=bool)
+    if not skip_bad and not keep.all():
+        raise BalladError(batch["error"][int(np.flatnonzero(~keep)[0])])
+    return keep
+
+
+def skipped_row(batch: dict[str, Any], i: int | np.integer) -> dict[str, Any]:
+    """Row `i` of a batch as manifests and summaries list a skipped image: index, path and reason."""
+    return {"index": int(batch["index"][i]), "path": batch["path"][i], "reason": batch["error"][i]}
 
 
 def make_loader(

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.knn import faiss_has_gpu, knn_scores  # noqa: E402
+from ballad_cache.knn import auto_backend, faiss_has_gpu, knn_scores  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 
@@ -42,7 +42,6 @@ def main() -> None:
         lambda: result.__setitem__("torch", knn_scores(train, labels, queries, classes, a.k, backend="torch"))
     )
     agree = (result["faiss"].argmax(1) == result["torch"].argmax(1)).float().mean().item()
-    auto = "faiss" if faiss_has_gpu() or not torch.cuda.is_available() else "torch"
     write(
         a.label,
         {
@@ -52,7 +51,7 @@ def main() -> None:
             "seconds": {"faiss": round(t_faiss, 3), "torch_matmul_topk": round(t_torch, 3)},
             "queries_per_s": {"faiss": round(a.queries / t_faiss), "torch_matmul_topk": round(a.queries / t_torch)},
             "faiss_vs_torch": round(t_torch / t_faiss, 2),
-            "auto_backend": auto,
+            "auto_backend": auto_backend(),
             "same_prediction": round(agree, 4),
         },
     )

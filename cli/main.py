@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
 from .ui import DEBUG, RichProgress, err, handle_errors, out, report_table
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="BALLAD long-tailed recognition with CLIP: finetune once, cache features, fit adapters in seconds.",
@@ -139,26 +141,24 @@ def finetune(
     from ballad_cache.finetune import finetune as run_finetune
     from ballad_cache.models import load_model
 
-    try:
-        config = FinetuneConfig(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            optimizer=optimizer,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            accum_steps=accum_steps,
-            loss=loss,
-            templates=templates,
-            precision=precision.value,
-            seed=seed,
-            checkpoint_every=checkpoint_every,
-            max_steps=max_steps,
-            skip_bad=skip_bad,
-            **({"workers": workers} if workers is not None else {}),
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    config = _config(
+        FinetuneConfig,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        optimizer=optimizer,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        accum_steps=accum_steps,
+        loss=loss,
+        templates=templates,
+        precision=precision.value,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        max_steps=max_steps,
+        skip_bad=skip_bad,
+        workers=workers,
+    )
     dist, dev = init_distributed(_device(device))
     try:
         if dist.is_main:
@@ -224,31 +224,28 @@ def extract_features(
     from ballad_cache.atomic import RunLock
     from ballad_cache.datasets import load_dataset
     from ballad_cache.distributed import cleanup_distributed, init_distributed
-    from ballad_cache.extract import ExtractConfig
+    from ballad_cache.extract import ExtractConfig, resolve_splits
     from ballad_cache.extract import extract_features as run_extract
     from ballad_cache.models import load_model
 
-    try:
-        config = ExtractConfig(
-            splits=tuple(_csv(splits, str, "--splits")) if splits else ("train", "val", "test"),
-            train_views=train_views,
-            templates=templates,
-            dtype=dtype,
-            shard_size=shard_size,
-            batch_size=batch_size,
-            seed=seed,
-            precision=precision.value,
-            skip_bad=skip_bad,
-            overwrite=overwrite,
-            **({"workers": workers} if workers is not None else {}),
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    config = _config(
+        ExtractConfig,
+        splits=tuple(_csv(splits, str, "--splits")) if splits else (),
+        train_views=train_views,
+        templates=templates,
+        dtype=dtype,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
+        precision=precision.value,
+        skip_bad=skip_bad,
+        overwrite=overwrite,
+        workers=workers,
+    )
     dist, dev = init_distributed(_device(device))
     try:
         dataset = load_dataset(data)
-        if not splits:
-            config.splits = tuple(s for s in ("train", "val", "test") if s in dataset.splits)
+        config = resolve_splits(config, dataset)
         loaded = load_model(model, pretrained)
         with RunLock(out_dir, f".ballad.rank{dist.rank}.lock"), RichProgress() as progress:
             if dist.is_main:
@@ -306,11 +303,10 @@ def cache_verify(cache: Annotated[Path, typer.Argument(help="Cache folder.")]) -
 # ---------------------------------------------------------------------------------------------- phase B
 
 
-def _adapter_config(**kw: Any) -> Any:
-    from ballad_cache.adapter import AdapterConfig
-
+def _config(cls: type[T], **options: Any) -> T:
+    """A library config from option values: None keeps the config's default, invalid values exit 2."""
     try:
-        return AdapterConfig(**kw)
+        return cls(**{k: v for k, v in options.items() if v is not None})
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -333,11 +329,13 @@ def fit_adapter(
     device: DeviceOpt = Device.auto,
 ) -> None:
     """Phase B: train BALLAD's residual linear adapter on cached features (class-balanced by default)."""
+    from ballad_cache.adapter import AdapterConfig
     from ballad_cache.atomic import RunLock, prepare_run_dir
     from ballad_cache.cache import FeatureCache
     from ballad_cache.phase_b import fit_on_cache
 
-    config = _adapter_config(
+    config = _config(
+        AdapterConfig,
         ratio=ratio,
         sampler=sampler.value,
         samples_per_class=samples_per_class,

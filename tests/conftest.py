@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_ballad(args: list[str], env: dict[str, str], ranks: int = 1, port: int = 29570) -> subprocess.CompletedProcess:
+    """Run `ballad ARGS` in a fresh process (under torchrun when `ranks` > 1), output captured as text."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
+    return subprocess.run([*launcher, "-m", "cli.main", *args], cwd=ROOT, env=env, capture_output=True, text=True)
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:

@@ -18,9 +18,9 @@ from ballad_cache.errors import BalladError
 from ballad_cache.extract import ExtractConfig, extract_features
 from ballad_cache.models import load_model
 from cli.main import app
+from tests.conftest import ROOT, run_ballad
 
 runner = CliRunner()
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _extract(out: Path, **kw) -> FeatureCache:
@@ -176,32 +176,9 @@ def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
         "--splits",
         "train,val",
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    one = run_ballad([*common, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29571",
-            "-m",
-            "cli.main",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    two = run_ballad([*common, "--out", str(tmp_path / "two")], env, ranks=2, port=29571)
     assert two.returncode == 0, two.stderr[-3000:]
     for split in ("train", "val"):
         a = FeatureCache(tmp_path / "one").load_split(split)

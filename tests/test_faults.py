@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from ballad_cache.cache import FeatureCache
 from cli.main import app
-from tests.conftest import longtail_features, make_cache
+from tests.conftest import ROOT, longtail_features, make_cache, run_ballad
 
 runner = CliRunner()
 BAD_KINDS = {
@@ -317,15 +317,14 @@ def test_kill_9_during_finetune_then_resume_ends_with_the_uninterrupted_weights(
 
     from safetensors.torch import load_file
 
-    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
-    base = [sys.executable, "-m", "cli.main", "finetune", "--data", "fmnist-lt", "--model", "ballad-micro"]
-    base += ["--epochs", "2", "--batch-size", "64", "--lr", "1e-3", "--optimizer", "adamw", "--workers", "0"]
-    base += ["--device", "cpu", "--checkpoint-every", "4"]
-    ref = subprocess.run([*base, "--out", str(tmp_path / "ref")], cwd=root, env=env, capture_output=True, text=True)
+    base = ["finetune", "--data", "fmnist-lt", "--model", "ballad-micro", "--epochs", "2", "--batch-size", "64"]
+    base += ["--lr", "1e-3", "--optimizer", "adamw", "--workers", "0", "--device", "cpu", "--checkpoint-every", "4"]
+    ref = run_ballad([*base, "--out", str(tmp_path / "ref")], env)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     out = tmp_path / "cut"
-    proc = subprocess.Popen([*base, "--out", str(out)], cwd=root, env=env, stdout=subprocess.DEVNULL)
+    cli = [sys.executable, "-m", "cli.main"]
+    proc = subprocess.Popen([*cli, *base, "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.05)
@@ -334,7 +333,7 @@ def test_kill_9_during_finetune_then_resume_ends_with_the_uninterrupted_weights(
     assert proc.wait() == -9
     step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 4 <= step < 38  # killed part-way (2 epochs of 19 steps)
-    again = subprocess.run([*base, "--out", str(out), "--resume"], cwd=root, env=env, capture_output=True, text=True)
+    again = run_ballad([*base, "--out", str(out), "--resume"], env)
     assert again.returncode == 0, again.stdout + again.stderr
     a = load_file(str(tmp_path / "ref" / "model-last" / "open_clip_model.safetensors"))
     b = load_file(str(out / "model-last" / "open_clip_model.safetensors"))

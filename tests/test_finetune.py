@@ -1,8 +1,5 @@
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +10,8 @@ from ballad_cache.errors import BalladError
 from ballad_cache.finetune import FinetuneConfig, finetune, load_checkpoint
 from ballad_cache.models import load_model
 from ballad_cache.progress import NullProgress
+from tests.conftest import run_ballad
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "ballad-micro"  # fast; the first test and the demo test run ballad-tiny
 
 
@@ -97,32 +94,9 @@ def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
         "--epochs",
         "1",
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "cli.main", *common, "--out", str(tmp_path / "one")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    one = run_ballad([*common, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--master_port=29573",
-            "-m",
-            "cli.main",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    two = run_ballad([*common, "--out", str(tmp_path / "two")], env, ranks=2, port=29573)
     assert two.returncode == 0, two.stderr[-3000:]
     a = load_file(str(tmp_path / "one" / "model-last" / "open_clip_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "model-last" / "open_clip_model.safetensors"))
