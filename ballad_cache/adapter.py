@@ -1,7 +1,11 @@
 """BALLAD phase B on cached features: the residual linear adapter, trained K configurations at once.
 
     x' = ratio * W f + (1 - ratio) * f        W: d×d, no bias, nn.Linear's default init
-    logits = 100 * norm(x') · text_cᵀ          cross-entropy, SGD with momentum, cosine per step
+    logits = 100 * norm(x') · text_cᵀ          cross-entropy, SGD with momentum
+
+Defaults are the official code's step for step (gaopengcuhk/BALLAD `train.py`, `clip_B_rn50.yaml`): floor(N/B)
+full batches per epoch from OLTR's class-aware sampler, `CosineAnnealingLR(T_max=epochs)` stepped at each epoch
+start, and the weights of the epoch with the best val top-1 kept.
 
 Features in the cache are L2-normalised; the adapter is linear and the logits use norm(x'), so the image
 norm cancels in the loss and its gradient: training on normalised features is exact.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +33,31 @@ from .cache import FeatureCache, SplitFeatures
 from .errors import BalladError
 from .progress import NullProgress, Progress
 from .samplers import SAMPLERS, index_stream
+from .schedules import cosine_lr, epoch_lr
 
 LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD
 
 
+SCHEDULES = ("epoch", "step")
+SELECTIONS = ("best-val", "last")
+
+
 @dataclass
 class AdapterConfig:
-    """One phase-B configuration; defaults follow the official BALLAD code."""
+    """One phase-B configuration; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_B_rn50.yaml`,
+    `train.py`), every other value an option."""
 
     ratio: float = 0.2  # residual mix: ratio * W f + (1 - ratio) * f (BALLAD)
     sampler: str = "class-aware"  # index stream; see ballad_cache.samplers
     samples_per_class: int = 4  # consecutive draws from one class (OLTR ClassAwareSampler)
-    lr: float = 0.2  # SGD learning rate, cosine-annealed per step to ~0
+    lr: float = 0.2  # SGD learning rate
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    epochs: int = 10  # one epoch = as many draws as training images
+    epochs: int = 10
     batch_size: int = 512
+    schedule: str = "epoch"  # epoch: CosineAnnealingLR(T_max=epochs) stepped at each epoch start (official); step
+    keep_last_batch: bool = False  # official: floor(N/B) full batches per epoch; True: ceil(N/B), last one partial
+    select: str = "best-val"  # best-val: the epoch with the best val top-1, strictly better replaces (official); last
     seed: int = 0  # seeds W's init and the index stream
 
     def __post_init__(self) -> None:
@@ -54,10 +67,14 @@ class AdapterConfig:
             raise ValueError("epochs and lr must be >= 0, batch_size and samples_per_class >= 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler '{self.sampler}'; known: {', '.join(SAMPLERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        if self.select not in SELECTIONS:
+            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
 
     def stream_key(self) -> tuple[Any, ...]:
         """Configurations with equal keys draw the same batches and can train together."""
-        return (self.sampler, self.samples_per_class, self.epochs, self.batch_size, self.seed)
+        return (self.sampler, self.samples_per_class, self.epochs, self.batch_size, self.keep_last_batch, self.seed)
 
     def to_dict(self) -> dict[str, Any]:
         """As a plain dict."""
@@ -92,11 +109,6 @@ def adapter_logits(
     return LOGIT_SCALE * x @ text.T.to(x.dtype)
 
 
-def cosine_lr(base: float, step: int, total: int) -> float:
-    """Cosine annealing per step: `base` at step 0, approaching 0 (never reaching it) at the last step."""
-    return 0.5 * base * (1.0 + math.cos(math.pi * step / max(total, 1)))
-
-
 @dataclass
 class TrainRows:
     """Training rows for phase B: image labels and, per image, the rows of its views in the feature matrix."""
@@ -128,25 +140,63 @@ class TrainRows:
         return self.view_rows[images, rng.integers(0, self.view_rows.shape[1], size=len(images))]
 
 
-def batch_schedule(rows: TrainRows, config: AdapterConfig) -> list[np.ndarray]:
-    """The feature rows of every step, in order: the index stream cut into batches (last partial batch kept)."""
-    epochs = index_stream(rows.image_labels, config.sampler, config.epochs, config.seed, config.samples_per_class)
+def steps_per_epoch(num_images: int, config: AdapterConfig) -> int:
+    """Optimizer steps in one epoch: floor(N/B) full batches (official), or ceil(N/B) with `keep_last_batch`.
+
+    Raises:
+        BalladError: fewer training images than one batch under the official floor(N/B) (no step would run).
+    """
+    if config.keep_last_batch:
+        return -(-num_images // config.batch_size)
+    if num_images and num_images < config.batch_size and config.epochs:
+        raise BalladError(
+            f"batch size {config.batch_size} exceeds the {num_images} training images: the official epoch "
+            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
+        )
+    return num_images // config.batch_size
+
+
+def batch_schedule(
+    rows: TrainRows, config: AdapterConfig, stream: Sequence[np.ndarray] | None = None
+) -> list[list[np.ndarray]]:
+    """The feature rows of every step, epoch by epoch.
+
+    Args:
+        rows: cached training rows.
+        config: sampler, epochs, batch size and seed.
+        stream: per-epoch image indices to use instead of the sampler's (tests, benchmarks); each epoch is cut
+            into batches the same way.
+    """
+    n_steps = steps_per_epoch(len(rows.image_labels), config)
+    draws = len(rows.image_labels) if config.keep_last_batch else n_steps * config.batch_size
+    if stream is None:
+        stream = index_stream(
+            rows.image_labels, config.sampler, config.epochs, config.seed, config.samples_per_class, draws
+        )
     view_rng = np.random.default_rng(config.seed + 1)
-    steps = []
-    for images in epochs:
-        picked = rows.draw(images, view_rng)
-        steps += [picked[i : i + config.batch_size] for i in range(0, len(picked), config.batch_size)]
-    return steps
+    epochs = []
+    for images in stream:
+        picked = rows.draw(np.asarray(images)[:draws], view_rng)
+        epochs.append([picked[i : i + config.batch_size] for i in range(0, len(picked), config.batch_size)])
+    return epochs
 
 
 @dataclass
 class FitResult:
-    """Trained adapters of one stream group, with their loss at every step (K × steps)."""
+    """Trained adapters of one stream group.
+
+    `weights` are the selected ones (per `select`: the best val epoch or the last); `losses` holds every step's
+    loss (K × steps); `val_top1` each epoch's val top-1 (K × epochs, empty without val); `best_epoch` the epoch
+    whose weights were kept (0: the initial weights, as the official code's initial `best_epoch`).
+    """
 
     configs: list[AdapterConfig]
     weights: torch.Tensor  # K×d×d
     losses: np.ndarray
     seconds: float
+    steps: int = 0
+    best_epoch: list[int] = field(default_factory=list)
+    val_top1: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
 
 def fit_adapters(
@@ -157,19 +207,29 @@ def fit_adapters(
     progress: Progress | None = None,
     on_step: Callable[[int, torch.Tensor], None] | None = None,
     chunk: int | None = None,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    stream: Sequence[np.ndarray] | None = None,
+    init: torch.Tensor | None = None,
+    on_epoch: Callable[[int, torch.Tensor], None] | None = None,
 ) -> FitResult:
     """Train K adapters that share an index stream as one batched computation.
 
     Args:
         rows: cached training rows.
         text: class embeddings C×d (L2-normalised).
-        configs: K configurations with equal `stream_key()`; ratio, lr, momentum and weight decay may differ.
+        configs: K configurations with equal `stream_key()`; ratio, lr, momentum, weight decay, schedule and
+            selection may differ.
         device: where to train.
         progress: progress sink (one unit per step).
         on_step: called with (step, per-adapter losses) after every step (tests, logging).
         chunk: adapters computed together per step; default all K on GPU (one wide matmul fills the device),
             `cpu_chunk(...)` on CPU, where K×B×(d+C) intermediates that spill out of cache cost more than the
             per-step work batching saves. Every chunk size gives the same result.
+        val: (features, labels) scored after every epoch; needed by `select="best-val"` (without it the last
+            epoch is kept).
+        stream: per-epoch image indices replacing the sampler's (tests feed an independent sampler's stream).
+        init: initial weights (d×d or K×d×d) replacing `nn.Linear`'s default init under each config's seed.
+        on_epoch: called with (1-based epoch, K×d×d weights at its end).
     """
     if not configs:
         raise ValueError("no configurations to fit")
@@ -183,42 +243,101 @@ def fit_adapters(
     dim = rows.features.shape[1]
     feats = rows.features.to(device)
     text = text.to(device, torch.float32)
-    w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device)  # K×d×d
+    if init is None:
+        w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device)  # K×d×d
+    else:
+        w = init.detach().float().reshape(-1, dim, dim).expand(k, dim, dim).clone().to(device)
     ratio = torch.tensor([c.ratio for c in configs], device=device).view(k, 1, 1)
-    lr0 = [c.lr for c in configs]
     mom = torch.tensor([c.momentum for c in configs], device=device).view(k, 1, 1)
     wd = torch.tensor([c.weight_decay for c in configs], device=device).view(k, 1, 1)
     buf = torch.zeros_like(w)
-    steps = batch_schedule(rows, cfg0)
+    epochs = batch_schedule(rows, cfg0, stream)
+    per_epoch = [len(e) for e in epochs]
+    steps = [b for e in epochs for b in e]
     n = len(steps)
     if chunk is None:
         chunk = k if device.type == "cuda" else cpu_chunk(cfg0.batch_size, dim, text.shape[0])
     spans = [(a, min(a + chunk, k)) for a in range(0, k, chunk)]
-    # the whole schedule, learning rates and losses live on the device: no host round trip inside the loop
+    # the whole schedule, learning rates and losses live on the device: no host round trip inside an epoch
     bounds = np.concatenate([[0], np.cumsum([len(b) for b in steps])]).tolist()
     flat = torch.as_tensor(np.concatenate(steps) if n else np.zeros(0, np.int64), device=device)
-    lr_table = torch.tensor([[cosine_lr(base, s, n) for base in lr0] for s in range(n)], device=device).view(n, k, 1, 1)
+    step_epoch = np.repeat(np.arange(len(per_epoch)), per_epoch)
+    lr_rows = [
+        [
+            epoch_lr(c.lr, int(step_epoch[s]), cfg0.epochs) if c.schedule == "epoch" else cosine_lr(c.lr, s, n)
+            for c in configs
+        ]
+        for s in range(n)
+    ]
+    lr_table = torch.tensor(lr_rows, device=device, dtype=torch.float32).view(n, k, 1, 1)
     loss_dev = torch.zeros(k, n, device=device)
     report_every = max(1, n // 200)  # a progress update reads the loss back: a device sync
+    select_best = [c.select == "best-val" and val is not None for c in configs]
+    best_w = w.clone() if any(select_best) else None
+    best_acc = [0.0] * k  # the official initial best_acc; strictly better replaces
+    best_epoch = [0] * k
+    val_top1 = np.zeros((k, len(per_epoch))) if val is not None else np.zeros((k, 0))
     progress.start(f"fit {k} adapter(s)", n)
     t0 = time.perf_counter()
     row_labels = _row_labels(rows, device)
-    for step in range(n):
-        idx = flat[bounds[step] : bounds[step + 1]]
-        x = feats.index_select(0, idx).float()  # B×d
-        y = row_labels.index_select(0, idx)
-        lr = lr_table[step]
-        for a, e in spans:
-            loss_dev[a:e, step] = _adapter_step(
-                x, y, w[a:e], ratio[a:e], text, wd[a:e], mom[a:e], lr[a:e], buf[a:e], step
-            )
-        if on_step is not None:
-            on_step(step, loss_dev[:, step])
-        if (step + 1) % report_every == 0 or step + 1 == n:
-            done = (step % report_every) + 1
-            progress.advance(done, loss=f"{loss_dev[:, step].mean().item():.3f}")
+    step = 0
+    for e, count in enumerate(per_epoch):
+        for _ in range(count):
+            idx = flat[bounds[step] : bounds[step + 1]]
+            x = feats.index_select(0, idx).float()  # B×d
+            y = row_labels.index_select(0, idx)
+            lr = lr_table[step]
+            for a, b in spans:
+                loss_dev[a:b, step] = _adapter_step(
+                    x, y, w[a:b], ratio[a:b], text, wd[a:b], mom[a:b], lr[a:b], buf[a:b], step
+                )
+            if on_step is not None:
+                on_step(step, loss_dev[:, step])
+            if (step + 1) % report_every == 0 or step + 1 == n:
+                done = (step % report_every) + 1
+                progress.advance(done, loss=f"{loss_dev[:, step].mean().item():.3f}")
+            step += 1
+        if val is not None:
+            val_top1[:, e] = val_accuracy(w, [c.ratio for c in configs], text, val[0], val[1])
+            for j in range(k):
+                if select_best[j] and val_top1[j, e] > best_acc[j]:
+                    best_acc[j], best_epoch[j] = float(val_top1[j, e]), e + 1
+                    assert best_w is not None
+                    best_w[j].copy_(w[j])
+        if on_epoch is not None:
+            on_epoch(e + 1, w)
+    final = w.clone()
+    for j in range(k):
+        if select_best[j]:
+            assert best_w is not None
+            final[j] = best_w[j]
+        else:
+            best_epoch[j] = len(per_epoch)
     losses = loss_dev.double().cpu().numpy()
-    return FitResult(list(configs), w.cpu(), losses, time.perf_counter() - t0)
+    return FitResult(
+        list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1
+    )
+
+
+@torch.no_grad()
+def val_accuracy(
+    weights: torch.Tensor,
+    ratios: Sequence[float],
+    text: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    rows_per_chunk: int = 8192,
+) -> np.ndarray:
+    """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in row chunks."""
+    device = weights.device
+    correct = np.zeros(len(ratios))
+    for a in range(0, len(labels), rows_per_chunk):
+        x = features[a : a + rows_per_chunk].to(device, torch.float32)
+        y = labels[a : a + rows_per_chunk].to(device)
+        for j, r in enumerate(ratios):
+            pred = adapter_logits(x, weights[j], r, text).argmax(dim=1)
+            correct[j] += float((pred == y).sum())
+    return 100.0 * correct / max(len(labels), 1)
 
 
 def cpu_chunk(batch_size: int, dim: int, num_classes: int, budget_bytes: int = 8 << 20) -> int:

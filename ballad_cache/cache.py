@@ -7,13 +7,18 @@ Layout (format version 1)::
     CACHE/{split}-{nnnnn}.h5   features N×D (f16 default, L2-normalised), labels i32, index i64, view i16, paths
 
 Each shard carries the extraction's config fingerprint in its attributes, so a rerun can tell a finished shard
-of the same extraction from one of another. The manifest's `fingerprint` hashes the whole manifest, shard
-sha256 sums included: it names this exact cache, and adapters record it.
+of the same extraction from one of another, and readers refuse a shard of another extraction. Each shard and
+`text.h5` also carry a `content_sha256` of their arrays, hashed as they are written. The manifest's `fingerprint`
+hashes the manifest with those content hashes and without the files' byte-level sha256 sums (HDF5 files of equal
+rows differ in their bytes from run to run): it names what the cache holds, however many ranks wrote it, and
+adapters record it. `verify` checks the files' sha256 sums.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -78,6 +83,8 @@ class ShardWriter:
         f.attrs["fingerprint"] = fingerprint
         self.rows = 0
         self.skipped: list[dict[str, Any]] = []
+        self._np_dtype = np_dtype
+        self._content = hashlib.sha256()
 
     def write(
         self, features: np.ndarray, labels: np.ndarray, index: np.ndarray, view: np.ndarray, paths: list[str]
@@ -90,6 +97,14 @@ class ShardWriter:
                 "check the model weights and --precision"
             )
         n = len(labels)
+        for part in (
+            np.ascontiguousarray(features, dtype=self._np_dtype),
+            np.ascontiguousarray(labels, dtype=np.int32),
+            np.ascontiguousarray(index, dtype=np.int64),
+            np.ascontiguousarray(view, dtype=np.int16),
+        ):
+            self._content.update(part.tobytes())
+        self._content.update("\n".join(paths).encode() + b"\0")
         s = slice(self.rows, self.rows + n)
         self._features[s] = features
         self._labels[s] = labels
@@ -104,11 +119,18 @@ class ShardWriter:
             for ds in (self._features, self._labels, self._index, self._view, self._paths):
                 ds.resize(self.rows, axis=0)
             self._file.attrs["skipped"] = json.dumps(self.skipped)
+            self._file.attrs["content_sha256"] = self._content.hexdigest()
         finally:
             self._open = False
             self._file.close()
         self._ctx.__exit__(None, None, None)
-        return {"file": self.final.name, "rows": self.rows, "sha256": sha256_file(self.final), "skipped": self.skipped}
+        return {
+            "file": self.final.name,
+            "rows": self.rows,
+            "sha256": sha256_file(self.final),
+            "content_sha256": self._content.hexdigest(),
+            "skipped": self.skipped,
+        }
 
     def abort(self) -> None:
         """Drop the shard: close and delete the temporary file."""
@@ -133,9 +155,12 @@ def read_shard_entry(folder: Path, split: str, shard: int, fingerprint: str) -> 
                 return None
             rows = int(f["labels"].shape[0])
             skipped = json.loads(f.attrs.get("skipped", "[]"))
+            content = str(f.attrs.get("content_sha256", ""))
     except (OSError, KeyError):
         return None
-    return {"file": path.name, "rows": rows, "sha256": sha256_file(path), "skipped": skipped}
+    if not content:  # written before content hashes existed: recompute the shard
+        return None
+    return {"file": path.name, "rows": rows, "sha256": sha256_file(path), "content_sha256": content, "skipped": skipped}
 
 
 def write_text_embeddings(
@@ -148,21 +173,36 @@ def write_text_embeddings(
     """Write `text.h5` atomically; returns its manifest entry."""
     h5py = _h5py()
     final = Path(folder) / TEXT_FILE
+    classes = np.ascontiguousarray(class_embeddings.float().cpu().numpy())
+    per_template = np.ascontiguousarray(template_embeddings.float().cpu().numpy())
+    content = hashlib.sha256(classes.tobytes() + per_template.tobytes())
+    content.update(json.dumps([classnames, templates]).encode())
     with atomic_path(final) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("class_embeddings", data=class_embeddings.float().cpu().numpy())
-        f.create_dataset("template_embeddings", data=template_embeddings.float().cpu().numpy())
+        f.create_dataset("class_embeddings", data=classes)
+        f.create_dataset("template_embeddings", data=per_template)
         f.attrs["classnames"] = json.dumps(classnames)
         f.attrs["templates"] = json.dumps(templates)
-    return {"file": TEXT_FILE, "sha256": sha256_file(final)}
+    return {"file": TEXT_FILE, "sha256": sha256_file(final), "content_sha256": content.hexdigest()}
 
 
 def write_manifest(folder: Path, body: dict[str, Any]) -> dict[str, Any]:
     """Stamp `body` with the format and its own fingerprint and write `manifest.json` (last, atomically)."""
     manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
     manifest.pop("fingerprint", None)
-    manifest["fingerprint"] = sha256_json(manifest)[:16]
+    manifest["fingerprint"] = content_fingerprint(manifest)
     write_json(Path(folder) / MANIFEST, manifest)
     return manifest
+
+
+def content_fingerprint(manifest: dict[str, Any]) -> str:
+    """Hash of a manifest without its files' byte-level sha256 sums: provenance, rows and content hashes.
+
+    Two extractions that hold the same rows (one rank or several, a rerun) get the same fingerprint.
+    """
+    body = copy.deepcopy({k: v for k, v in manifest.items() if k != "fingerprint"})
+    for entry in [body.get("text", {})] + [e for s in body.get("splits", {}).values() for e in s.get("shards", [])]:
+        entry.pop("sha256", None)
+    return sha256_json(body)[:16]
 
 
 @dataclass
@@ -239,8 +279,14 @@ class FeatureCache:
         try:
             with _h5py().File(path, "r") as f:
                 arr = f["template_embeddings" if per_template else "class_embeddings"][()]
-        except (OSError, KeyError) as exc:
+                names = json.loads(f.attrs.get("classnames", "[]"))
+        except (OSError, KeyError, ValueError) as exc:
             raise BalladError(f"{path} is unreadable ({exc}); run `ballad cache verify` and re-extract") from None
+        if names != self.classnames or arr.shape[0] != self.num_classes:
+            raise BalladError(
+                f"{path} holds the text embeddings of other classes than {self.path / MANIFEST} lists; "
+                "re-extract the cache with --overwrite"
+            )
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
     def iter_shards(self, split: str, dtype: torch.dtype = torch.float32) -> Iterator[SplitFeatures]:
@@ -258,10 +304,17 @@ class FeatureCache:
                 labels = f["labels"][()]
                 index = f["index"][()]
                 view = f["view"][()]
+                shard_fp = f.attrs.get("fingerprint")
         except (OSError, KeyError, ValueError) as exc:
             raise BalladError(
                 f"shard {path} is corrupt or truncated ({str(exc).splitlines()[0]}); rerun extract-features --overwrite"
             ) from None
+        expected = self.manifest.get("config_fingerprint")
+        if expected is not None and shard_fp != expected:
+            raise BalladError(
+                f"shard {path} belongs to another extraction (fingerprint {shard_fp}, the manifest's is {expected}); "
+                "rerun extract-features --overwrite"
+            )
         if len(labels) != entry["rows"] or feats.shape[0] != entry["rows"]:
             raise BalladError(f"shard {path} has {len(labels)} rows, the manifest says {entry['rows']}; re-extract")
         if not np.isfinite(feats).all():

@@ -436,6 +436,12 @@ def folder_dataset(root: Path) -> LTDataset:
                     files.append(str(img))
                     labels.append(index[cdir.name])
         splits[split] = ImageSplit(split, np.asarray(labels, dtype=np.int64), files, files=files)
+    counts = np.bincount(splits["train"].labels, minlength=len(classnames))
+    if (counts == 0).any():
+        empty = train_dir / folders[int(np.flatnonzero(counts == 0)[0])]
+        raise BalladError(
+            f"{empty} holds no training image ({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder"
+        )
     return LTDataset(f"folder:{root}", classnames, splits, source=str(root))
 
 

@@ -22,6 +22,7 @@ from .errors import BalladError
 from .models import LoadedModel, PromptBank
 from .progress import NullProgress, Progress
 from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from .transforms import AUGMENTS, train_transform
 
 
 @dataclass
@@ -30,7 +31,8 @@ class ExtractConfig:
 
     splits: tuple[str, ...] = ()  # empty: every split the dataset has (see resolve_splits)
     train_views: int = 0  # augmented views per training image besides the eval view (official phase B augments)
-    templates: str = "ballad"  # template set name, .txt file, or a literal '{c}' prompt
+    augment: str = "official"  # transform of the augmented views: official (BALLAD's) or open_clip
+    templates: str | None = None  # set name, .txt file, literal '{c}' prompt; None: the dataset's templates
     dtype: str = "float16"  # feature dtype on disk; features are L2-normalised, so fp16 loses ~1e-3 cosine
     shard_size: int = 16384  # rows per shard: the unit of resume and the bound on memory
     batch_size: int = 256
@@ -45,6 +47,8 @@ class ExtractConfig:
             raise ValueError("dtype must be float16 or float32")
         if self.shard_size < 1 or self.batch_size < 1 or self.train_views < 0:
             raise ValueError("shard_size and batch_size must be >= 1 and train_views >= 0")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
 
 
 def split_rows(num_images: int, views: int) -> np.ndarray:
@@ -61,6 +65,16 @@ def resolve_splits(config: ExtractConfig, dataset: LTDataset) -> ExtractConfig:
     return replace(config, splits=tuple(s for s in ("train", "val", "test") if s in dataset.splits))
 
 
+def augment_of(loaded: LoadedModel, config: ExtractConfig) -> Callable[[Any], torch.Tensor]:
+    """The transform of the augmented training views."""
+    return train_transform(config.augment, loaded.preprocess_cfg, loaded.preprocess_train)
+
+
+def templates_of(dataset: LTDataset, config: ExtractConfig) -> list[str]:
+    """The prompt templates to encode: `config.templates` when given, else the dataset's."""
+    return load_templates(config.templates) if config.templates else list(dataset.templates)
+
+
 def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractConfig, templates: list[str]) -> str:
     """Hash of everything that determines the cache's contents (not batch size, workers or ranks)."""
     splits = {s: sha256_json([dataset.split(s).labels.tolist(), dataset.split(s).paths]) for s in config.splits}
@@ -69,7 +83,7 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
             "dataset": dataset.name,
             "splits": splits,
             "model": loaded.provenance(),
-            "preprocess": [repr(loaded.preprocess_eval), repr(loaded.preprocess_train)],
+            "preprocess": [repr(loaded.preprocess_eval), repr(augment_of(loaded, config))],
             "templates": templates,
             "dtype": config.dtype,
             "train_views": config.train_views,
@@ -110,7 +124,7 @@ def extract_split(
         return 1, done
     shard_rows = [rows[s * config.shard_size : (s + 1) * config.shard_size] for s in todo]
     reader = ImageRows(
-        image_split, np.concatenate(shard_rows), loaded.preprocess_eval, loaded.preprocess_train, seed=config.seed
+        image_split, np.concatenate(shard_rows), loaded.preprocess_eval, augment_of(loaded, config), seed=config.seed
     )
     loader = make_loader(
         reader,
@@ -188,7 +202,7 @@ def extract_features(
     progress = progress or NullProgress()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    templates = load_templates(config.templates)
+    templates = templates_of(dataset, config)
     fingerprint = config_fingerprint(dataset, loaded, config, templates)
     if dist.is_main:
         remove_stale_temps(out)
@@ -225,6 +239,7 @@ def _finish_manifest(
 
     splits: dict[str, Any] = {}
     skipped: list[dict[str, Any]] = []
+    seen: set[tuple[str, int]] = set()
     for split in config.splits:
         views = config.train_views if split == "train" else 0
         n_rows = len(dataset.split(split)) * (views + 1)
@@ -233,7 +248,10 @@ def _finish_manifest(
             entry = read_shard_entry(out, split, s, fingerprint)
             if entry is None:
                 raise BalladError(f"shard {out / f'{split}-{s:05d}.h5'} did not complete; rerun extract-features")
-            skipped += [{**e, "split": split} for e in entry.pop("skipped")]
+            for e in entry.pop("skipped"):  # an image with K views fails K + 1 times: list it once
+                if (split, e["index"]) not in seen:
+                    seen.add((split, e["index"]))
+                    skipped.append({**e, "split": split})
             entries.append(entry)
         splits[split] = {
             "images": len(dataset.split(split)),
@@ -241,13 +259,17 @@ def _finish_manifest(
             "rows": sum(e["rows"] for e in entries),
             "shards": entries,
         }
-    train_counts = dataset.class_counts("train").tolist() if "train" in dataset.splits else []
+    train_counts = dataset.class_counts("train") if "train" in dataset.splits else np.zeros(0, np.int64)
+    if "train" in config.splits:  # count the images the cache holds: skipped ones are not there
+        dropped = [e["index"] for e in skipped if e["split"] == "train"]
+        train_labels = dataset.split("train").labels
+        train_counts = train_counts - np.bincount(train_labels[dropped], minlength=len(train_counts))
     body = {
         "dataset": dataset.name,
         "model": loaded.provenance(),
         "preprocess": {
             "eval": repr(loaded.preprocess_eval),
-            "train": repr(loaded.preprocess_train),
+            "train": repr(augment_of(loaded, config)),
             "cfg": loaded.preprocess_cfg,
         },
         "embed_dim": int(loaded.model.visual.output_dim),
@@ -257,7 +279,7 @@ def _finish_manifest(
         "templates": templates,
         "text": text_entry,
         "splits": splits,
-        "train_class_counts": train_counts,
+        "train_class_counts": train_counts.tolist(),
         "skipped": skipped,
         "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "overwrite", "batch_size")},
         "config_fingerprint": fingerprint,

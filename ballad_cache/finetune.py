@@ -31,6 +31,8 @@ from .metrics import classification_report, summary
 from .models import ClipModel, LoadedModel, PromptBank, save_local_dir
 from .progress import NullProgress, Progress
 from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from .schedules import cosine_lr, epoch_lr
+from .transforms import AUGMENTS, train_transform
 
 LOGIT_SCALE = 100.0
 CHECKPOINT = "checkpoint.pt"
@@ -38,18 +40,23 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class FinetuneConfig:
-    """Phase-A settings; defaults follow the official BALLAD code unless noted."""
+    """Phase-A settings; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_A_rn50.yaml`, `train.py`,
+    `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters)."""
 
-    epochs: int = 10
-    batch_size: int = 128  # global batch; each of N ranks takes batch_size / N
+    epochs: int = 50
+    batch_size: int = 512  # global batch; each of N ranks takes batch_size / N
     lr: float = 1e-5
     optimizer: str = "sgd"  # sgd (official) or adamw
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_steps: int = 0  # linear warm-up before the per-step cosine
+    schedule: str = "epoch"  # epoch: CosineAnnealingLR(T_max=epochs) stepped at each epoch start (official); step
+    warmup_steps: int = 0  # linear warm-up over the first optimizer steps (not in the official code)
+    keep_last_batch: bool = False  # official: floor(N/B) full batches per epoch
+    augment: str = "official"  # official: RandomResizedCrop(0.5-1) + flip + ColorJitter(0.4); open_clip: its own
+    train_mode: bool = False  # official: the model stays in eval mode (BatchNorm statistics frozen, no dropout)
     accum_steps: int = 1  # gradient accumulation: optimizer steps every accum_steps batches
     loss: str = "ce"  # ce: over all class prompts (official); contrastive: symmetric CLIP loss over the batch
-    templates: str = "ballad"
+    templates: str | None = None  # None: the dataset's (a YAML's templates:, else BALLAD's "a photo of a {c}.")
     precision: str = "fp32"  # fp32 or bf16 (autocast on GPU)
     seed: int = 0
     workers: int = field(default_factory=default_workers)
@@ -64,6 +71,10 @@ class FinetuneConfig:
             raise ValueError("optimizer must be sgd or adamw")
         if self.loss not in ("ce", "contrastive"):
             raise ValueError("loss must be ce or contrastive")
+        if self.schedule not in ("epoch", "step"):
+            raise ValueError("schedule must be epoch or step")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
 
 
 class EpochSampler(Sampler[int]):
@@ -109,12 +120,15 @@ def phase_a_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, 
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def lr_at(config: FinetuneConfig, step: int, total: int) -> float:
-    """Linear warm-up, then cosine per optimizer step; the last step still has a non-zero rate."""
+def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int) -> float:
+    """Learning rate of optimizer step `step` (of `total`) in 0-based `epoch`: linear warm-up over the first
+    `warmup_steps`, then the official per-epoch cosine or, with `schedule="step"`, a cosine over the steps after
+    the warm-up (whose last step still has a non-zero rate)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(total - config.warmup_steps, 1)
-    return 0.5 * config.lr * (1.0 + math.cos(math.pi * (step - config.warmup_steps) / span))
+    if config.schedule == "epoch":
+        return epoch_lr(config.lr, epoch, config.epochs)
+    return cosine_lr(config.lr, step - config.warmup_steps, max(total - config.warmup_steps, 1))
 
 
 @torch.inference_mode()
@@ -222,12 +236,14 @@ def finetune(
     if config.batch_size % dist.world_size:
         raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
     torch.manual_seed(config.seed)
-    model = loaded.model.to(device).train()
+    model = loaded.model.to(device).train(config.train_mode)
     for name in ("logit_scale", "logit_bias"):  # BALLAD fixes the scale at 100; unused params would stall DDP
         param = getattr(model, name, None)
         if isinstance(param, torch.nn.Parameter):
             param.requires_grad_(False)
-    prompts = PromptBank(loaded, dataset.classnames, load_templates(config.templates))
+    templates = load_templates(config.templates) if config.templates else dataset.templates
+    prompts = PromptBank(loaded, dataset.classnames, templates)
+    augment = train_transform(config.augment, loaded.preprocess_cfg, loaded.preprocess_train)
     net: torch.nn.Module = DualTower(model, prompts)
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -243,7 +259,15 @@ def finetune(
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size
-    batches_per_epoch = math.ceil(usable / dist.world_size / per_rank)
+    per_rank_images = usable // dist.world_size
+    if not config.keep_last_batch and config.epochs and per_rank_images < per_rank:
+        raise BalladError(
+            f"batch size {config.batch_size} exceeds the {len(train)} training images: the official epoch "
+            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
+        )
+    batches_per_epoch = (
+        math.ceil(per_rank_images / per_rank) if config.keep_last_batch else per_rank_images // per_rank
+    )
     steps_per_epoch = math.ceil(batches_per_epoch / config.accum_steps)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -304,10 +328,15 @@ def finetune(
             len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank
         )
         rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
-        reader = ImageRows(
-            train, rows, loaded.preprocess_eval, loaded.preprocess_train, seed=config.seed * 1000 + epoch
+        reader = ImageRows(train, rows, loaded.preprocess_eval, augment, seed=config.seed * 1000 + epoch)
+        loader = make_loader(
+            reader,
+            per_rank,
+            config.workers,
+            pin_memory=device.type == "cuda",
+            sampler=sampler,
+            drop_last=not config.keep_last_batch,
         )
-        loader = make_loader(reader, per_rank, config.workers, pin_memory=device.type == "cuda", sampler=sampler)
         progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
         batch_i = batch_offset
         batch_offset = 0
@@ -320,7 +349,7 @@ def finetune(
             images = batch["image"][keep].to(device, non_blocking=True)
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = lr_at(config, step, total_steps)
+                g["lr"] = lr_at(config, step, total_steps, epoch)
             with autocast(device, config.precision):
                 image_feats, text_feats = net(images)
                 loss = phase_a_loss(image_feats.float(), text_feats.float(), labels, config.loss)

@@ -23,8 +23,9 @@ def classification_report(
 ) -> dict[str, Any]:
     """Top-1/top-5, many/medium/few and per-class accuracy (percent) of `logits` (N×C) against `labels`.
 
-    Group accuracies average over the group's test images, as BALLAD's and OLTR's code do; with balanced test
-    sets that equals the mean of per-class accuracies.
+    Many/medium/few are the mean of the per-class accuracies of the group's classes that have test images, as
+    OLTR's `shot_acc` (`utils.py`, used by BALLAD's `train.py`) computes them; on an imbalanced test set this
+    differs from the accuracy over the group's images. NaN for a group with no tested class.
     """
     thresholds = thresholds or ShotThresholds()
     num_classes = logits.shape[1]
@@ -33,15 +34,17 @@ def classification_report(
     topk = logits.topk(k, dim=1).indices.cpu().numpy()
     pred = topk[:, 0]
     correct = pred == labels_np
-    groups = shot_groups(train_counts, thresholds)[labels_np]
+    class_groups = shot_groups(train_counts, thresholds)
+    class_acc = per_class_accuracy(pred, labels_np, num_classes)
+    tested = np.bincount(labels_np, minlength=num_classes) > 0
     report: dict[str, Any] = {
         "top1": 100.0 * float(correct.mean()) if len(correct) else float("nan"),
         "top5": 100.0 * float((topk == labels_np[:, None]).any(axis=1).mean()) if len(correct) else float("nan"),
     }
     for g, name in enumerate(GROUP_NAMES):
-        mask = groups == g
-        report[name] = 100.0 * float(correct[mask].mean()) if mask.any() else float("nan")
-    report["per_class"] = (100.0 * per_class_accuracy(pred, labels_np, num_classes)).tolist()
+        mask = (class_groups == g) & tested
+        report[name] = 100.0 * float(class_acc[mask].mean()) if mask.any() else float("nan")
+    report["per_class"] = (100.0 * class_acc).tolist()
     report["num_images"] = len(labels_np)
     return report
 

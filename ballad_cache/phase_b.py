@@ -38,16 +38,22 @@ def fit_on_cache(
     if len(rows.image_labels) == 0:
         raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
     text = cache.text_embeddings()
-    result = fit_adapters(rows, text, [config], device=device, progress=progress)
+    split = _val_split(cache)
+    val = cache.load_split(split).eval_view() if split else None
+    if val is None and config.select == "best-val":
+        progress.log(f"cache {cache.path} has no val split: keeping the last epoch's weights")
+    result = fit_adapters(
+        rows, text, [config], device=device, progress=progress, val=(val.features, val.labels) if val else None
+    )
     weight = result.weights[0]
     extra: dict[str, Any] = {
         "final_loss": float(result.losses[0, -1]) if result.losses.size else None,
-        "steps": int(result.losses.shape[1]),
+        "steps": result.steps,
+        "best_epoch": result.best_epoch[0],
+        "val_top1_per_epoch": result.val_top1[0].round(4).tolist(),
         "train_seconds": result.seconds,
     }
-    split = _val_split(cache)
-    if split:
-        val = cache.load_split(split).eval_view()
+    if val is not None:
         extra["val"] = summary(
             classification_report(
                 adapter_logits(val.features, weight, config.ratio, text), val.labels, cache.train_counts
@@ -61,7 +67,7 @@ def point_key(c: AdapterConfig) -> str:
     """A file-safe name for one sweep point."""
     return (
         f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
-        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}"
+        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}_{c.schedule}_{c.select}{'_keeplast' if c.keep_last_batch else ''}"
     )
 
 
@@ -121,7 +127,14 @@ def run_sweep(
         rows = TrainRows.from_split(cache.load_split("train"))
         for group in group_by_stream([configs[i] for i in todo]):
             members = [todo[j] for j in group]
-            fit = fit_adapters(rows, text, [configs[i] for i in members], device=device, progress=progress)
+            fit = fit_adapters(
+                rows,
+                text,
+                [configs[i] for i in members],
+                device=device,
+                progress=progress,
+                val=(val.features, val.labels),
+            )
             for j, i in enumerate(members):
                 report = summary(
                     classification_report(
@@ -139,6 +152,8 @@ def run_sweep(
                     cache.fingerprint,
                     float(fit.losses[j, -1]) if fit.losses.size else float("nan"),
                     fit.seconds / len(members),
+                    fit.steps,
+                    fit.best_epoch[j],
                 )
     points = [read_json(points_dir / f"{k}.json") for k in keys]
     ranked = sorted(points, key=lambda p: -p["val"][metric])
@@ -155,7 +170,19 @@ def run_sweep(
                 adapter_logits(t.features, weight, best_cfg.ratio, text), t.labels, cache.train_counts
             )
         )
-    save_adapter(out / "best", weight, best_cfg, cache, {"val": best["val"], "test": test, "sweep_metric": metric})
+    save_adapter(
+        out / "best",
+        weight,
+        best_cfg,
+        cache,
+        {
+            "val": best["val"],
+            "test": test,
+            "sweep_metric": metric,
+            "steps": best["steps"],
+            "best_epoch": best["best_epoch"],
+        },
+    )
     _write_tables(out, ranked, metric, test, cache)
     _heatmap(out, ranked, metric)
     return SweepResult(ranked, best, test)
@@ -180,6 +207,8 @@ def _save_point(
     fingerprint: str,
     final_loss: float,
     seconds: float,
+    steps: int,
+    best_epoch: int,
 ) -> None:
     from safetensors.torch import save_file
 
@@ -193,6 +222,8 @@ def _save_point(
             "val": val,
             "final_loss": final_loss,
             "train_seconds": seconds,
+            "steps": steps,
+            "best_epoch": best_epoch,
             "cache_fingerprint": fingerprint,
         },
     )
@@ -201,16 +232,33 @@ def _save_point(
 def _write_tables(
     out: Path, ranked: list[dict[str, Any]], metric: str, test: dict[str, Any] | None, cache: FeatureCache
 ) -> None:
-    cols = ["sampler", "ratio", "lr", "epochs", "batch_size", "weight_decay", "momentum", "samples_per_class", "seed"]
+    cols = [
+        "sampler",
+        "ratio",
+        "lr",
+        "epochs",
+        "batch_size",
+        "weight_decay",
+        "momentum",
+        "samples_per_class",
+        "schedule",
+        "keep_last_batch",
+        "select",
+        "seed",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["rank", *cols, *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")), "final_loss"])
+    w.writerow(
+        ["rank", *cols, *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")), "steps", "best_epoch", "final_loss"]
+    )
     for r, p in enumerate(ranked, start=1):
         w.writerow(
             [
                 r,
                 *(p["config"][c] for c in cols),
                 *(f"{p['val'][k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")),
+                p["steps"],
+                p["best_epoch"],
                 f"{p['final_loss']:.4f}",
             ]
         )

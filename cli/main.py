@@ -44,6 +44,35 @@ class Sampler(str, Enum):
     progressive = "progressive"
 
 
+class Schedule(str, Enum):
+    epoch = "epoch"
+    step = "step"
+
+
+class Select(str, Enum):
+    best_val = "best-val"
+    last = "last"
+
+
+ScheduleOpt = Annotated[
+    Schedule,
+    typer.Option(
+        help="epoch: cosine over epochs, stepped at each epoch start, last epoch at lr 0 (official); step: per-step cosine."
+    ),
+]
+KeepLastOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-last-batch/--drop-last-batch",
+        help="Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
+    ),
+]
+SelectOpt = Annotated[
+    Select,
+    typer.Option(help="Weights kept: best-val (the epoch with the best val top-1, official) or last."),
+]
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -109,17 +138,40 @@ def finetune(
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder: model/, checkpoint.pt, metrics.jsonl.")] = Path(
         "runs/finetune"
     ),
-    epochs: Annotated[int, typer.Option(min=0, help="Passes over the train split.")] = 10,
+    epochs: Annotated[int, typer.Option(min=0, help="Passes over the train split (official 50).")] = 50,
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (official: SGD 1e-5).")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(min=1, help="Global batch size (split over torchrun ranks).")] = 128,
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Global batch size, split over torchrun ranks (official 512).")
+    ] = 512,
     optimizer: Annotated[str, typer.Option(help="sgd (official) or adamw.")] = "sgd",
     weight_decay: Annotated[float, typer.Option(min=0.0)] = 5e-4,
-    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps before the cosine.")] = 0,
+    schedule: ScheduleOpt = Schedule.epoch,
+    warmup_steps: Annotated[int, typer.Option(min=0, help="Linear warm-up steps (not official).")] = 0,
+    keep_last_batch: KeepLastOpt = False,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="official: RandomResizedCrop(scale 0.5-1) + flip + ColorJitter(0.4, 0.4, 0.4); "
+            "open_clip: the model's preprocess_train (crop scale 0.9-1)."
+        ),
+    ] = "official",
+    train_mode: Annotated[
+        bool,
+        typer.Option(
+            "--train-mode/--eval-mode",
+            help="Train with the model in train mode (BatchNorm statistics update, dropout on); "
+            "official: eval mode.",
+        ),
+    ] = False,
     accum_steps: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
     loss: Annotated[str, typer.Option(help="ce (over class prompts, official) or contrastive.")] = "ce",
     templates: Annotated[
-        str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")
-    ] = "ballad",
+        str | None,
+        typer.Option(
+            help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text [default: the dataset YAML's "
+            "templates, else ballad]."
+        ),
+    ] = None,
     precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N steps.")] = 0,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after N optimizer steps (0: no limit).")] = 0,
@@ -148,7 +200,11 @@ def finetune(
         lr=lr,
         optimizer=optimizer,
         weight_decay=weight_decay,
+        schedule=schedule.value,
         warmup_steps=warmup_steps,
+        keep_last_batch=keep_last_batch,
+        augment=augment,
+        train_mode=train_mode,
         accum_steps=accum_steps,
         loss=loss,
         templates=templates,
@@ -162,7 +218,7 @@ def finetune(
     dist, dev = init_distributed(_device(device))
     try:
         if dist.is_main:
-            prepare_run_dir(out_dir, overwrite, resume)
+            prepare_run_dir(out_dir, overwrite, resume, finished=("summary.json", "checkpoint.pt", "model"))
         dist.barrier()
         dataset = load_dataset(data)
         loaded = load_model(model, pretrained)
@@ -319,11 +375,14 @@ def fit_adapter(
     ratio: Annotated[float, typer.Option(min=0.0, max=1.0, help="Residual mix: ratio * W f + (1 - ratio) * f.")] = 0.2,
     sampler: Annotated[Sampler, typer.Option(help="Index stream.")] = Sampler.class_aware,
     samples_per_class: Annotated[int, typer.Option(min=1, help="Consecutive draws per class (class-aware).")] = 4,
-    epochs: Annotated[int, typer.Option(min=0, help="One epoch = as many draws as training images.")] = 10,
-    lr: Annotated[float, typer.Option(min=0.0)] = 0.2,
+    epochs: Annotated[int, typer.Option(min=0, help="Epochs of floor(N/B) batches (N training images).")] = 10,
+    lr: Annotated[float, typer.Option(min=0.0, help="SGD learning rate (official 0.2).")] = 0.2,
     momentum: Annotated[float, typer.Option(min=0.0)] = 0.9,
     weight_decay: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     batch_size: Annotated[int, typer.Option(min=1)] = 512,
+    schedule: ScheduleOpt = Schedule.epoch,
+    keep_last_batch: KeepLastOpt = False,
+    select: SelectOpt = Select.best_val,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --out.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -344,16 +403,22 @@ def fit_adapter(
         momentum=momentum,
         weight_decay=weight_decay,
         batch_size=batch_size,
+        schedule=schedule.value,
+        keep_last_batch=keep_last_batch,
+        select=select.value,
         seed=seed,
     )
     c = FeatureCache(cache)
-    prepare_run_dir(out_dir, overwrite)
+    prepare_run_dir(out_dir, overwrite, finished=("adapter.json", "adapter.safetensors"))
     with RunLock(out_dir), RichProgress() as progress:
         _save_config(out_dir, "fit-adapter", config, cache=str(cache), cache_fingerprint=c.fingerprint)
         meta = fit_on_cache(c, config, out_dir, _device(device), progress)
     if "val" in meta:
         out.print(report_table(f"adapter {out_dir} on val", [("adapter", meta["val"])]))
-    out.print(f"adapter written to {out_dir} ({meta['steps']} steps, {meta['train_seconds']:.1f}s)")
+    out.print(
+        f"adapter written to {out_dir} ({meta['steps']} steps, kept epoch {meta['best_epoch']}, "
+        f"{meta['train_seconds']:.1f}s)"
+    )
 
 
 @app.command()
@@ -387,7 +452,7 @@ def evaluate(
     result = evaluate_cache(c, ad, config)
     out.print(report_table(f"{split} accuracy (%) on {cache}", summary_rows(result)))
     if out_dir is not None:
-        prepare_run_dir(out_dir, overwrite)
+        prepare_run_dir(out_dir, overwrite, finished=("result.json",))
         _save_config(out_dir, "evaluate", config, cache=str(cache), adapter=str(adapter) if adapter else None)
         paths = write_result(result, out_dir, plot=plot)
         err.print("wrote " + ", ".join(str(p) for p in paths))
@@ -406,6 +471,9 @@ def sweep(
     epochs: Annotated[str, typer.Option(help="Comma-separated epoch counts.")] = "10",
     weight_decay: Annotated[str, typer.Option(help="Comma-separated weight decays.")] = "5e-4",
     batch_size: Annotated[int, typer.Option(min=1)] = 512,
+    schedule: ScheduleOpt = Schedule.epoch,
+    keep_last_batch: KeepLastOpt = False,
+    select: SelectOpt = Select.best_val,
     metric: Annotated[str, typer.Option(help="Val metric to rank by: top1, many, medium, few.")] = "top1",
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -432,7 +500,14 @@ def sweep(
     lrs, eps, wds = _csv(lr, float, "--lr"), _csv(epochs, int, "--epochs"), _csv(weight_decay, float, "--weight-decay")
     if any(e < 0 for e in eps):
         raise typer.BadParameter("epochs must be >= 0", param_hint="--epochs")
-    base = AdapterConfig(batch_size=batch_size, seed=seed)
+    base = _config(
+        AdapterConfig,
+        batch_size=batch_size,
+        schedule=schedule.value,
+        keep_last_batch=keep_last_batch,
+        select=select.value,
+        seed=seed,
+    )
     configs = expand_grid(base, sampler=samplers, ratio=ratios, lr=lrs, epochs=eps, weight_decay=wds)
     c = FeatureCache(cache)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -5,12 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, batch_schedule, fit_adapters, load_adapter
+from ballad_cache.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
 from ballad_cache.cache import FeatureCache
 from ballad_cache.errors import BalladError
 from ballad_cache.evaluate import EvalConfig, evaluate_cache
 from ballad_cache.phase_b import expand_grid, fit_on_cache
-from ballad_cache.samplers import class_aware, index_stream
+from ballad_cache.samplers import index_stream
 from cli.main import app
 from tests.conftest import longtail_features, make_cache
 
@@ -26,44 +28,190 @@ def lt_cache(tmp_path) -> FeatureCache:
     return FeatureCache(tmp_path / "cache")
 
 
-def test_class_aware_sampler_is_balanced_in_runs_of_four():
-    labels = np.repeat(np.arange(10), COUNTS)
-    draws = class_aware(labels, 0, 1, np.random.default_rng(0), samples_per_class=4)
-    assert len(draws) == len(labels)
-    runs = labels[draws][: len(draws) // 4 * 4].reshape(-1, 4)
-    assert (runs == runs[:, :1]).all()  # four consecutive draws from one class
-    per_class = np.bincount(labels[draws], minlength=10)
-    assert per_class.max() - per_class.min() <= 8  # balanced despite the 40x imbalance
+# --------------------------------------------------------------------------- an independent official phase B
+# Written from OLTR's data/ClassAwareSampler.py and BALLAD's train.py, without ballad's sampler or schedule code.
+
+
+class RefRandomCycleIter:
+    """OLTR's RandomCycleIter: starts at length - 1, reshuffles (python's random) each time it wraps."""
+
+    def __init__(self, data, rnd):
+        self.data_list = list(data)
+        self.length = len(self.data_list)
+        self.i = self.length - 1
+        self.rnd = rnd
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.i += 1
+        if self.i == self.length:
+            self.i = 0
+            self.rnd.shuffle(self.data_list)
+        return self.data_list[self.i]
+
+
+class RefClassAwareSampler:
+    """OLTR's ClassAwareSampler: the iterators live as long as the sampler; each epoch restarts only the generator."""
+
+    def __init__(self, labels, num_samples_cls, rnd):
+        num_classes = len(np.unique(labels))
+        self.class_iter = RefRandomCycleIter(range(num_classes), rnd)
+        cls_data_list = [[] for _ in range(num_classes)]
+        for i, label in enumerate(labels):
+            cls_data_list[label].append(i)
+        self.data_iter_list = [RefRandomCycleIter(x, rnd) for x in cls_data_list]
+        self.num_samples_cls = num_samples_cls
+
+    def epoch(self, n):
+        out, j, tup = [], 0, None
+        while len(out) < n:
+            if j >= self.num_samples_cls:
+                j = 0
+            if j == 0:
+                it = self.data_iter_list[next(self.class_iter)]
+                tup = next(zip(*[it] * self.num_samples_cls))
+            out.append(tup[j])
+            j += 1
+        return np.asarray(out)
+
+
+def official_phase_b(features, labels, text, val_x, val_y, stream, epochs, batch, init, ratio=0.2, lr=0.2):
+    """BALLAD train.py's phase B on fixed features: returns the weights after each epoch, the kept ones, best epoch."""
+    linear = nn.Linear(features.shape[1], features.shape[1], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(init)
+    opt = torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0.0)
+    epoch_steps = int(len(labels) / batch)
+    best_w, best_acc, best_epoch, per_epoch = linear.weight.detach().clone(), 0.0, 0, []
+
+    def logits(x):
+        h = ratio * linear(x) + (1 - ratio) * x
+        return 100.0 * (h / h.norm(dim=-1, keepdim=True)) @ text.t()
+
+    for epoch in range(1, epochs + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": the official order
+            sched.step()
+        order = stream[epoch - 1]
+        for step in range(epoch_steps):
+            idx = torch.as_tensor(order[step * batch : (step + 1) * batch])
+            loss = F.cross_entropy(logits(features[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        per_epoch.append(linear.weight.detach().clone())
+        with torch.no_grad():
+            acc = (logits(val_x).argmax(1) == val_y).float().mean().item()
+        if acc > best_acc:
+            best_acc, best_epoch, best_w = acc, epoch, linear.weight.detach().clone()
+    return per_epoch, best_w, best_epoch
+
+
+def test_fit_adapters_matches_an_independent_official_phase_b_at_every_epoch(lt_cache):
+    import random
+
+    epochs, batch = 6, 48
+    train, val = lt_cache.load_split("train"), lt_cache.load_split("val")
+    labels = train.labels.numpy()
+    ref_sampler = RefClassAwareSampler(labels, 4, random.Random(5))
+    draws = int(len(labels) / batch) * batch
+    stream = [ref_sampler.epoch(draws) for _ in range(epochs)]
+    text = lt_cache.text_embeddings()
+    torch.manual_seed(11)
+    init = nn.Linear(32, 32, bias=False).weight.detach().clone()
+    ref_epochs, ref_best, ref_best_epoch = official_phase_b(
+        train.features, train.labels, text, val.features, val.labels, stream, epochs, batch, init
+    )
+    ours_epochs = []
+    fit = fit_adapters(
+        TrainRows.from_split(train),
+        text,
+        [AdapterConfig(epochs=epochs, batch_size=batch)],
+        val=(val.features, val.labels),
+        stream=stream,
+        init=init,
+        on_epoch=lambda e, w: ours_epochs.append(w[0].clone()),
+    )
+    assert fit.steps == epochs * (len(labels) // batch)  # floor(N/B) full batches per epoch
+    assert len(ours_epochs) == epochs
+    for ours, ref in zip(ours_epochs, ref_epochs, strict=True):
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours_epochs[-1], ours_epochs[-2], atol=0, rtol=0)  # the last epoch runs at lr 0
+    assert fit.best_epoch[0] == ref_best_epoch
+    torch.testing.assert_close(fit.weights[0], ref_best, atol=1e-5, rtol=0)
+    assert not torch.allclose(init, ref_best, atol=1e-3)  # training moved the weights
+
+
+def test_class_aware_cycles_persist_across_epochs_as_oltrs_do():
+    import random
+
+    counts = [300, 170, 90, 60, 37, 23, 14, 9, 6, 5, 4]  # 11 classes: an epoch's visits never align with the cycle
+    labels = np.repeat(np.arange(len(counts)), counts)
+    batch, epochs, k = 64, 10, 4
+    draws = len(labels) // batch * batch
+    ours = index_stream(labels, "class-aware", epochs, seed=2, samples_per_class=k, draws_per_epoch=draws)
+    ref_sampler = RefClassAwareSampler(labels, k, random.Random(2))
+    ref = [ref_sampler.epoch(draws) for _ in range(epochs)]
+    for stream in (ours, ref):
+        flat = np.concatenate(stream)
+        assert all(len(e) == draws for e in stream)
+        runs = labels[flat].reshape(-1, k)
+        assert (runs == runs[:, :1]).all()  # k consecutive draws from one class per visit
+        visits = runs[:, 0]
+        for a in range(0, len(visits) - len(counts) + 1, len(counts)):  # the class cycle spans epoch boundaries
+            assert sorted(visits[a : a + len(counts)]) == list(range(len(counts)))
+        for c, n_c in enumerate(counts):
+            mine = flat[labels[flat] == c]
+            for a in range(0, len(mine) - n_c + 1, n_c):  # each class cycle too: whole passes over its images
+                assert sorted(mine[a : a + n_c]) == list(np.flatnonzero(labels == c))
+            assert len(np.unique(mine)) == min(n_c, len(mine))  # coverage: no repeat before a full pass
+    ours_draws = np.bincount(labels[np.concatenate(ours)], minlength=len(counts))
+    ref_draws = np.bincount(labels[np.concatenate(ref)], minlength=len(counts))
+    assert np.abs(ours_draws - ref_draws).max() <= k  # the same class-balanced share, up to one visit
+    # the largest class over 10 epochs: every draw a new image until its pass ends
+    assert len(np.unique(np.concatenate(ours)[labels[np.concatenate(ours)] == 0])) == min(300, ours_draws[0])
     again = index_stream(labels, "class-aware", 2, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(again, index_stream(labels, "class-aware", 2, seed=3), strict=True))
 
 
-def test_fit_adapter_matches_the_plain_pytorch_recipe_every_step(lt_cache):
-    cfg = AdapterConfig(epochs=3, batch_size=64)
+def test_per_step_options_match_a_plain_pytorch_loop(lt_cache):
+    cfg = AdapterConfig(epochs=3, batch_size=64, schedule="step", keep_last_batch=True, select="last")
     rows = TrainRows.from_split(lt_cache.load_split("train"))
     text = lt_cache.text_embeddings()
+    stream = [np.random.default_rng(e).permutation(len(rows.image_labels)) for e in range(cfg.epochs)]
     ours = []
-    fit = fit_adapters(rows, text, [cfg], on_step=lambda s, loss: ours.append(float(loss[0])))
-    # the official recipe, written plainly: nn.Linear, torch.optim.SGD, cosine per step
+    fit = fit_adapters(rows, text, [cfg], on_step=lambda s, loss: ours.append(float(loss[0])), stream=stream)
     torch.manual_seed(cfg.seed)
     linear = nn.Linear(32, 32, bias=False)
     opt = torch.optim.SGD(linear.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    steps = batch_schedule(rows, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / len(steps))))
+    n = len(stream) * -(-len(rows.image_labels) // 64)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + np.cos(np.pi * s / n)))
     labels = lt_cache.load_split("train").labels
     ref = []
-    for batch in steps:
-        x = rows.features[batch].float()
-        h = F.normalize(cfg.ratio * linear(x) + (1 - cfg.ratio) * x, dim=-1)
-        loss = F.cross_entropy(100 * h @ text.T, labels[batch])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        ref.append(loss.item())
-    assert len(ours) == len(ref) == 3 * -(-sum(COUNTS) // 64)
+    for order in stream:
+        for a in range(0, len(order), 64):  # the last partial batch kept
+            batch = torch.as_tensor(order[a : a + 64])
+            x = rows.features[batch].float()
+            h = F.normalize(cfg.ratio * linear(x) + (1 - cfg.ratio) * x, dim=-1)
+            loss = F.cross_entropy(100 * h @ text.T, labels[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            ref.append(loss.item())
+    assert len(ours) == len(ref) == n == fit.steps
     assert np.abs(np.array(ours) - np.array(ref)).max() < 1e-4
     assert torch.allclose(fit.weights[0], linear.weight.detach(), atol=1e-5)
+    assert fit.best_epoch == [cfg.epochs]
+
+
+def test_official_epoch_needs_one_full_batch(lt_cache):
+    rows = TrainRows.from_split(lt_cache.load_split("train"))
+    with pytest.raises(BalladError, match="--keep-last-batch"):
+        fit_adapters(rows, lt_cache.text_embeddings(), [AdapterConfig(epochs=1, batch_size=10_000)])
 
 
 def test_batched_sweep_equals_each_point_alone(lt_cache):
@@ -80,14 +228,28 @@ def test_batched_sweep_equals_each_point_alone(lt_cache):
     assert not torch.allclose(together.weights[0], together.weights[3], atol=1e-3)  # the points really differ
 
 
-def test_class_balanced_adapter_raises_few_shot_accuracy(lt_cache, tmp_path):
-    fit_on_cache(lt_cache, AdapterConfig(epochs=10, batch_size=64), tmp_path / "adapter")
-    adapter = load_adapter(tmp_path / "adapter", lt_cache)
-    result = evaluate_cache(lt_cache, adapter, EvalConfig())
-    zero, ours = result["heads"]["zero-shot"], result["heads"]["adapter"]
-    assert zero["few"] < 40.0  # the shifted tail classes are mostly missed zero-shot
-    assert ours["few"] > zero["few"] + 25.0
-    assert ours["top1"] > zero["top1"]
+def test_class_balanced_sampling_is_what_lifts_the_tail(tmp_path):
+    # overlapping classes whose tail leans towards head prompts: the zero-shot head and an instance-sampled adapter
+    # both favour the head; only balanced sampling moves the decision boundaries back towards the tail
+    rng = np.random.default_rng(0)
+    counts, dim = [300, 200, 120, 80, 50, 20, 12, 8, 6, 5], 32
+    text = rng.normal(size=(10, dim))
+    text /= np.linalg.norm(text, axis=1, keepdims=True)
+
+    def sample(n_per):
+        y = np.repeat(np.arange(10), n_per)
+        partner = np.where(y >= 5, y - 5, y)
+        return text[y] + 1.6 * (y >= 5)[:, None] * text[partner] + 0.4 * rng.normal(size=(len(y), dim)), y
+
+    make_cache(tmp_path / "cache", sample(counts), sample([40] * 10), sample([40] * 10), text)
+    cache = FeatureCache(tmp_path / "cache")
+    few = {}
+    for sampler in ("class-aware", "instance"):
+        fit_on_cache(cache, AdapterConfig(epochs=10, batch_size=64, sampler=sampler), tmp_path / sampler)
+        result = evaluate_cache(cache, load_adapter(tmp_path / sampler, cache), EvalConfig())
+        few[sampler], few["zero-shot"] = result["heads"]["adapter"]["few"], result["heads"]["zero-shot"]["few"]
+    assert few["class-aware"] >= few["zero-shot"] + 10.0
+    assert few["class-aware"] >= few["instance"] + 10.0
 
 
 def test_sweep_cli_ranks_saves_best_and_skips_finished_points(lt_cache, tmp_path):

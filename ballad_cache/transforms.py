@@ -1,0 +1,49 @@
+"""Image transforms: the official BALLAD training augmentation, built for any model's input size and statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+AUGMENTS = ("official", "open_clip")
+
+
+def official_train_transform(
+    size: int, mean: Sequence[float], std: Sequence[float]
+) -> Callable[[Any], torch.Tensor]:
+    """BALLAD's training transform (`data/dataloader.py`, `get_data_transform('train')`): RandomResizedCrop with
+    scale (0.5, 1) and bicubic interpolation, horizontal flip, ColorJitter(0.4, 0.4, 0.4, hue 0), normalisation
+    with the model's mean and std (the official code uses CLIP's, which open_clip's OpenAI models carry)."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0),
+            T.ToTensor(),  # images arrive as RGB (datasets.ImageSplit.load converts)
+            T.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def train_transform(
+    augment: str, preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], torch.Tensor]
+) -> Callable[[Any], torch.Tensor]:
+    """The augmentation named `augment`: `official` (BALLAD's) or `open_clip` (the model's own `preprocess_train`:
+    RandomResizedCrop scale 0.9-1, no flip or jitter).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if augment == "open_clip":
+        return open_clip_train
+    if augment != "official":
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got '{augment}'")
+    size = preprocess_cfg.get("size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    mean = preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+    std = preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+    return official_train_transform(int(size), mean, std)
