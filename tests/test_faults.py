@@ -120,7 +120,7 @@ def cache(tmp_path) -> Path:
 
 def _fit(cache: Path, out: Path) -> object:
     return runner.invoke(
-        app, ["fit-adapter", "--cache", str(cache), "--out", str(out), "--epochs", "1", "--device", "cpu"]
+        app, ["fit-adapter", "--cache", str(cache), "--out", str(out), "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
     )
 
 

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from ballad_cache.datasets import load_dataset
 from ballad_cache.errors import BalladError
+from ballad_cache.demo import DEMO_PHASE_A
 from ballad_cache.finetune import FinetuneConfig, finetune, load_checkpoint
 from ballad_cache.models import load_model
 from ballad_cache.progress import NullProgress
@@ -19,9 +20,7 @@ def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_pat
     import open_clip
 
     ds = load_dataset("fmnist-lt")
-    cfg = FinetuneConfig(
-        epochs=3, batch_size=32, lr=3e-4, optimizer="adamw", weight_decay=0.05, warmup_steps=10, workers=0
-    )
+    cfg = FinetuneConfig(epochs=3, batch_size=32, lr=3e-4, warmup_steps=10, workers=0, **DEMO_PHASE_A)
     result = finetune(ds, load_model("ballad-tiny"), tmp_path, cfg, torch.device("cpu"))
     assert result["best_val_top1"] >= result["start"]["top1"] + 15.0  # observed 2.0 -> 30.0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -42,6 +41,52 @@ class StopAfterEpoch(NullProgress):
     def log(self, message: str) -> None:
         if message.startswith(f"epoch {self.epoch}:"):
             raise KeyboardInterrupt
+
+
+def test_official_phase_a_epochs_rates_and_eval_mode(ballad_data, tmp_path):
+    import math
+
+    ds = load_dataset("fmnist-lt")
+    n_train = len(ds.split("train"))
+    loaded = load_model(MODEL)
+    modes = []
+    loaded.model.visual.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    cfg = FinetuneConfig(epochs=3, batch_size=100, lr=0.03, workers=0)  # official: everything else default
+    result = finetune(ds, loaded, tmp_path, cfg, torch.device("cpu"))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if "lr" in x]
+    assert result["steps"] == len(steps) == 3 * (n_train // 100)  # floor(N/B) full batches per epoch
+    for x in steps:  # CosineAnnealingLR(T_max=3) stepped at each epoch start: epoch e runs at its cos(pi e / 3)
+        assert x["lr"] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * x["epoch"] / 3)), abs=1e-12)
+    assert [x["lr"] for x in steps][-1] == 0.0
+    assert modes and not any(modes)  # the model never left eval mode, in training or validation
+
+
+def test_official_augmentation_is_ballads_transform():
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from ballad_cache.transforms import train_transform
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    ours = train_transform("official", {"size": 32, "mean": mean, "std": std}, lambda im: None)
+    reference = T.Compose(  # BALLAD data/dataloader.py, get_data_transform('train') at size 32
+        [
+            T.RandomResizedCrop(size=32, scale=(0.5, 1), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5),
+            T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    image = Image.fromarray(torch.randint(0, 255, (40, 48, 3), dtype=torch.uint8).numpy())
+    for seed in range(5):
+        torch.manual_seed(seed)
+        a = ours(image)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, reference(image))
+    torch.manual_seed(0)
+    assert not torch.equal(ours(image), ours(image))  # it does augment
 
 
 def test_resume_after_interrupt_gives_the_same_weights(ballad_data, tmp_path):
@@ -93,6 +138,8 @@ def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
         "cpu",
         "--epochs",
         "1",
+        "--schedule",
+        "step",  # the official per-epoch cosine runs a single epoch at lr 0
     ]
     one = run_ballad([*common, "--out", str(tmp_path / "one")], env)
     assert one.returncode == 0, one.stderr[-2000:]
