@@ -314,9 +314,7 @@ def fit_adapters(
         else:
             best_epoch[j] = len(per_epoch)
     losses = loss_dev.double().cpu().numpy()
-    return FitResult(
-        list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1
-    )
+    return FitResult(list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1)
 
 
 @torch.no_grad()

@@ -126,11 +126,20 @@ def extract_split(
     reader = ImageRows(
         image_split, np.concatenate(shard_rows), loaded.preprocess_eval, augment_of(loaded, config), seed=config.seed
     )
+    # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
+    # bitwise the same) whichever rank computes it and whatever other shards it computes
+    starts = np.concatenate([[0], np.cumsum([len(r) for r in shard_rows])])
+    batches = [
+        list(range(a, min(a + config.batch_size, int(end))))
+        for begin, end in zip(starts[:-1], starts[1:], strict=True)
+        for a in range(int(begin), int(end), config.batch_size)
+    ]
     loader = make_loader(
         reader,
         config.batch_size,
         config.workers,
         pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda",
+        batch_sampler=batches,
     )
     dim = int(loaded.model.visual.output_dim)
     progress.start(f"extract {split}", len(reader))

@@ -265,9 +265,7 @@ def finetune(
             f"batch size {config.batch_size} exceeds the {len(train)} training images: the official epoch "
             "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
         )
-    batches_per_epoch = (
-        math.ceil(per_rank_images / per_rank) if config.keep_last_batch else per_rank_images // per_rank
-    )
+    batches_per_epoch = math.ceil(per_rank_images / per_rank) if config.keep_last_batch else per_rank_images // per_rank
     steps_per_epoch = math.ceil(batches_per_epoch / config.accum_steps)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
@@ -402,6 +400,7 @@ def finetune(
         "best_epoch": best_epoch,
         "best_val_top1": best,
         "steps": step,
+        "templates": templates,
         "skipped": [skipped[i] for i in sorted(skipped)],
     }
     if dist.is_main:

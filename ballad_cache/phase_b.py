@@ -67,7 +67,8 @@ def point_key(c: AdapterConfig) -> str:
     """A file-safe name for one sweep point."""
     return (
         f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
-        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}_{c.schedule}_{c.select}{'_keeplast' if c.keep_last_batch else ''}"
+        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}_{c.schedule}_{c.select}"
+        + ("_keeplast" if c.keep_last_batch else "")
     )
 
 
@@ -249,7 +250,14 @@ def _write_tables(
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(
-        ["rank", *cols, *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")), "steps", "best_epoch", "final_loss"]
+        [
+            "rank",
+            *cols,
+            *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")),
+            "steps",
+            "best_epoch",
+            "final_loss",
+        ]
     )
     for r, p in enumerate(ranked, start=1):
         w.writerow(

@@ -103,8 +103,21 @@ def make_loader(
     shuffle: bool = False,
     sampler: Any = None,
     drop_last: bool = False,
+    batch_sampler: Any = None,
 ) -> DataLoader:
-    """A DataLoader with ballad's defaults: persistent workers off, pinned memory on GPU, prefetch 4 batches."""
+    """A DataLoader with ballad's defaults: persistent workers off, pinned memory on GPU, prefetch 4 batches.
+
+    With `batch_sampler` (lists of row positions, one per batch), `batch_size`, `shuffle`, `sampler` and
+    `drop_last` are not used.
+    """
+    if batch_sampler is not None:
+        return DataLoader(
+            dataset,
+            batch_sampler=batch_sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if workers > 0 else None,
+        )
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -87,9 +87,7 @@ class ClassAwareSampler:
 class WeightedSampler:
     """Independent draws with per-class weights `class_weight(epoch)`, uniform within a class."""
 
-    def __init__(
-        self, labels: np.ndarray, rng: np.random.Generator, class_weight: Callable[[int], np.ndarray]
-    ) -> None:
+    def __init__(self, labels: np.ndarray, rng: np.random.Generator, class_weight: Callable[[int], np.ndarray]) -> None:
         self.labels = labels
         self.rng = rng
         self.class_weight = class_weight

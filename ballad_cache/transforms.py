@@ -10,9 +10,7 @@ import torch
 AUGMENTS = ("official", "open_clip")
 
 
-def official_train_transform(
-    size: int, mean: Sequence[float], std: Sequence[float]
-) -> Callable[[Any], torch.Tensor]:
+def official_train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
     """BALLAD's training transform (`data/dataloader.py`, `get_data_transform('train')`): RandomResizedCrop with
     scale (0.5, 1) and bicubic interpolation, horizontal flip, ColorJitter(0.4, 0.4, 0.4, hue 0), normalisation
     with the model's mean and std (the official code uses CLIP's, which open_clip's OpenAI models carry)."""

@@ -57,7 +57,8 @@ class Select(str, Enum):
 ScheduleOpt = Annotated[
     Schedule,
     typer.Option(
-        help="epoch: cosine over epochs, stepped at each epoch start, last epoch at lr 0 (official); step: per-step cosine."
+        help="epoch: cosine over epochs, stepped at each epoch start, the last epoch at lr 0 (official); "
+        "step: per-step cosine."
     ),
 ]
 KeepLastOpt = Annotated[
@@ -159,8 +160,7 @@ def finetune(
         bool,
         typer.Option(
             "--train-mode/--eval-mode",
-            help="Train with the model in train mode (BatchNorm statistics update, dropout on); "
-            "official: eval mode.",
+            help="Train with the model in train mode (BatchNorm statistics update, dropout on); official: eval mode.",
         ),
     ] = False,
     accum_steps: Annotated[int, typer.Option(min=1, help="Gradient accumulation steps.")] = 1,
@@ -261,8 +261,19 @@ def extract_features(
     ] = None,
     train_views: Annotated[int, typer.Option(min=0, help="Augmented views per train image besides the eval view.")] = 0,
     templates: Annotated[
-        str, typer.Option(help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text.")
-    ] = "ballad",
+        str | None,
+        typer.Option(
+            help="Prompt set: ballad, openai-imagenet, a .txt, or '{c}' text [default: the dataset YAML's "
+            "templates, else ballad]."
+        ),
+    ] = None,
+    augment: Annotated[
+        str,
+        typer.Option(
+            help="Transform of the augmented train views: official (BALLAD's RandomResizedCrop 0.5-1 + flip + "
+            "ColorJitter 0.4) or open_clip (the model's preprocess_train)."
+        ),
+    ] = "official",
     dtype: Annotated[str, typer.Option(help="Feature dtype on disk: float16 or float32.")] = "float16",
     shard_size: Annotated[int, typer.Option(min=1, help="Rows per shard (unit of resume).")] = 16384,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
@@ -288,6 +299,7 @@ def extract_features(
         ExtractConfig,
         splits=tuple(_csv(splits, str, "--splits")) if splits else (),
         train_views=train_views,
+        augment=augment,
         templates=templates,
         dtype=dtype,
         shard_size=shard_size,

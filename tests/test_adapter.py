@@ -71,7 +71,7 @@ class RefClassAwareSampler:
                 j = 0
             if j == 0:
                 it = self.data_iter_list[next(self.class_iter)]
-                tup = next(zip(*[it] * self.num_samples_cls))
+                tup = next(zip(*[it] * self.num_samples_cls))  # noqa: B905 - OLTR's idiom
             out.append(tup[j])
             j += 1
         return np.asarray(out)

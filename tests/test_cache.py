@@ -55,11 +55,38 @@ def test_cached_features_match_the_encoders(small_cache, ballad_data):
     assert len(small_cache.shard_files("train")) == 5  # 2472 rows in shards of 500
 
 
-def test_streaming_equals_loading(small_cache):
+def test_loading_returns_the_shard_files_rows_in_manifest_order(small_cache):
+    import h5py
+
     whole = small_cache.load_split("train", dtype=torch.float16)
+    files = sorted(small_cache.path.glob("train-*.h5"))
+    assert [f.name for f in files] == [e["file"] for e in small_cache.shard_files("train")]
+    rows = 0
+    for f in files:  # read the HDF5 files directly, as any other tool would
+        with h5py.File(f, "r") as h:
+            n = h["labels"].shape[0]
+            assert np.array_equal(whole.features[rows : rows + n].numpy(), h["features"][()])
+            assert np.array_equal(whole.labels[rows : rows + n].numpy(), h["labels"][()])
+            assert np.array_equal(whole.index[rows : rows + n].numpy(), h["index"][()])
+            assert np.array_equal(whole.view[rows : rows + n].numpy(), h["view"][()])
+            rows += n
+    assert rows == len(whole) == 2472
     parts = list(small_cache.iter_shards("train", dtype=torch.float16))
-    assert len(parts) == 5 and max(len(p) for p in parts) == 500
-    assert torch.equal(torch.cat([p.features for p in parts]), whole.features)
+    assert [len(p) for p in parts] == [500, 500, 500, 500, 472]
+
+
+def test_readers_refuse_a_shard_of_another_extraction_and_foreign_class_names(small_cache):
+    import h5py
+
+    shard = small_cache.path / small_cache.shard_files("val")[0]["file"]
+    with h5py.File(shard, "r+") as h:
+        h.attrs["fingerprint"] = "0123456789abcdef"
+    with pytest.raises(BalladError, match="belongs to another extraction"):
+        FeatureCache(small_cache.path).load_split("val")
+    with h5py.File(small_cache.path / "text.h5", "r+") as h:
+        h.attrs["classnames"] = json.dumps([f"other {i}" for i in range(10)])
+    with pytest.raises(BalladError, match="other classes"):
+        FeatureCache(small_cache.path).text_embeddings()
 
 
 def test_rerun_skips_complete_shards(small_cache, ballad_data, tmp_path):
@@ -180,6 +207,8 @@ def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
     assert one.returncode == 0, one.stderr
     two = run_ballad([*common, "--out", str(tmp_path / "two")], env, ranks=2, port=29571)
     assert two.returncode == 0, two.stderr[-3000:]
+    # the fingerprint names the content, not how many ranks wrote it
+    assert FeatureCache(tmp_path / "one").fingerprint == FeatureCache(tmp_path / "two").fingerprint
     for split in ("train", "val"):
         a = FeatureCache(tmp_path / "one").load_split(split)
         b = FeatureCache(tmp_path / "two").load_split(split)

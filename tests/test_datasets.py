@@ -89,6 +89,15 @@ def test_bad_specs_exit_1_with_the_reason(tmp_path):
     assert r.exit_code == 1 and f"{tmp_path / 'train.txt'}:2" in r.output and "out of range" in r.output
 
 
+def test_a_folder_dataset_with_an_empty_class_folder_exits_1_naming_it(tmp_path):
+    _make_folder(tmp_path, {"cat": 3, "dog": 2})
+    (tmp_path / "train" / "empty_class").mkdir()
+    r = runner.invoke(app, ["data", "info", f"folder:{tmp_path}"])
+    assert r.exit_code == 1, r.output
+    assert "empty_class" in r.output and "no training image" in r.output
+    assert "imbalance factor" not in r.output
+
+
 def test_class_list_problems_name_the_file(tmp_path):
     _make_folder(tmp_path / "imgs", {"a": 1, "b": 1})
     (tmp_path / "train.txt").write_text("train/a/0.png 0\ntrain/b/0.png 1\n")

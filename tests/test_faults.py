@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
 from ballad_cache.cache import FeatureCache
+from ballad_cache.models import load_model
 from cli.main import app
 from tests.conftest import ROOT, longtail_features, make_cache, run_ballad
 
@@ -100,12 +102,51 @@ def test_finetune_stops_at_a_bad_image_or_skips_and_counts_it(tmp_path):
     assert r.exit_code == 1
     assert any(p in r.output for p in broken.values()) and "(index " in r.output
     assert _leftovers(tmp_path / "ft") == []
-    r = runner.invoke(app, [*base, "--out", str(tmp_path / "ft2"), "--skip-bad"])
+    r = runner.invoke(app, [*base, "--out", str(tmp_path / "ft"), "--skip-bad"])  # the same folder: nothing finished
     assert r.exit_code == 0, r.output
     assert "skipped 4 unreadable training image(s)" in r.output
-    summary = json.loads((tmp_path / "ft2" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "ft" / "summary.json").read_text())
     assert sorted(s["path"] for s in summary["skipped"]) == sorted(broken.values())
     assert sorted(s["index"] for s in summary["skipped"]) == [3, 4, 5, 6]
+
+
+def test_skip_bad_with_views_lists_each_image_once_and_counts_only_cached_images(tmp_path):
+    spec, broken = _image_dataset(tmp_path, list(BAD_KINDS))
+    out = tmp_path / "cache"
+    args = ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out), "--skip-bad"]
+    r = runner.invoke(app, [*args, "--train-views", "2", "--workers", "0", "--batch-size", "4", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "skipped 4 bad image(s)" in r.output
+    cache = FeatureCache(out)
+    assert len(cache.manifest["skipped"]) == 4
+    assert cache.train_counts.tolist() == [6, 6]  # the list has 8 per class; the 4 bad files are not in the cache
+    train = cache.load_split("train")
+    assert np.bincount(train.labels[train.view == 0].numpy()).tolist() == cache.train_counts.tolist()
+
+
+def test_a_dataset_yamls_templates_are_the_prompts_of_finetune_and_extraction(tmp_path):
+    spec, _ = _image_dataset(tmp_path, [])
+    spec.write_text(spec.read_text() + "template: 'a sketch of a {c}.'\n")
+    out = tmp_path / "cache"
+    r = runner.invoke(
+        app,
+        ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out), "--workers", "0"],
+    )
+    assert r.exit_code == 0, r.output
+    cache = FeatureCache(out)
+    assert cache.manifest["templates"] == ["a sketch of a {c}."]
+    loaded = load_model("ballad-micro")
+    with torch.no_grad():
+        ref = F.normalize(
+            loaded.model.encode_text(loaded.tokenizer(["a sketch of a dark.", "a sketch of a light."])), dim=-1
+        )
+    torch.testing.assert_close(cache.text_embeddings(), ref, atol=1e-5, rtol=0)
+    base = ["finetune", "--data", str(spec), "--model", "ballad-micro", "--epochs", "1", "--batch-size", "4"]
+    r = runner.invoke(app, [*base, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ft" / "summary.json").read_text())["templates"] == ["a sketch of a {c}."]
+    r = runner.invoke(app, [*base, "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 1 and "already holds a run (summary.json)" in r.output  # a finished run is kept
 
 
 # ---------------------------------------------------------------------------------------------- broken caches
@@ -120,7 +161,20 @@ def cache(tmp_path) -> Path:
 
 def _fit(cache: Path, out: Path) -> object:
     return runner.invoke(
-        app, ["fit-adapter", "--cache", str(cache), "--out", str(out), "--epochs", "1", "--batch-size", "32", "--device", "cpu"]
+        app,
+        [
+            "fit-adapter",
+            "--cache",
+            str(cache),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+        ],
     )
 
 

@@ -6,8 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from ballad_cache.datasets import load_dataset
-from ballad_cache.errors import BalladError
 from ballad_cache.demo import DEMO_PHASE_A
+from ballad_cache.errors import BalladError
 from ballad_cache.finetune import FinetuneConfig, finetune, load_checkpoint
 from ballad_cache.models import load_model
 from ballad_cache.progress import NullProgress
