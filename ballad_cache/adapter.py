@@ -165,18 +165,19 @@ def batch_schedule(
         rows: cached training rows.
         config: sampler, epochs, batch size and seed.
         stream: per-epoch image indices to use instead of the sampler's (tests, benchmarks); each epoch is cut
-            into batches the same way.
+            into batches the same way, its length taking the place of the number of images.
     """
-    n_steps = steps_per_epoch(len(rows.image_labels), config)
-    draws = len(rows.image_labels) if config.keep_last_batch else n_steps * config.batch_size
     if stream is None:
+        n_steps = steps_per_epoch(len(rows.image_labels), config)
+        draws = len(rows.image_labels) if config.keep_last_batch else n_steps * config.batch_size
         stream = index_stream(
             rows.image_labels, config.sampler, config.epochs, config.seed, config.samples_per_class, draws
         )
     view_rng = np.random.default_rng(config.seed + 1)
     epochs = []
     for images in stream:
-        picked = rows.draw(np.asarray(images)[:draws], view_rng)
+        keep = len(images) if config.keep_last_batch else steps_per_epoch(len(images), config) * config.batch_size
+        picked = rows.draw(np.asarray(images)[:keep], view_rng)
         epochs.append([picked[i : i + config.batch_size] for i in range(0, len(picked), config.batch_size)])
     return epochs
 

@@ -1,5 +1,6 @@
 """fit-adapter on an ImageNet-LT-shaped cache (1000 classes, counts 1280 ... 5, dim 1024): wall time, peak
-memory, and achieved FLOP/s as a fraction of a plain torch.mm of the same shapes, measured in one run.
+memory, and achieved FLOP/s as a fraction of a plain torch.mm's, measured in one run. FLOPs on both sides are
+counted by `torch.utils.flop_counter.FlopCounterMode` (one adapter step, forward and backward; the B×d by d×d mm).
 
     python bench/adapter.py [--scale 1.0] [--epochs 10] [--device cuda]
 """
@@ -9,14 +10,36 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ballad_cache.adapter import AdapterConfig, fit_adapters  # noqa: E402
+from ballad_cache.adapter import AdapterConfig, TrainRows, _adapter_step, fit_adapters  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of `fn` as torch's FlopCounterMode counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def step_flops(rows: TrainRows, text: torch.Tensor, cfg: AdapterConfig, device: str) -> int:
+    """FLOPs of one adapter step (forward and backward) at the fit's batch size, counted by FlopCounterMode."""
+    dim = text.shape[1]
+    x = rows.features[: cfg.batch_size].float().to(device)
+    y = torch.zeros(len(x), dtype=torch.int64, device=device)
+    w = torch.zeros(1, dim, dim, device=device)
+    t = text.to(device)
+    scalars = [torch.full((1, 1, 1), v, device=device) for v in (cfg.ratio, cfg.weight_decay, cfg.momentum, cfg.lr)]
+    ratio, wd, mom, lr = scalars
+    return count_flops(lambda: _adapter_step(x, y, w, ratio, t, wd, mom, lr, torch.zeros_like(w), 0))
 
 
 def main() -> None:
@@ -28,19 +51,21 @@ def main() -> None:
     a = p.parse_args()
     rows, text = imagenet_lt_shaped(a.scale)
     n, d, c, b = len(rows.image_labels), 1024, 1000, 512
-    cfg = AdapterConfig(epochs=a.epochs)
+    cfg = AdapterConfig(epochs=a.epochs, select="last")  # no val split in this synthetic cache
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     wall = timed(lambda: fit_adapters(rows, text, [cfg], device=a.device), sync=True)
-    steps = a.epochs * -(-n // b)
-    # forward W (B·d·d) and logits (B·d·C); backward for W needs dW and dX of the logits: 3 GEMM-equivalents
-    flops = steps * 2 * b * d * (d * 2 + c * 2 + c)
+    steps = a.epochs * (n // b)  # official epochs: floor(N/B) full batches
+    flops = steps * step_flops(rows, text, cfg, a.device)
     x = torch.randn(b, d, device=a.device)
     w = torch.randn(d, d, device=a.device)
     t = torch.randn(d, c, device=a.device)
     reps = 20
-    mm = timed(lambda: [(x @ w, x @ t, x.T @ x, x @ w.T, x @ t) for _ in range(reps)], sync=True)
-    mm_flops = reps * 2 * b * d * (d * 2 + c * 2 + c) / mm
+
+    def mms() -> list[torch.Tensor]:
+        return [x @ w for _ in range(reps)]
+
+    mm_flops = count_flops(mms) / timed(mms, sync=True)
     peak = (
         torch.cuda.max_memory_allocated()
         if a.device.startswith("cuda")

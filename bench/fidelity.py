@@ -1,0 +1,159 @@
+"""What the cache's fixed augmented views cost against the official phase B, which augments afresh at every step.
+
+The official phase B (BALLAD `train.py` with `data/dataloader.py`'s train transform) decodes every drawn image,
+augments it with a new random RandomResizedCrop(0.5-1) + flip + ColorJitter(0.4) view, and encodes it with the
+frozen phase-A model at every step. Here that run draws the same class-aware stream, augments and encodes every
+draw afresh with the official transform, and feeds those features, in draw order, to the same adapter update
+(the encoder is frozen, so encoding a batch before its step or during it gives the same numbers). Against it:
+phase B on a cache holding K augmented views per training image (official transform, K in --views), each draw
+picking one of them at random (K = 0: the eval view only). Val/test use the eval view; every run keeps its best
+val epoch, as the official code does. Mean ± std over seeds (the seed draws the stream, the adapter's init and the
+views), on fmnist-lt with the demo's phase-A ballad-tiny model, measured in one run.
+
+    python bench/fidelity.py [--phase-a DIR/model] [--views 0,1,2,4,8,16] [--seeds 3] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from ballad_cache.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, steps_per_epoch  # noqa: E402
+from ballad_cache.cache import FeatureCache, SplitFeatures  # noqa: E402
+from ballad_cache.datasets import load_dataset  # noqa: E402
+from ballad_cache.demo import DEMO_SIZES  # noqa: E402
+from ballad_cache.encoder import ImageEncoder  # noqa: E402
+from ballad_cache.extract import ExtractConfig, augment_of, extract_features  # noqa: E402
+from ballad_cache.finetune import finetune  # noqa: E402
+from ballad_cache.metrics import classification_report, summary  # noqa: E402
+from ballad_cache.models import load_model, resolve_device  # noqa: E402
+from ballad_cache.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.samplers import index_stream  # noqa: E402
+from bench.common import write  # noqa: E402
+
+OUT = Path(__file__).resolve().parent / "out" / "fidelity"
+KEYS = ("top1", "many", "medium", "few")
+
+
+def fresh_view_rows(
+    dataset, loaded, stream: list[np.ndarray], seed: int, device: torch.device, workers: int
+) -> tuple[TrainRows, list[np.ndarray]]:  # type: ignore[no-untyped-def]
+    """Encode every draw of `stream` from a new random official view: one feature row per draw, in draw order."""
+    split = dataset.split("train")
+    draws = np.concatenate(stream)
+    # view = position of the draw (1-based): ImageRows seeds each (seed, index, view), so every draw gets its own view
+    rows = np.stack([draws, np.arange(1, len(draws) + 1)], axis=1)
+    config = ExtractConfig()
+    reader = ImageRows(split, rows, loaded.preprocess_eval, augment_of(loaded, config), seed=1000 + seed)
+    encoder = ImageEncoder(loaded.model, device)
+    feats = [torch.from_numpy(encoder(batch["image"])) for batch in make_loader(reader, 256, workers)]
+    per_draw = TrainRows(torch.cat(feats).float(), split.labels[draws].astype(np.int64), np.arange(len(draws))[:, None])
+    bounds = np.cumsum([0, *(len(e) for e in stream)])
+    return per_draw, [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def with_views(train: SplitFeatures, k: int) -> SplitFeatures:
+    """The rows of views 0..k (k = 0: the eval view alone)."""
+    keep = train.view <= k
+    return SplitFeatures(train.features[keep], train.labels[keep], train.index[keep], train.view[keep])
+
+
+def test_report(cache: FeatureCache, weight: torch.Tensor, ratio: float) -> dict[str, float]:
+    """Test top-1 and many/medium/few of one adapter."""
+    test = cache.load_split("test").eval_view()
+    logits = adapter_logits(test.features, weight, ratio, cache.text_embeddings())
+    return summary(classification_report(logits, test.labels, cache.train_counts))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--phase-a", type=Path, default=None, help="phase-A model folder (default: train the demo's)")
+    p.add_argument("--views", default="0,1,2,4,8,16")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=128, help="phase-B batch (the demo's; 512 gives 2 steps an epoch)")
+    p.add_argument("--workers", type=int, default=default_workers())
+    p.add_argument("--device", default="auto")
+    p.add_argument("--label", default="fidelity", help="name of the JSON written to bench/out/")
+    a = p.parse_args()
+    device = resolve_device(a.device)
+    views = [int(v) for v in a.views.split(",")]
+    dataset = load_dataset("fmnist-lt")
+    model_dir = a.phase_a
+    if model_dir is None:
+        model_dir = OUT / "finetune" / "model"
+        if not (OUT / "finetune" / "summary.json").exists():
+            print("training the demo's phase-A model ...", file=sys.stderr)
+            finetune(dataset, load_model("ballad-tiny"), OUT / "finetune", DEMO_SIZES["full"].finetune, device)
+    loaded = load_model(f"local-dir:{model_dir}")
+    loaded.model.eval()
+    results: dict[str, list[dict[str, float]]] = {"fresh": [], **{f"K={k}": [] for k in views}}
+    seconds: dict[str, list[float]] = {k: [] for k in results}
+    for seed in range(a.seeds):
+        cache_dir = OUT / f"cache-seed{seed}"
+        t = time.perf_counter()
+        xcfg = ExtractConfig(train_views=max(views), seed=seed, workers=a.workers, shard_size=1 << 16)
+        extract_features(dataset, loaded, cache_dir, xcfg, device)
+        t_extract = time.perf_counter() - t
+        cache = FeatureCache(cache_dir)
+        text, train = cache.text_embeddings(), cache.load_split("train")
+        val = cache.load_split("val").eval_view()
+        cfg = AdapterConfig(batch_size=a.batch, seed=seed)
+        n_images = int((train.view == 0).sum())
+        draws = steps_per_epoch(n_images, cfg) * cfg.batch_size
+        labels = TrainRows.from_split(with_views(train, 0)).image_labels
+        stream = index_stream(labels, cfg.sampler, cfg.epochs, seed, cfg.samples_per_class, draws)
+
+        t = time.perf_counter()
+        rows, per_draw_stream = fresh_view_rows(dataset, loaded, stream, seed, device, a.workers)
+        fit = fit_adapters(rows, text, [cfg], device, val=(val.features, val.labels), stream=per_draw_stream)
+        seconds["fresh"].append(time.perf_counter() - t)
+        results["fresh"].append(test_report(cache, fit.weights[0], cfg.ratio))
+
+        for k in views:
+            rows = TrainRows.from_split(with_views(train, k))
+            fit = fit_adapters(rows, text, [cfg], device, val=(val.features, val.labels), stream=stream)
+            # the extraction's share for K views: K + 1 of the max + 1 views encoded per image
+            seconds[f"K={k}"].append(fit.seconds + t_extract * (k + 1) / (max(views) + 1))
+            results[f"K={k}"].append(test_report(cache, fit.weights[0], cfg.ratio))
+        print(f"seed {seed}: fresh top1 {results['fresh'][-1]['top1']:.2f}", file=sys.stderr)
+
+    table = {}
+    for name, runs in results.items():
+        table[name] = {
+            **{f"{m}_mean": round(float(np.mean([r[m] for r in runs])), 2) for m in KEYS},
+            **{f"{m}_std": round(float(np.std([r[m] for r in runs])), 2) for m in KEYS},
+            "wall_s": round(float(np.mean(seconds[name])), 2),
+        }
+    fresh = table["fresh"]
+    within = [
+        k
+        for k in views
+        if all(abs(table[f"K={k}"][f"{m}_mean"] - fresh[f"{m}_mean"]) <= fresh[f"{m}_std"] for m in ("top1", "few"))
+    ]
+    print("| phase B | top-1 | many | medium | few | wall s |\n|---|---|---|---|---|---|")
+    for name, row in table.items():
+        cells = " | ".join(f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in KEYS)
+        label = "fresh views every step (official)" if name == "fresh" else f"cache, {name} views"
+        print(f"| {label} | {cells} | {row['wall_s']:.1f} |")
+    write(
+        a.label,
+        {
+            "phase_a_model": str(model_dir),
+            "seeds": a.seeds,
+            "batch": a.batch,
+            "table": table,
+            "views_within_one_std_of_fresh": within,
+            "smallest_k_within_one_std": min(within) if within else None,
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
