@@ -50,7 +50,7 @@ def main() -> None:
     p.add_argument("--label", default="adapter", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     rows, text = imagenet_lt_shaped(a.scale)
-    n, d, c, b = len(rows.image_labels), 1024, 1000, 512
+    n, d, b = len(rows.image_labels), 1024, 512
     cfg = AdapterConfig(epochs=a.epochs, select="last")  # no val split in this synthetic cache
     if a.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -59,7 +59,6 @@ def main() -> None:
     flops = steps * step_flops(rows, text, cfg, a.device)
     x = torch.randn(b, d, device=a.device)
     w = torch.randn(d, d, device=a.device)
-    t = torch.randn(d, c, device=a.device)
     reps = 20
 
     def mms() -> list[torch.Tensor]:
