@@ -120,7 +120,7 @@ def extract_split(
     if not todo:
         return 0, done
     if len(rows) == 0:  # an empty split still gets its (empty) shard, so the manifest can list it
-        ShardWriter(out, split, 0, 0, int(loaded.model.visual.output_dim), fingerprint, config.dtype).close()
+        ShardWriter(out, split, 0, 0, loaded.embed_dim, fingerprint, config.dtype).close()
         return 1, done
     shard_rows = [rows[s * config.shard_size : (s + 1) * config.shard_size] for s in todo]
     reader = ImageRows(
@@ -141,7 +141,7 @@ def extract_split(
         pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda",
         batch_sampler=batches,
     )
-    dim = int(loaded.model.visual.output_dim)
+    dim = loaded.embed_dim
     progress.start(f"extract {split}", len(reader))
     bounds = np.cumsum([len(r) for r in shard_rows])
     shard_i, written, writer = 0, 0, None
@@ -281,7 +281,7 @@ def _finish_manifest(
             "train": repr(augment_of(loaded, config)),
             "cfg": loaded.preprocess_cfg,
         },
-        "embed_dim": int(loaded.model.visual.output_dim),
+        "embed_dim": loaded.embed_dim,
         "dtype": config.dtype,
         "normalized": True,
         "classnames": dataset.classnames,

@@ -105,6 +105,18 @@ class LoadedModel:
     checkpoint_sha256: str | None
     preprocess_cfg: dict[str, Any]
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the image embedding: the tower's `output_dim`, else measured on one blank image (timm towers)."""
+        dim = getattr(self.model.visual, "output_dim", None)
+        if dim:
+            return int(dim)
+        size = self.preprocess_cfg.get("size", 224)
+        h, w = (size, size) if isinstance(size, int) else size
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            return int(self.model.encode_image(torch.zeros(1, 3, h, w, device=device)).shape[-1])
+
     def provenance(self) -> dict[str, Any]:
         """What identifies this model's weights, for manifests and fingerprints."""
         return {"name": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
@@ -248,11 +260,14 @@ def _register_hf_for_local_dir(folder: Path) -> None:
         write_json(cfg_path, cfg)
 
 
-def save_local_dir(loaded: LoadedModel, model: ClipModel, folder: str | Path) -> Path:
+def save_local_dir(
+    loaded: LoadedModel, model: ClipModel, folder: str | Path, model_cfg: dict[str, Any] | None = None
+) -> Path:
     """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`.
 
     `open_clip.create_model_and_transforms("local-dir:FOLDER")` and `load_model("local-dir:FOLDER")` read it back.
     A Hugging Face text tower's tokenizer files are copied in, since open_clip reads them from the folder.
+    `model_cfg` replaces the config of `loaded`'s architecture (export changes it when it appends a layer).
     """
     import open_clip
     from safetensors.torch import save_file
@@ -260,7 +275,9 @@ def save_local_dir(loaded: LoadedModel, model: ClipModel, folder: str | Path) ->
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     base = loaded.name
-    if base.startswith("local-dir:"):
+    if model_cfg is not None:
+        pass
+    elif base.startswith("local-dir:"):
         model_cfg = json.loads((Path(base.split(":", 1)[1]) / "open_clip_config.json").read_text())["model_cfg"]
     else:
         model_cfg = open_clip.get_model_config(base)

@@ -97,6 +97,10 @@ def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> Non
             "`bash bench/gpu_check.sh --out bench/gpu/RUN` on the GPU machine; keep its printed table as",
             "`bench/gpu/N-CARD-console.txt` and rerun `python bench/run_all.py`.",
         ]
+    fidelity = HERE / "fidelity.md"
+    if fidelity.exists():
+        lines += ["", "## Phase-B augmentation: cached views against fresh views at every step", ""]
+        lines += [fidelity.read_text().strip()]
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

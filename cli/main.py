@@ -544,6 +544,98 @@ def sweep(
     out.print(f"best adapter: {out_dir / 'best'}; results: {out_dir / 'results.csv'}")
 
 
+# ---------------------------------------------------------------------------------------------- the classifier
+
+
+@app.command()
+@handle_errors
+def export(
+    model: ModelOpt,
+    adapter: Annotated[
+        Path, typer.Option(help="Adapter folder fitted on a cache of --model (fit-adapter or sweep best/).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Export folder: open_clip local-dir + classifier files.")],
+    pretrained: PretrainedOpt = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="The adapter's cache, if it moved from where adapter.json says it is.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing export in --out.")] = False,
+) -> None:
+    """Fold the adapter into the model's image tower and write one classifier that plain open_clip loads.
+
+    Load it with `open_clip.create_model_and_transforms("local-dir:OUT")`; the class embeddings and the log prior
+    are in OUT/classifier.safetensors, class names and provenance in OUT/classifier.json.
+    """
+    from ballad_cache.atomic import RunLock, prepare_run_dir
+    from ballad_cache.export import CLASSIFIER_META, build_classifier, export_classifier
+
+    prepare_run_dir(out_dir, overwrite, finished=(CLASSIFIER_META,))
+    classifier = build_classifier(model, adapter, pretrained, cache)
+    with RunLock(out_dir):
+        export_classifier(classifier, out_dir)
+    out.print(
+        f"exported {len(classifier.classnames)}-class classifier to {out_dir} (adapter ratio "
+        f"{classifier.meta['ratio']:g} folded into the image tower); load it with "
+        f"open_clip.create_model_and_transforms('local-dir:{out_dir}')"
+    )
+
+
+class OutputFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+@app.command()
+@handle_errors
+def predict(
+    inputs: Annotated[
+        list[str] | None, typer.Argument(help="Image files, folders (recursive) or .txt lists of paths.")
+    ] = None,
+    model: ModelOpt = "local-dir:runs/export",
+    adapter: Annotated[
+        Path | None, typer.Option(help="Fold this adapter in on the fly (--model is then the phase-A model).")
+    ] = None,
+    pretrained: PretrainedOpt = None,
+    data: Annotated[str | None, typer.Option("--data", help="Classify a dataset split instead (with labels).")] = None,
+    split: Annotated[str, typer.Option(help="Split of --data.")] = "test",
+    out_file: Annotated[Path, typer.Option("--out", help="Predictions file.")] = Path("preds.csv"),
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="csv or jsonl (JSON lines).")] = OutputFormat.csv,
+    top_k: Annotated[int, typer.Option(min=1, help="Top-k class names and probabilities per image.")] = 5,
+    tau: Annotated[float | None, typer.Option(help="Logit adjustment: logits - tau * log prior.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 256,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: cores - 1).")] = None,
+    precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
+    skip_bad: Annotated[bool, typer.Option(help="List unreadable images in the output instead of stopping.")] = False,
+    device: DeviceOpt = Device.auto,
+) -> None:
+    """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
+    from ballad_cache.datasets import load_dataset
+    from ballad_cache.export import load_classifier
+    from ballad_cache.predict import PredictConfig, collect_images, predict_split, write_predictions
+
+    if bool(inputs) == bool(data):
+        raise typer.BadParameter("give image paths or --data SPEC (one of them)", param_hint="INPUTS / --data")
+    config = _config(
+        PredictConfig,
+        top_k=top_k,
+        tau=tau,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision.value,
+        skip_bad=skip_bad,
+    )
+    images = load_dataset(data).split(split) if data else collect_images(list(inputs or []))
+    classifier = load_classifier(model, adapter, pretrained)
+    with RichProgress() as progress:
+        result = predict_split(classifier, images, config, _device(device), progress)
+    write_predictions(result, out_file, fmt.value, top_k)
+    if result.report:
+        out.print(report_table(f"{len(result.rows)} images ({data} {split})", [("classifier", result.report)]))
+    if result.skipped:
+        err.print(f"skipped {len(result.skipped)} unreadable image(s); listed in {out_file}")
+    out.print(f"{len(result.rows)} predictions written to {out_file} ({result.images_per_s:.0f} images/s)")
+
+
 # ---------------------------------------------------------------------------------------------- the rest
 
 

@@ -1,0 +1,248 @@
+"""From a phase-A model and an adapter to one classifier that plain open_clip loads.
+
+The adapter is linear, `x' = ratio * W f + (1 - ratio) * f = M f` with `M = (1 - ratio) I + ratio W`, so it folds
+into the image tower's last linear map: ViT `proj` (`proj <- proj @ Mᵀ`), ModifiedResNet's attention-pool output
+projection and a timm tower's projection or classifier head (`weight <- M @ weight`, `bias <- M @ bias`). A timm
+tower configured without a projection (`timm_proj: none`) gets one appended (`timm_proj: linear`, no bias, weight
+`M`), which open_clip builds from the exported config. The exported model costs nothing extra at inference.
+
+Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
+
+- `classifier.safetensors`: `weight` (C×D class text embeddings, L2-normalised) and `log_prior` (C, from the
+  training counts of the cache the adapter was fitted on);
+- `classifier.json`: class names, logit scale, templates, ratio, the source model, adapter and cache fingerprint,
+  training counts and shot-group thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .adapter import LOGIT_SCALE, load_adapter
+from .atomic import atomic_path, read_json, remove_stale_temps, write_json
+from .cache import FeatureCache
+from .errors import BalladError
+from .longtail import ShotThresholds
+from .models import ClipModel, LoadedModel, load_model, save_local_dir
+
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+CLASSIFIER_META = "classifier.json"
+
+
+@dataclass
+class Classifier:
+    """An image classifier: an open_clip model whose image tower holds the adapter, and its class embeddings."""
+
+    loaded: LoadedModel
+    weight: torch.Tensor  # C×D, L2-normalised class embeddings
+    log_prior: torch.Tensor  # C, log of the training class frequencies
+    classnames: list[str]
+    logit_scale: float
+    meta: dict[str, Any]
+
+    def logits(self, images: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        """Class logits of preprocessed images: `scale * norm(encode_image(x)) · weightᵀ` (`- tau * log_prior`)."""
+        feats = torch.nn.functional.normalize(self.loaded.model.encode_image(images).float(), dim=-1)
+        logits = self.logit_scale * feats @ self.weight.to(feats.device).T
+        return logits if tau is None else logits - tau * self.log_prior.to(feats.device)
+
+
+def adapter_matrix(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`M = (1 - ratio) I + ratio W`: the adapter as one linear map, `x' = M f`."""
+    dim = weight.shape[0]
+    return (1.0 - ratio) * torch.eye(dim, dtype=torch.float64) + ratio * weight.double()
+
+
+def fold_adapter(model: ClipModel, model_cfg: dict[str, Any], matrix: torch.Tensor) -> tuple[ClipModel, dict[str, Any]]:
+    """Fold `matrix` (D×D) into the image tower's last linear map; returns the model and its (maybe changed) config.
+
+    Raises:
+        BalladError: a tower whose output does not end in a linear map ballad knows how to fold into.
+    """
+    visual = model.visual
+    with torch.no_grad():
+        proj = getattr(visual, "proj", None)
+        if isinstance(proj, torch.nn.Parameter):  # open_clip VisionTransformer: x @ proj
+            proj.copy_((proj.double() @ matrix.T).to(proj.dtype))
+            return model, model_cfg
+        attnpool = getattr(visual, "attnpool", None)
+        if attnpool is not None and isinstance(getattr(attnpool, "c_proj", None), torch.nn.Linear):
+            _fold_linear(attnpool.c_proj, matrix)  # ModifiedResNet (CLIP RN50 ...)
+            return model, model_cfg
+        head = getattr(visual, "head", None)
+        if head is not None and hasattr(visual, "trunk"):  # open_clip TimmModel
+            if isinstance(getattr(head, "proj", None), torch.nn.Linear):
+                _fold_linear(head.proj, matrix)
+                return model, model_cfg
+            if getattr(head, "mlp", None) is not None:
+                _fold_linear(head.mlp.fc2, matrix)
+                return model, model_cfg
+            if "pool" in dict(head.named_children()):
+                raise BalladError(
+                    "a timm tower with attention pooling cannot take the adapter; export is not supported"
+                )
+            if model_cfg.get("vision_cfg", {}).get("timm_proj") == "none":
+                return _append_projection(model, model_cfg, matrix)
+            classifier = visual.trunk.get_classifier()
+            if isinstance(classifier, torch.nn.Linear):
+                _fold_linear(classifier, matrix)
+                return model, model_cfg
+    raise BalladError(
+        f"cannot fold the adapter into {type(visual).__name__}: its output does not end in a known linear map"
+    )
+
+
+def _fold_linear(layer: torch.nn.Linear, matrix: torch.Tensor) -> None:
+    layer.weight.copy_((matrix @ layer.weight.double()).to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_((matrix @ layer.bias.double()).to(layer.bias.dtype))
+
+
+def _append_projection(
+    model: ClipModel, model_cfg: dict[str, Any], matrix: torch.Tensor
+) -> tuple[ClipModel, dict[str, Any]]:
+    """A timm tower without projection: rebuild it with a bias-free linear projection holding `matrix`."""
+    import open_clip
+
+    cfg = json.loads(json.dumps(model_cfg))
+    cfg["vision_cfg"]["timm_proj"] = "linear"
+    cfg["vision_cfg"]["timm_proj_bias"] = False
+    cfg["vision_cfg"]["timm_model_pretrained"] = False
+    if cfg.get("text_cfg", {}).get("hf_model_name"):
+        cfg["text_cfg"]["hf_model_pretrained"] = False
+    rebuilt = open_clip.model.CustomTextCLIP(**cfg) if cfg.get("custom_text") else open_clip.model.CLIP(**cfg)
+    missing, unexpected = rebuilt.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or missing != ["visual.head.proj.weight"]:
+        raise BalladError(f"could not append a projection to the timm tower (missing {missing}, extra {unexpected})")
+    with torch.no_grad():
+        rebuilt.visual.head.proj.weight.copy_(matrix.float())
+    return rebuilt.to(next(model.parameters()).device).eval(), cfg
+
+
+def _model_cfg(loaded: LoadedModel) -> dict[str, Any]:
+    import open_clip
+
+    if loaded.name.startswith("local-dir:"):
+        return dict(read_json(Path(loaded.name.split(":", 1)[1]) / "open_clip_config.json")["model_cfg"])
+    cfg = open_clip.get_model_config(loaded.name)
+    if cfg is None:
+        raise BalladError(f"no open_clip config for model '{loaded.name}'")
+    return json.loads(json.dumps(cfg))
+
+
+def build_classifier(
+    model: str, adapter: str | Path, pretrained: str | None = None, cache: str | Path | None = None
+) -> Classifier:
+    """Load `model`, fold the adapter in `adapter` into it, take class embeddings and counts from the adapter's cache.
+
+    Args:
+        model: the phase-A model the adapter's cache was extracted with (`local-dir:PATH` or an open_clip name).
+        adapter: an adapter folder (fit-adapter's `--out` or sweep's `best/`).
+        pretrained: open_clip pretrained tag or weights file, for named models.
+        cache: the adapter's cache, when it moved from the path adapter.json records.
+
+    Raises:
+        BalladError: the adapter was fitted on a cache of another model (naming both), or its cache is missing.
+    """
+    meta = read_json(Path(adapter) / "adapter.json")
+    cache_path = Path(cache) if cache else Path(str(meta.get("cache", "")))
+    if not (cache_path / "manifest.json").exists():
+        raise BalladError(
+            f"the cache adapter {adapter} was fitted on ({cache_path}) is gone; pass --cache with its new place"
+        )
+    feature_cache = FeatureCache(cache_path)
+    fitted = load_adapter(adapter, feature_cache)
+    loaded = load_model(model, pretrained)
+    source = fitted.meta.get("model", {})
+    if source.get("checkpoint_sha256") != loaded.checkpoint_sha256 or (
+        source.get("checkpoint_sha256") is None and source.get("name") != loaded.name
+    ):
+        raise BalladError(
+            f"adapter {adapter} was fitted on features of model {source.get('name')} "
+            f"(weights {str(source.get('checkpoint_sha256'))[:12]}), not {loaded.name} "
+            f"(weights {str(loaded.checkpoint_sha256)[:12]}); pass the model its cache was extracted with"
+        )
+    folded, cfg = fold_adapter(
+        loaded.model.float().eval(), _model_cfg(loaded), adapter_matrix(fitted.weight, fitted.config.ratio)
+    )
+    loaded.model = folded
+    counts = feature_cache.train_counts.astype(np.float64)
+    counts = np.where(counts > 0, counts, 1.0)
+    thresholds = ShotThresholds()
+    return Classifier(
+        loaded=loaded,
+        weight=feature_cache.text_embeddings().float(),
+        log_prior=torch.from_numpy(np.log(counts / counts.sum())).float(),
+        classnames=feature_cache.classnames,
+        logit_scale=LOGIT_SCALE,
+        meta={
+            "kind": "ballad-classifier",
+            "classnames": feature_cache.classnames,
+            "logit_scale": LOGIT_SCALE,
+            "templates": feature_cache.manifest.get("templates", []),
+            "ratio": fitted.config.ratio,
+            "source_model": {"name": model, "pretrained": pretrained, **loaded.provenance()},
+            "adapter": str(adapter),
+            "adapter_config": fitted.config.to_dict(),
+            "cache_fingerprint": feature_cache.fingerprint,
+            "train_class_counts": feature_cache.train_counts.tolist(),
+            "shot_thresholds": {"many": thresholds.many, "few": thresholds.few},
+            "model_cfg": cfg,
+        },
+    )
+
+
+def export_classifier(classifier: Classifier, out: str | Path) -> Path:
+    """Write `classifier` as an open_clip local-dir model plus `classifier.safetensors` and `classifier.json`."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    meta = dict(classifier.meta)
+    cfg = meta.pop("model_cfg")
+    save_local_dir(classifier.loaded, classifier.loaded.model, out, model_cfg=cfg)
+    with atomic_path(out / CLASSIFIER_WEIGHTS) as tmp:
+        save_file({"weight": classifier.weight.contiguous(), "log_prior": classifier.log_prior.contiguous()}, str(tmp))
+    write_json(out / CLASSIFIER_META, meta)  # written last: the export exists only when it does
+    return out
+
+
+def load_classifier(model: str, adapter: str | Path | None = None, pretrained: str | None = None) -> Classifier:
+    """An exported classifier (`local-dir:E`), or `model` with `adapter` folded in on the fly.
+
+    Raises:
+        BalladError: `model` is no export (no classifier files) and no adapter was given, or the files are damaged.
+    """
+    if adapter is not None:
+        return build_classifier(model, adapter, pretrained)
+    folder = Path(model.split(":", 1)[1]) if model.startswith("local-dir:") else Path(model)
+    if not (folder / CLASSIFIER_META).exists():
+        raise BalladError(
+            f"{folder} holds no {CLASSIFIER_META}: pass an exported model (ballad export) or add --adapter"
+        )
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_json(folder / CLASSIFIER_META)
+    try:
+        tensors = load_file(str(folder / CLASSIFIER_WEIGHTS))
+        weight, log_prior = tensors["weight"], tensors["log_prior"]
+    except (FileNotFoundError, SafetensorError, KeyError, OSError) as exc:
+        raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} is missing or damaged ({exc}); export again") from None
+    if weight.shape[0] != len(meta["classnames"]):
+        raise BalladError(
+            f"{folder / CLASSIFIER_WEIGHTS} has {weight.shape[0]} classes, {CLASSIFIER_META} lists "
+            f"{len(meta['classnames'])}; export again"
+        )
+    loaded = load_model(f"local-dir:{folder}")
+    loaded.model.eval()
+    return Classifier(
+        loaded, weight.float(), log_prior.float(), list(meta["classnames"]), float(meta["logit_scale"]), meta
+    )

@@ -1,0 +1,170 @@
+"""Classifying images with an exported classifier: inputs resolved to an image list, batched decode and encode,
+top-k predictions written as CSV or JSON lines."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .atomic import write_bytes
+from .datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
+from .encoder import autocast
+from .errors import BalladError
+from .export import Classifier
+from .longtail import ShotThresholds
+from .metrics import classification_report, summary
+from .progress import NullProgress, Progress
+from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+
+
+@dataclass
+class PredictConfig:
+    """How `ballad predict` runs."""
+
+    top_k: int = 5  # top-k names and probabilities per image
+    tau: float | None = None  # post-hoc logit adjustment: logits - tau * log(prior)
+    batch_size: int = 256
+    workers: int = field(default_factory=default_workers)
+    precision: str = "fp32"  # fp32 or bf16 (autocast, GPU only)
+    skip_bad: bool = False  # list unreadable images in the output instead of stopping
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ValueError("top_k and batch_size must be >= 1")
+
+
+def collect_images(inputs: list[str]) -> ImageSplit:
+    """Image files, folders (searched recursively, sorted) and text files of paths (one per line, relative to the
+    text file's folder unless absolute) as one unlabelled split.
+
+    Raises:
+        BalladError: an input that does not exist, or no image found.
+    """
+    files: list[str] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            files += [str(p) for p in sorted(path.rglob("*")) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        elif path.suffix.lower() == ".txt" and path.is_file():
+            files += [str(p if Path(p).is_absolute() else path.parent / p) for p in read_lines(path)]
+        elif path.is_file() or path.suffix.lower() in IMAGE_SUFFIXES:
+            files.append(str(path))  # a missing image file is reported when it is read, with its path
+        else:
+            raise BalladError(f"{path} does not exist; give image files, folders or a .txt list of paths")
+    if not files:
+        raise BalladError(f"no images found in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    return ImageSplit("inputs", np.full(len(files), -1, dtype=np.int64), files, files=files)
+
+
+@dataclass
+class Predictions:
+    """Per-image predictions (input order) and, when the inputs carry labels, a report."""
+
+    rows: list[dict[str, Any]]
+    report: dict[str, Any] | None
+    images_per_s: float
+    skipped: list[dict[str, Any]]
+
+
+def predict_split(
+    classifier: Classifier,
+    split: ImageSplit,
+    config: PredictConfig,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> Predictions:
+    """Classify every image of `split`; labels (>= 0) add `label`, `label_name`, `correct` and a report.
+
+    Raises:
+        BalladError: the first unreadable image (path and index), unless `config.skip_bad`.
+    """
+    progress = progress or NullProgress()
+    model = classifier.loaded.model.eval().to(device)
+    rows = np.stack([np.arange(len(split)), np.zeros(len(split), dtype=np.int64)], axis=1)
+    reader = ImageRows(split, rows, classifier.loaded.preprocess_eval)
+    loader = make_loader(reader, config.batch_size, config.workers, pin_memory=device.type == "cuda")
+    k = min(config.top_k, len(classifier.classnames))
+    weight = classifier.weight.to(device)
+    log_prior = classifier.log_prior.to(device)
+    names = classifier.classnames
+    labelled = bool(len(split)) and bool((split.labels >= 0).all())
+    out: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    all_logits, all_labels = [], []
+    progress.start("predict", len(split))
+    t0, done = time.perf_counter(), 0
+    for batch in loader:
+        keep = usable_rows(batch, config.skip_bad)
+        for i in np.flatnonzero(~keep):
+            skipped.append(skipped_row(batch, i))
+        with torch.inference_mode(), autocast(device, config.precision):
+            feats = model.encode_image(batch["image"][torch.from_numpy(keep)].to(device, non_blocking=True))
+        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
+        logits = classifier.logit_scale * feats @ weight.T
+        if config.tau is not None:
+            logits = logits - config.tau * log_prior
+        probs = logits.softmax(dim=1)
+        top = probs.topk(k, dim=1)
+        top_p, top_i = top.values.cpu().numpy(), top.indices.cpu().numpy()
+        for j, i in enumerate(np.flatnonzero(keep)):
+            row: dict[str, Any] = {
+                "path": batch["path"][i],
+                "pred": int(top_i[j, 0]),
+                "pred_name": names[top_i[j, 0]],
+                "prob": float(top_p[j, 0]),
+                "top_k": [(names[c], float(p)) for c, p in zip(top_i[j], top_p[j], strict=True)],
+            }
+            if labelled:
+                label = int(batch["label"][i])
+                row.update(label=label, label_name=names[label], correct=int(top_i[j, 0] == label))
+            out.append(row)
+        if labelled:
+            all_logits.append(logits.cpu())
+            all_labels.append(batch["label"][torch.from_numpy(keep)])
+        done += len(keep)
+        progress.advance(len(keep), images_per_s=f"{done / max(time.perf_counter() - t0, 1e-9):.0f}")
+    rate = done / max(time.perf_counter() - t0, 1e-9)
+    report = None
+    if labelled and all_logits:
+        counts = np.asarray(classifier.meta.get("train_class_counts", [0] * len(names)), dtype=np.int64)
+        thresholds = ShotThresholds(**classifier.meta.get("shot_thresholds", {}))
+        report = summary(classification_report(torch.cat(all_logits), torch.cat(all_labels), counts, thresholds))
+    return Predictions(out, report, rate, skipped)
+
+
+def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "csv", top_k: int = 5) -> Path:
+    """Write predictions atomically as CSV (`path, pred, pred_name, prob, top1_name, top1_prob, ...` and, with
+    labels, `label, label_name, correct`) or JSON lines; skipped images get their reason and no prediction."""
+    path = Path(path)
+    if fmt == "jsonl":
+        lines = [json.dumps(r) for r in predictions.rows]
+        lines += [json.dumps({"path": s["path"], "skipped": s["reason"]}) for s in predictions.skipped]
+        write_bytes(path, ("\n".join(lines) + "\n").encode())
+        return path
+    if fmt != "csv":
+        raise ValueError("format must be csv or jsonl")
+    labelled = bool(predictions.rows) and "label" in predictions.rows[0]
+    k = max((len(r["top_k"]) for r in predictions.rows), default=top_k)
+    header = ["path", "pred", "pred_name", "prob"]
+    header += [f"top{i + 1}_{part}" for i in range(k) for part in ("name", "prob")]
+    header += ["label", "label_name", "correct"] if labelled else []
+    header += ["skipped"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    for r in predictions.rows:
+        tops = [v for name, p in r["top_k"] for v in (name, f"{p:.6f}")]
+        extra = [r["label"], r["label_name"], r["correct"]] if labelled else []
+        w.writerow([r["path"], r["pred"], r["pred_name"], f"{r['prob']:.6f}", *tops, *extra, ""])
+    for s in predictions.skipped:
+        w.writerow([s["path"], "", "", "", *([""] * (2 * k)), *([""] * (3 if labelled else 0)), s["reason"]])
+    write_bytes(path, buf.getvalue().encode())
+    return path
