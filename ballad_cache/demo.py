@@ -56,7 +56,7 @@ class DemoSize:
 DEMO_SIZES: dict[str, DemoSize] = {
     "full": DemoSize(
         finetune=FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, warmup_steps=30, **DEMO_PHASE_A),
-        extract=ExtractConfig(train_views=4, shard_size=4096),
+        extract=ExtractConfig(shard_size=4096),  # the default 16 official-transform views
         adapter=AdapterConfig(epochs=10, batch_size=128, lr=0.2),
         sweep_ratios=(0.1, 0.2, 0.4, 0.6),
         sweep_lrs=(0.05, 0.2),

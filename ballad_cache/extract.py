@@ -30,7 +30,9 @@ class ExtractConfig:
     """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
 
     splits: tuple[str, ...] = ()  # empty: every split the dataset has (see resolve_splits)
-    train_views: int = 0  # augmented views per training image besides the eval view (official phase B augments)
+    # augmented views per training image besides the eval view: the official phase B augments every draw afresh;
+    # 16 cached views is the fewest within one std of that on fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
+    train_views: int = 16
     augment: str = "official"  # transform of the augmented views: official (BALLAD's) or open_clip
     templates: str | None = None  # set name, .txt file, literal '{c}' prompt; None: the dataset's templates
     dtype: str = "float16"  # feature dtype on disk; features are L2-normalised, so fp16 loses ~1e-3 cosine

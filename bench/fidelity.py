@@ -151,9 +151,8 @@ def main() -> None:
     lines += [
         "",
         f"Mean ± std over {a.seeds} seeds, test split, phase-B batch {a.batch}; wall s: the fresh-view run's",
-        "encoding and training, or the cached run's training plus its share of the extraction. Within one std of the",
-        "fresh-view",
-        f"run on mean top-1 and few-shot: K in {within}; smallest: {smallest}.",
+        "encoding and training, or the cached run's training plus its share of the extraction. Within one std of",
+        f"the fresh-view run on mean top-1 and few-shot: K in {within}; smallest: {smallest}.",
     ]
     print("\n".join(lines))
     (Path(__file__).resolve().parent / "fidelity.md").write_text(

@@ -52,6 +52,7 @@ if [ $SMOKE = 1 ]; then
   ADAPTER="--scale 0.01 --epochs 1"
   SWEEP="--scale 0.01 --epochs 1"
   PHASEB="--model ballad-micro --classes 10 --images-per-head 30 --image-size 32 --batch 32"
+  PREDICT="--model ballad-micro --images 96 --image-size 32 --batch 32 --repeats 1"
   KNN="--scale 0.01 --queries 200"
   LIMIT=120
 else
@@ -61,6 +62,7 @@ else
   ADAPTER="--scale 1.0 --epochs 10"
   SWEEP="--scale 1.0 --epochs 1"
   PHASEB="--model ViT-B-32 --classes 100 --images-per-head 100 --imbalance 10 --image-size 256 --batch 256"
+  PREDICT="--model ViT-B-16 --images 4096 --image-size 256 --batch 256 --repeats 3 --precision bf16"
   KNN="--scale 1.0 --queries 20000"
   LIMIT=150
 fi
@@ -87,6 +89,7 @@ step() {  # step NAME SCRIPT ARGS...: run one bench, note a failure and go on to
   step adapter bench/adapter.py $ADAPTER --device $DEV --label adapter
   step sweep bench/sweep.py $SWEEP --device $DEV --label sweep
   step phase_b bench/phase_b.py $PHASEB --device $DEV --label phase_b
+  step predict bench/predict.py $PREDICT --device $DEV --label predict
   if "$PY" -c "import faiss" 2>/dev/null; then
     step knn bench/knn.py $KNN --device $DEV --label knn
   else

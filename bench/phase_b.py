@@ -96,7 +96,7 @@ def main() -> None:
     cfg = AdapterConfig(epochs=1, batch_size=a.batch)
 
     t = time.perf_counter()
-    xcfg = ExtractConfig(splits=("train",), batch_size=a.batch, workers=a.workers, precision=a.precision)
+    xcfg = ExtractConfig(splits=("train",), train_views=0, batch_size=a.batch, workers=a.workers, precision=a.precision)
     extract_features(
         dataset, loaded, tmp / "cache", xcfg, device, encoder=ImageEncoder(loaded.model, device, a.precision)
     )

@@ -50,6 +50,13 @@ HEADLINES: dict[str, tuple[str, Any]] = {
             f"{r['ten_epochs_speedup_incl_extraction']}x"
         ),
     ),
+    "predict": (
+        "predict img/s (ballad predict / bare decode+encode loop)",
+        lambda r: (
+            f"{r['images_per_s']['ballad_predict']:.0f} / {r['images_per_s']['bare_decode_encode']:.0f} = "
+            f"{r['ratio']:.2f} ({r['images']} images, {r['classes']} classes)"
+        ),
+    ),
     "knn": (
         "kNN queries/s: faiss / torch matmul+topk",
         lambda r: (

@@ -259,7 +259,14 @@ def extract_features(
     splits: Annotated[
         str | None, typer.Option(help="Comma-separated splits to extract [default: every split the dataset has].")
     ] = None,
-    train_views: Annotated[int, typer.Option(min=0, help="Augmented views per train image besides the eval view.")] = 0,
+    train_views: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Augmented views per train image besides the eval view; phase B draws among them as the official "
+            "code augments each draw (16: the fewest that match fresh views, bench/fidelity.py; 0: eval view only).",
+        ),
+    ] = 16,
     templates: Annotated[
         str | None,
         typer.Option(

@@ -23,7 +23,8 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = {r["bench"]: r for r in summary["records"]}
     expected = {"extract_fp32", "extract_bf16", "finetune_step_fp32", "finetune_step_bf16", "adapter", "sweep"}
-    assert expected | {"phase_b", "knn"} == set(records)
+    assert expected | {"phase_b", "knn", "predict"} == set(records)
+    assert records["predict"]["images_per_s"]["ballad_predict"] > 0
     assert all(records[k]["images_per_s"]["ballad_extract"] > 0 for k in ("extract_fp32", "extract_bf16"))
     assert records["extract_fp32"]["memory"]["growth_4x_rows"] < 2  # memory does not follow the split size
     assert records["finetune_step_fp32"]["context"] == {"ballad": 10, "reference": 32}  # cifar100 prompts trimmed

@@ -26,7 +26,7 @@ runner = CliRunner()
 def _extract(out: Path, **kw) -> FeatureCache:
     ds = load_dataset("fmnist-lt")
     loaded = load_model("ballad-micro")
-    cfg = ExtractConfig(workers=0, batch_size=128, **kw)
+    cfg = ExtractConfig(workers=0, batch_size=128, **{"train_views": 0, **kw})
     extract_features(ds, loaded, out, cfg, torch.device("cpu"))
     return FeatureCache(out)
 
@@ -190,6 +190,8 @@ def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
     common = [
         "extract-features",
+        "--train-views",
+        "0",
         "--data",
         "fmnist-lt",
         "--model",

@@ -51,7 +51,9 @@ def _pipeline(root: Path, arch: str) -> dict[str, Path]:
     save_local_dir(loaded, loaded.model, root / "a")
     model = load_model(f"local-dir:{root / 'a'}")
     dataset = load_dataset("fmnist-lt")
-    extract_features(dataset, model, root / "cache", ExtractConfig(workers=0, batch_size=256), torch.device("cpu"))
+    extract_features(
+        dataset, model, root / "cache", ExtractConfig(train_views=0, workers=0, batch_size=256), torch.device("cpu")
+    )
     fit_on_cache(FeatureCache(root / "cache"), AdapterConfig(epochs=3, batch_size=128), root / "adapter")
     return {"model": root / "a", "cache": root / "cache", "adapter": root / "adapter"}
 

@@ -73,7 +73,7 @@ def _leftovers(folder: Path) -> list[str]:
 def test_extraction_stops_at_an_unreadable_image_with_path_and_index(tmp_path, kind):
     spec, broken = _image_dataset(tmp_path, [kind])
     out = tmp_path / "cache"
-    args = ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out)]
+    args = ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out), "--train-views", "0"]
     r = runner.invoke(app, [*args, "--workers", "0", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 1, r.output
     assert broken[kind] in r.output and "(index 3)" in r.output and "--skip-bad" in r.output
@@ -84,7 +84,7 @@ def test_skip_bad_extraction_lists_every_skipped_image(tmp_path):
     spec, broken = _image_dataset(tmp_path, list(BAD_KINDS))
     out = tmp_path / "cache"
     args = ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out), "--skip-bad"]
-    r = runner.invoke(app, [*args, "--workers", "0", "--batch-size", "4", "--device", "cpu"])
+    r = runner.invoke(app, [*args, "--train-views", "0", "--workers", "0", "--batch-size", "4", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "skipped 4 bad image(s)" in r.output
     manifest = json.loads((out / "manifest.json").read_text())
@@ -130,7 +130,19 @@ def test_a_dataset_yamls_templates_are_the_prompts_of_finetune_and_extraction(tm
     out = tmp_path / "cache"
     r = runner.invoke(
         app,
-        ["extract-features", "--data", str(spec), "--model", "ballad-micro", "--out", str(out), "--workers", "0"],
+        [
+            "extract-features",
+            "--data",
+            str(spec),
+            "--model",
+            "ballad-micro",
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--train-views",
+            "0",
+        ],
     )
     assert r.exit_code == 0, r.output
     cache = FeatureCache(out)
@@ -308,7 +320,17 @@ def test_full_disk_while_writing_a_shard_leaves_no_partial_file(ballad_data, tmp
 
     monkeypatch.setattr(ShardWriter, "write", fill_up)
     out = tmp_path / "cache"
-    args = ["extract-features", "--data", "fmnist-lt", "--model", "ballad-micro", "--out", str(out)]
+    args = [
+        "extract-features",
+        "--data",
+        "fmnist-lt",
+        "--model",
+        "ballad-micro",
+        "--out",
+        str(out),
+        "--train-views",
+        "0",
+    ]
     r = runner.invoke(app, [*args, "--splits", "train", "--shard-size", "512", "--batch-size", "256"])
     assert r.exit_code == 1
     assert "No space left on device" in r.output and "train-00001.h5" in r.output
