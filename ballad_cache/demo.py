@@ -13,19 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .adapter import AdapterConfig, load_adapter
 from .atomic import read_json, write_json
 from .cache import MANIFEST, FeatureCache
-from .datasets import load_dataset
+from .datasets import ImageSplit, LTDataset, load_dataset
 from .evaluate import EvalConfig, evaluate_cache, write_result
+from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
 from .extract import ExtractConfig, extract_features
 from .finetune import FinetuneConfig, finetune
 from .metrics import summary
 from .models import load_model
 from .phase_b import expand_grid, fit_on_cache, run_sweep
-from .plots import plot_per_class
+from .plots import plot_per_class, plot_prediction_grid
+from .predict import PredictConfig, predict_split
 from .progress import NullProgress, Progress
 
 DATA, MODEL = "fmnist-lt", "ballad-tiny"
@@ -83,26 +86,28 @@ def run_demo(
     sweep_dir, eval_dir, report = out / "sweep", out / "evaluate", out / "report"
 
     if overwrite or not (ft_dir / "summary.json").exists():
-        progress.log("1/5 phase A: finetune ballad-tiny on fmnist-lt")
+        progress.log("1/6 phase A: finetune ballad-tiny on fmnist-lt")
         ft_dir.mkdir(parents=True, exist_ok=True)
         finetune(dataset, load_model(MODEL), ft_dir, size.finetune, device, progress=progress)
     if overwrite or not (cache_dir / MANIFEST).exists():
-        progress.log("2/5 extract features with the phase-A model")
+        progress.log("2/6 extract features with the phase-A model")
         loaded = load_model(f"local-dir:{ft_dir / 'model'}")
         extract_features(dataset, loaded, cache_dir, size.extract, device, progress=progress)
     cache = FeatureCache(cache_dir)
     if overwrite or not (ad_dir / "adapter.json").exists():
-        progress.log("3/5 phase B: fit the BALLAD adapter (ratio 0.2, class-aware)")
+        progress.log("3/6 phase B: fit the BALLAD adapter (ratio 0.2, class-aware)")
         fit_on_cache(cache, size.adapter, ad_dir, device, progress)
-    progress.log("4/5 sweep ratio x lr")
+    progress.log("4/6 sweep ratio x lr")
     grid = expand_grid(size.adapter, ratio=list(size.sweep_ratios), lr=list(size.sweep_lrs))
     swept = run_sweep(cache, grid, sweep_dir, "top1", device, progress)
-    progress.log("5/5 evaluate on test")
+    progress.log("5/6 evaluate on test")
     adapter = load_adapter(ad_dir, cache)
     result = evaluate_cache(cache, adapter, EvalConfig(tau=size.tau))
     write_result(result, eval_dir, plot=True)
     report.mkdir(parents=True, exist_ok=True)
     plot_per_class(result, report / "per_class.png", heads=["zero-shot", "adapter"])
+    progress.log("6/6 export the classifier and predict a few test images with it")
+    predictions = _export_and_predict(dataset, ft_dir / "model", ad_dir, out / "export", report, device, overwrite)
     if (sweep_dir / "heatmap.png").exists():
         (report / "sweep_heatmap.png").write_bytes((sweep_dir / "heatmap.png").read_bytes())
     names = {
@@ -122,6 +127,41 @@ def run_demo(
         "train_class_counts": result["train_class_counts"],
         "thresholds": result["thresholds"],
         "cache_fingerprint": cache.fingerprint,
+        "export": str(out / "export"),
+        "predictions": predictions,
     }
     write_json(report / "summary.json", body)
     return body
+
+
+def _export_and_predict(
+    dataset: LTDataset,
+    model_dir: Path,
+    adapter_dir: Path,
+    export_dir: Path,
+    report: Path,
+    device: torch.device,
+    overwrite: bool,
+    per_class: int = 2,
+) -> list[dict[str, Any]]:
+    """Export the demo's classifier, classify `per_class` test images of each class with it, draw them in a grid."""
+    if overwrite or not (export_dir / CLASSIFIER_META).exists():
+        export_classifier(build_classifier(f"local-dir:{model_dir}", adapter_dir), export_dir)
+    classifier = load_classifier(f"local-dir:{export_dir}")
+    test = dataset.split("test")
+    picks = np.concatenate([np.flatnonzero(test.labels == c)[:per_class] for c in range(dataset.num_classes)])
+    subset = ImageSplit(
+        "test",
+        test.labels[picks],
+        [test.paths[i] for i in picks],
+        files=[test.files[i] for i in picks] if test.files else None,
+        pixels=test.pixels[picks] if test.pixels is not None else None,
+    )
+    result = predict_split(classifier, subset, PredictConfig(workers=0), device)
+    plot_prediction_grid(
+        [subset.load(i) for i in range(len(subset))],
+        [r["pred_name"] for r in result.rows],
+        [r["label_name"] for r in result.rows],
+        report / "predictions.png",
+    )
+    return [{k: r[k] for k in ("path", "pred_name", "prob", "label_name", "correct")} for r in result.rows]

@@ -84,3 +84,20 @@ def plot_heatmap(
     ax.set_title(title)
     fig.tight_layout()
     return _save(plt, fig, path)
+
+
+def plot_prediction_grid(
+    images: list[Any], predicted: list[str], true: list[str | None], path: str | Path, columns: int = 5
+) -> Path:
+    """A grid of images titled with the predicted class (and the true one, green when right, red when wrong)."""
+    plt = _pyplot()
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.0 * columns, 2.3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, pred, label in zip(axes.ravel(), images, predicted, true, strict=False):
+        ax.imshow(image, cmap="gray" if getattr(image, "mode", "") == "L" else None)
+        colour = "black" if label is None else ("green" if pred == label else "red")
+        ax.set_title(pred if label is None else f"{pred}\n(true: {label})", fontsize=8, color=colour)
+    fig.tight_layout()
+    return _save(plt, fig, path)

@@ -700,7 +700,8 @@ def demo(
     overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """The whole BALLAD pipeline on fmnist-lt with ballad-tiny, offline: finetune, extract, fit, sweep, evaluate."""
+    """The whole BALLAD pipeline on fmnist-lt with ballad-tiny, offline: finetune, extract, fit, sweep, evaluate,
+    then export the classifier and predict a few test images with it."""
     from ballad_cache.demo import DEMO_SIZES, run_demo
 
     if size not in DEMO_SIZES:

@@ -38,6 +38,9 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
     assert adapter["top1"] == pytest.approx(100 * (pred == y).mean(), abs=0.02)  # fp32 vs fp64 near-ties
     assert adapter["many"] == pytest.approx(per_class[counts > 100].mean(), abs=0.05)
     assert adapter["few"] == pytest.approx(per_class[counts < 20].mean(), abs=0.05)
+    preds = summary["predictions"]
+    assert len(preds) == 20 and [p["label_name"] for p in preds[::2]] == manifest["classnames"]
+    assert all(p["correct"] == int(p["pred_name"] == p["label_name"]) for p in preds)
     meta = json.loads((demo / "adapter" / "adapter.json").read_text())
     assert meta["steps"] == 2 * (1236 // 128) and 0 <= meta["best_epoch"] <= 2
     for step in (
@@ -47,6 +50,8 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
         "sweep/results.csv",
         "evaluate/result.json",
         "report/per_class.png",
+        "report/predictions.png",
+        "export/classifier.json",
     ):
         assert (tmp_path / "demo" / step).exists(), step
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--device", "cpu"])
