@@ -40,6 +40,8 @@ LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD
 
 SCHEDULES = ("epoch", "step")
 SELECTIONS = ("best-val", "last")
+LOSSES = ("ce", "la")
+HEADS = ("text", "cosine")
 
 
 @dataclass
@@ -58,6 +60,13 @@ class AdapterConfig:
     schedule: str = "epoch"  # epoch: CosineAnnealingLR(T_max=epochs) stepped at each epoch start (official); step
     keep_last_batch: bool = False  # official: floor(N/B) full batches per epoch; True: ceil(N/B), last one partial
     select: str = "best-val"  # best-val: the epoch with the best val top-1, strictly better replaces (official); last
+    loss: str = "ce"  # ce (BALLAD); la: logit-adjusted CE, logits + la_tau * log(prior) in training (Menon et al.)
+    la_tau: float = 1.0  # strength of the logit adjustment (la)
+    head: str = (
+        "text"  # text: the fixed class text embeddings (BALLAD); cosine: learnable, initialised from them (LIFT)
+    )
+    head_scale: float = 25.0  # logit scale of the cosine head (LIFT's); the text head uses CLIP's 100
+    head_lr: float | None = None  # the cosine head's SGD learning rate (None: lr)
     seed: int = 0  # seeds W's init and the index stream
 
     def __post_init__(self) -> None:
@@ -71,6 +80,17 @@ class AdapterConfig:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got '{self.head}'")
+        if self.head_scale <= 0 or (self.head_lr is not None and self.head_lr < 0):
+            raise ValueError("head_scale must be > 0 and head_lr >= 0")
+
+    @property
+    def logit_scale(self) -> float:
+        """The scale of this configuration's logits: CLIP's 100 for the text head, `head_scale` for a cosine head."""
+        return self.head_scale if self.head == "cosine" else LOGIT_SCALE
 
     def stream_key(self) -> tuple[Any, ...]:
         """Configurations with equal keys draw the same batches and can train together."""
@@ -102,11 +122,18 @@ def adapt(features: torch.Tensor, weight: torch.Tensor, ratio: float) -> torch.T
 
 
 def adapter_logits(
-    features: torch.Tensor, weight: torch.Tensor | None, ratio: float, text: torch.Tensor
+    features: torch.Tensor,
+    weight: torch.Tensor | None,
+    ratio: float,
+    text: torch.Tensor,
+    scale: float = LOGIT_SCALE,
 ) -> torch.Tensor:
-    """Class logits `100 * norm(x') · textᵀ`; zero-shot (`norm(f) · textᵀ`) when `weight` is None."""
+    """Class logits `scale * norm(x') · norm(text)ᵀ`; zero-shot (`norm(f)`) when `weight` is None.
+
+    `text` is the class text embeddings or a cosine head's rows (normalised here; text embeddings already are).
+    """
     x = F.normalize(features.float(), dim=-1) if weight is None else adapt(features.float(), weight, ratio)
-    return LOGIT_SCALE * x @ text.T.to(x.dtype)
+    return scale * x @ F.normalize(text.float(), dim=-1).T.to(x.dtype)
 
 
 @dataclass
@@ -198,6 +225,7 @@ class FitResult:
     steps: int = 0
     best_epoch: list[int] = field(default_factory=list)
     val_top1: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    heads: list[torch.Tensor | None] = field(default_factory=list)  # a cosine head's C×d rows (normalised), or None
 
 
 def fit_adapters(
@@ -252,6 +280,18 @@ def fit_adapters(
     mom = torch.tensor([c.momentum for c in configs], device=device).view(k, 1, 1)
     wd = torch.tensor([c.weight_decay for c in configs], device=device).view(k, 1, 1)
     buf = torch.zeros_like(w)
+    num_classes = text.shape[0]
+    scale = torch.tensor([c.logit_scale for c in configs], device=device).view(k, 1, 1)
+    # logit adjustment in the loss (Menon et al.): logits + tau * log(prior), the prior from the training images
+    counts = np.bincount(rows.image_labels, minlength=num_classes).astype(np.float64)
+    log_prior = torch.from_numpy(np.log(np.where(counts > 0, counts, 1.0) / max(counts.sum(), 1.0))).float()
+    taus = [c.la_tau if c.loss == "la" else 0.0 for c in configs]
+    bias = (torch.tensor(taus).view(k, 1, 1) * log_prior.view(1, 1, -1)).to(device) if any(taus) else None
+    # cosine heads (LIFT): learnable C×d rows initialised from the text embeddings, normalised in the forward pass;
+    # text heads ride along with a zero learning rate, so one batched step serves both
+    cosine = [c.head == "cosine" for c in configs]
+    heads = text.unsqueeze(0).repeat(k, 1, 1) if any(cosine) else None
+    head_buf = torch.zeros_like(heads) if heads is not None else None
     epochs = batch_schedule(rows, cfg0, stream)
     per_epoch = [len(e) for e in epochs]
     steps = [b for e in epochs for b in e]
@@ -271,10 +311,16 @@ def fit_adapters(
         for s in range(n)
     ]
     lr_table = torch.tensor(lr_rows, device=device, dtype=torch.float32).view(n, k, 1, 1)
+    head_lr_table = torch.zeros_like(lr_table)
+    for j, c in enumerate(configs):
+        if cosine[j]:
+            base = c.lr if c.head_lr is None else c.head_lr
+            head_lr_table[:, j] = lr_table[:, j] * (base / c.lr if c.lr else 0.0)  # the same schedule, scaled
     loss_dev = torch.zeros(k, n, device=device)
     report_every = max(1, n // 200)  # a progress update reads the loss back: a device sync
     select_best = [c.select == "best-val" and val is not None for c in configs]
     best_w = w.clone() if any(select_best) else None
+    best_heads = heads.clone() if heads is not None and any(select_best) else None
     best_acc = [0.0] * k  # the official initial best_acc; strictly better replaces
     best_epoch = [0] * k
     val_top1 = np.zeros((k, len(per_epoch))) if val is not None else np.zeros((k, 0))
@@ -290,7 +336,21 @@ def fit_adapters(
             lr = lr_table[step]
             for a, b in spans:
                 loss_dev[a:b, step] = _adapter_step(
-                    x, y, w[a:b], ratio[a:b], text, wd[a:b], mom[a:b], lr[a:b], buf[a:b], step
+                    x,
+                    y,
+                    w[a:b],
+                    ratio[a:b],
+                    text,
+                    wd[a:b],
+                    mom[a:b],
+                    lr[a:b],
+                    buf[a:b],
+                    step,
+                    scale[a:b],
+                    bias[a:b] if bias is not None else None,
+                    _HeadState(heads[a:b], head_buf[a:b], head_lr_table[step, a:b])
+                    if heads is not None and head_buf is not None
+                    else None,
                 )
             if on_step is not None:
                 on_step(step, loss_dev[:, step])
@@ -299,23 +359,33 @@ def fit_adapters(
                 progress.advance(done, loss=f"{loss_dev[:, step].mean().item():.3f}")
             step += 1
         if val is not None:
-            val_top1[:, e] = val_accuracy(w, [c.ratio for c in configs], text, val[0], val[1])
+            val_top1[:, e] = val_accuracy(
+                w, [c.ratio for c in configs], heads if heads is not None else text, val[0], val[1]
+            )
             for j in range(k):
                 if select_best[j] and val_top1[j, e] > best_acc[j]:
                     best_acc[j], best_epoch[j] = float(val_top1[j, e]), e + 1
                     assert best_w is not None
                     best_w[j].copy_(w[j])
+                    if best_heads is not None and heads is not None:
+                        best_heads[j].copy_(heads[j])
         if on_epoch is not None:
             on_epoch(e + 1, w)
     final = w.clone()
+    final_heads = heads.clone() if heads is not None else None
     for j in range(k):
         if select_best[j]:
             assert best_w is not None
             final[j] = best_w[j]
+            if final_heads is not None and best_heads is not None:
+                final_heads[j] = best_heads[j]
         else:
             best_epoch[j] = len(per_epoch)
     losses = loss_dev.double().cpu().numpy()
-    return FitResult(list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1)
+    out_heads = [
+        F.normalize(final_heads[j], dim=-1).cpu() if final_heads is not None and cosine[j] else None for j in range(k)
+    ]
+    return FitResult(list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1, out_heads)
 
 
 @torch.no_grad()
@@ -327,14 +397,17 @@ def val_accuracy(
     labels: torch.Tensor,
     rows_per_chunk: int = 8192,
 ) -> np.ndarray:
-    """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in row chunks."""
+    """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in row chunks.
+
+    `text` is the shared C×d class embeddings, or K×C×d heads (one per adapter).
+    """
     device = weights.device
     correct = np.zeros(len(ratios))
     for a in range(0, len(labels), rows_per_chunk):
         x = features[a : a + rows_per_chunk].to(device, torch.float32)
         y = labels[a : a + rows_per_chunk].to(device)
         for j, r in enumerate(ratios):
-            pred = adapter_logits(x, weights[j], r, text).argmax(dim=1)
+            pred = adapter_logits(x, weights[j], r, text[j] if text.dim() == 3 else text).argmax(dim=1)
             correct[j] += float((pred == y).sum())
     return 100.0 * correct / max(len(labels), 1)
 
@@ -342,6 +415,15 @@ def val_accuracy(
 def cpu_chunk(batch_size: int, dim: int, num_classes: int, budget_bytes: int = 8 << 20) -> int:
     """Adapters per chunk on CPU: as many as keep one step's B×(d+C) float32 intermediates within `budget`."""
     return max(1, budget_bytes // (batch_size * (dim + num_classes) * 4))
+
+
+@dataclass
+class _HeadState:
+    """Cosine heads of a chunk (k×C×d, trained in place), their momentum buffers and this step's learning rates."""
+
+    rows: torch.Tensor
+    buf: torch.Tensor
+    lr: torch.Tensor
 
 
 def _adapter_step(
@@ -355,24 +437,57 @@ def _adapter_step(
     lr: torch.Tensor,
     buf: torch.Tensor,
     step: int,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    heads: _HeadState | None = None,
 ) -> torch.Tensor:
-    """One SGD step, in place, for the adapters `w` (k×d×d views) on batch (x, y); returns their k losses."""
+    """One SGD step, in place, for the adapters `w` (k×d×d views) on batch (x, y); returns their k losses.
+
+    Logits are `scale * norm(x') · textᵀ` (CLIP's 100 by default), or against each adapter's normalised head rows
+    when `heads` is given (those train too, at their own rate); `bias` (k×1×C) is added in the loss only (la).
+    """
     k, dim, _ = w.shape
     b = x.shape[0]
     leaf = w.detach().view(k * dim, dim).requires_grad_()
     h = (x @ leaf.T).view(b, k, dim).transpose(0, 1)  # k×B×d, one matmul for the chunk
     h = F.normalize(ratio * h + (1.0 - ratio) * x.unsqueeze(0), dim=-1)
-    logits = LOGIT_SCALE * h.reshape(k * b, dim) @ text.T
-    per = F.cross_entropy(logits, y.repeat(k), reduction="none").view(k, b).mean(dim=1)
-    grad = torch.autograd.grad(per.sum(), leaf)[0].view(k, dim, dim)
+    leaves = [leaf]
+    if heads is None:
+        logits = (LOGIT_SCALE * h.reshape(k * b, dim) @ text.T).view(k, b, -1)
+        if scale is not None:
+            logits = logits * (scale / LOGIT_SCALE)
+    else:
+        head_leaf = heads.rows.detach().requires_grad_()
+        leaves.append(head_leaf)
+        logits = torch.bmm(h, F.normalize(head_leaf, dim=-1).transpose(1, 2))
+        logits = logits * (scale if scale is not None else LOGIT_SCALE)
+    if bias is not None:
+        logits = logits + bias
+    per = F.cross_entropy(logits.reshape(k * b, -1), y.repeat(k), reduction="none").view(k, b).mean(dim=1)
+    grads = torch.autograd.grad(per.sum(), leaves)
     with torch.no_grad():
-        g = grad.add_(wd * w)  # torch.optim.SGD: weight decay added to the gradient
-        if step == 0:
-            buf.copy_(g)  # first step: buf = g, as torch does
-        else:
-            buf.mul_(mom).add_(g)
-        w.sub_(lr * buf)
+        _sgd(w, grads[0].view(k, dim, dim), wd, mom, lr, buf, step)
+        if heads is not None:
+            _sgd(heads.rows, grads[1], wd, mom, heads.lr, heads.buf, step)
     return per.detach()
+
+
+def _sgd(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    wd: torch.Tensor,
+    mom: torch.Tensor,
+    lr: torch.Tensor,
+    buf: torch.Tensor,
+    step: int,
+) -> None:
+    """torch.optim.SGD's update (weight decay added to the gradient, momentum without dampening), in place."""
+    g = g.add_(wd * p)
+    if step == 0:
+        buf.copy_(g)  # first step: buf = g, as torch does
+    else:
+        buf.mul_(mom).add_(g)
+    p.sub_(lr * buf)
 
 
 def _row_labels(rows: TrainRows, device: torch.device) -> torch.Tensor:
@@ -404,10 +519,15 @@ class Adapter:
     config: AdapterConfig
     cache_fingerprint: str
     meta: dict[str, Any]
+    head: torch.Tensor | None = None  # a trained cosine head's C×d rows; None: the class text embeddings
+
+    def classes(self, text: torch.Tensor) -> torch.Tensor:
+        """The rows logits are taken against: the trained head, else the class text embeddings."""
+        return self.head if self.head is not None else text
 
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Class logits of cached features."""
-        return adapter_logits(features, self.weight, self.config.ratio, text)
+        """Class logits of cached features (`text`: the cache's class embeddings, used without a trained head)."""
+        return adapter_logits(features, self.weight, self.config.ratio, self.classes(text), self.config.logit_scale)
 
 
 def save_adapter(
@@ -416,20 +536,27 @@ def save_adapter(
     config: AdapterConfig,
     cache: FeatureCache,
     extra: dict[str, Any] | None = None,
+    head: torch.Tensor | None = None,
 ) -> Path:
-    """Write `adapter.safetensors` and `adapter.json` (config, cache fingerprint and model, extra metrics)."""
+    """Write `adapter.safetensors` (`weight`, and `head` for a cosine head) and `adapter.json` (config, cache
+    fingerprint and model, the prompt templates of the class embeddings, extra metrics)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"weight": weight.detach().float().contiguous().cpu()}
+    if head is not None:
+        tensors["head"] = head.detach().float().contiguous().cpu()
     with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file({"weight": weight.detach().float().contiguous().cpu()}, str(tmp))
+        save_file(tensors, str(tmp))
     meta = {
         "kind": "ballad-adapter",
         "config": config.to_dict(),
         "cache_fingerprint": cache.fingerprint,
         "cache": str(cache.path),
         "model": cache.manifest["model"],
+        "templates": cache.manifest.get("templates", []),
+        "template_set": cache.manifest.get("config", {}).get("templates"),
         "embed_dim": int(weight.shape[1]),
         **(extra or {}),
     }
@@ -449,7 +576,8 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
     folder = Path(folder)
     meta = read_json(folder / ADAPTER_META)
     try:
-        weight = load_file(str(folder / ADAPTER_WEIGHTS))["weight"]
+        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        weight, head = tensors["weight"], tensors.get("head")
     except FileNotFoundError:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not exist; fit the adapter first") from None
     except (SafetensorError, KeyError, OSError) as exc:
@@ -466,4 +594,9 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
             raise BalladError(
                 f"adapter {folder} is {tuple(weight.shape)}, the cache has dim {cache.manifest['embed_dim']}"
             )
-    return Adapter(weight, AdapterConfig.from_dict(meta["config"]), str(meta.get("cache_fingerprint")), meta)
+        if head is not None and head.shape != (cache.num_classes, cache.manifest["embed_dim"]):
+            raise BalladError(f"adapter {folder} has a head of shape {tuple(head.shape)}, not the cache's classes")
+    config = AdapterConfig.from_dict(meta["config"])
+    if config.head == "cosine" and head is None:
+        raise BalladError(f"{folder / ADAPTER_WEIGHTS} lacks the cosine head its adapter.json names; refit it")
+    return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head)

@@ -8,8 +8,8 @@ tower configured without a projection (`timm_proj: none`) gets one appended (`ti
 
 Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
 
-- `classifier.safetensors`: `weight` (C×D class text embeddings, L2-normalised) and `log_prior` (C, from the
-  training counts of the cache the adapter was fitted on);
+- `classifier.safetensors`: `weight` (C×D, L2-normalised: the class text embeddings, or the adapter's trained
+  cosine head) and `log_prior` (C, from the training counts of the cache the adapter was fitted on);
 - `classifier.json`: class names, logit scale, templates, ratio, the source model, adapter and cache fingerprint,
   training counts and shot-group thresholds.
 """
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter import LOGIT_SCALE, load_adapter
+from .adapter import load_adapter
 from .atomic import atomic_path, read_json, remove_stale_temps, write_json
 from .cache import FeatureCache
 from .errors import BalladError
@@ -175,16 +175,18 @@ def build_classifier(
     counts = feature_cache.train_counts.astype(np.float64)
     counts = np.where(counts > 0, counts, 1.0)
     thresholds = ShotThresholds()
+    scale = fitted.config.logit_scale
     return Classifier(
         loaded=loaded,
-        weight=feature_cache.text_embeddings().float(),
+        weight=torch.nn.functional.normalize(fitted.classes(feature_cache.text_embeddings()).float(), dim=-1),
         log_prior=torch.from_numpy(np.log(counts / counts.sum())).float(),
         classnames=feature_cache.classnames,
-        logit_scale=LOGIT_SCALE,
+        logit_scale=scale,
         meta={
             "kind": "ballad-classifier",
             "classnames": feature_cache.classnames,
-            "logit_scale": LOGIT_SCALE,
+            "logit_scale": scale,
+            "head": fitted.config.head,
             "templates": feature_cache.manifest.get("templates", []),
             "ratio": fitted.config.ratio,
             "source_model": {"name": model, "pretrained": pretrained, **loaded.provenance()},

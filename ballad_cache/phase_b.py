@@ -45,7 +45,7 @@ def fit_on_cache(
     result = fit_adapters(
         rows, text, [config], device=device, progress=progress, val=(val.features, val.labels) if val else None
     )
-    weight = result.weights[0]
+    weight, head = result.weights[0], result.heads[0]
     extra: dict[str, Any] = {
         "final_loss": float(result.losses[0, -1]) if result.losses.size else None,
         "steps": result.steps,
@@ -56,10 +56,14 @@ def fit_on_cache(
     if val is not None:
         extra["val"] = summary(
             classification_report(
-                adapter_logits(val.features, weight, config.ratio, text), val.labels, cache.train_counts
+                adapter_logits(
+                    val.features, weight, config.ratio, head if head is not None else text, config.logit_scale
+                ),
+                val.labels,
+                cache.train_counts,
             )
         )
-    save_adapter(out, weight, config, cache, extra)
+    save_adapter(out, weight, config, cache, extra, head)
     return read_json(Path(out) / "adapter.json")
 
 
@@ -69,6 +73,12 @@ def point_key(c: AdapterConfig) -> str:
         f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
         f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}_{c.schedule}_{c.select}"
         + ("_keeplast" if c.keep_last_batch else "")
+        + (f"_la{c.la_tau:g}" if c.loss == "la" else "")
+        + (
+            f"_cos{c.head_scale:g}" + (f"lr{c.head_lr:g}" if c.head_lr is not None else "")
+            if c.head == "cosine"
+            else ""
+        )
     )
 
 
@@ -137,9 +147,16 @@ def run_sweep(
                 val=(val.features, val.labels),
             )
             for j, i in enumerate(members):
+                head = fit.heads[j]
                 report = summary(
                     classification_report(
-                        adapter_logits(val.features, fit.weights[j], configs[i].ratio, text),
+                        adapter_logits(
+                            val.features,
+                            fit.weights[j],
+                            configs[i].ratio,
+                            head if head is not None else text,
+                            configs[i].logit_scale,
+                        ),
                         val.labels,
                         cache.train_counts,
                     )
@@ -148,6 +165,7 @@ def run_sweep(
                     points_dir,
                     keys[i],
                     fit.weights[j],
+                    head,
                     configs[i],
                     report,
                     cache.fingerprint,
@@ -162,13 +180,22 @@ def run_sweep(
     best_cfg = AdapterConfig.from_dict(best["config"])
     from safetensors.torch import load_file
 
-    weight = load_file(str(points_dir / f"{best['key']}.safetensors"))["weight"]
+    tensors = load_file(str(points_dir / f"{best['key']}.safetensors"))
+    weight, best_head = tensors["weight"], tensors.get("head")
     test = None
     if "test" in cache.splits:
         t = cache.load_split("test").eval_view()
         test = summary(
             classification_report(
-                adapter_logits(t.features, weight, best_cfg.ratio, text), t.labels, cache.train_counts
+                adapter_logits(
+                    t.features,
+                    weight,
+                    best_cfg.ratio,
+                    best_head if best_head is not None else text,
+                    best_cfg.logit_scale,
+                ),
+                t.labels,
+                cache.train_counts,
             )
         )
     save_adapter(
@@ -183,6 +210,7 @@ def run_sweep(
             "steps": best["steps"],
             "best_epoch": best["best_epoch"],
         },
+        best_head,
     )
     _write_tables(out, ranked, metric, test, cache)
     _heatmap(out, ranked, metric)
@@ -203,6 +231,7 @@ def _save_point(
     folder: Path,
     key: str,
     weight: torch.Tensor,
+    head: torch.Tensor | None,
     config: AdapterConfig,
     val: dict[str, float],
     fingerprint: str,
@@ -213,8 +242,11 @@ def _save_point(
 ) -> None:
     from safetensors.torch import save_file
 
+    tensors = {"weight": weight.contiguous()}
+    if head is not None:
+        tensors["head"] = head.contiguous()
     with atomic_path(folder / f"{key}.safetensors") as tmp:
-        save_file({"weight": weight.contiguous()}, str(tmp))
+        save_file(tensors, str(tmp))
     write_json(
         folder / f"{key}.json",
         {
@@ -242,6 +274,10 @@ def _write_tables(
         "weight_decay",
         "momentum",
         "samples_per_class",
+        "loss",
+        "la_tau",
+        "head",
+        "head_scale",
         "schedule",
         "keep_last_batch",
         "select",
@@ -279,6 +315,7 @@ def _write_tables(
             "points": ranked,
             "best": ranked[0],
             "best_test": test,
+            "templates": cache.manifest.get("templates", []),
         },
     )
 

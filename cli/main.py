@@ -74,6 +74,20 @@ SelectOpt = Annotated[
 ]
 
 
+class Loss(str, Enum):
+    ce = "ce"
+    la = "la"
+
+
+class Head(str, Enum):
+    text = "text"
+    cosine = "cosine"
+
+
+HeadScaleOpt = Annotated[float, typer.Option(min=1e-6, help="Logit scale of the cosine head (LIFT: 25).")]
+HeadLrOpt = Annotated[float | None, typer.Option(min=0.0, help="Cosine head's learning rate [default: --lr].")]
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -402,6 +416,19 @@ def fit_adapter(
     schedule: ScheduleOpt = Schedule.epoch,
     keep_last_batch: KeepLastOpt = False,
     select: SelectOpt = Select.best_val,
+    loss: Annotated[
+        Loss, typer.Option(help="ce (BALLAD) or la: logit-adjusted CE, logits + la_tau * log prior (Menon et al.).")
+    ] = Loss.ce,
+    la_tau: Annotated[float, typer.Option(help="Logit-adjustment strength of --loss la.")] = 1.0,
+    head: Annotated[
+        Head,
+        typer.Option(
+            help="text: the fixed class text embeddings (BALLAD); cosine: a learnable classifier initialised from "
+            "them (LIFT), trained with the adapter (--ratio 0 trains the head alone)."
+        ),
+    ] = Head.text,
+    head_scale: HeadScaleOpt = 25.0,
+    head_lr: HeadLrOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --out.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -425,6 +452,11 @@ def fit_adapter(
         schedule=schedule.value,
         keep_last_batch=keep_last_batch,
         select=select.value,
+        loss=loss.value,
+        la_tau=la_tau,
+        head=head.value,
+        head_scale=head_scale,
+        head_lr=head_lr,
         seed=seed,
     )
     c = FeatureCache(cache)
@@ -489,6 +521,11 @@ def sweep(
     lr: Annotated[str, typer.Option(help="Comma-separated learning rates.")] = "0.2",
     epochs: Annotated[str, typer.Option(help="Comma-separated epoch counts.")] = "10",
     weight_decay: Annotated[str, typer.Option(help="Comma-separated weight decays.")] = "5e-4",
+    loss: Annotated[str, typer.Option(help="Comma-separated losses: ce (BALLAD), la (logit-adjusted).")] = "ce",
+    la_tau: Annotated[str, typer.Option(help="Comma-separated logit-adjustment strengths (for la).")] = "1.0",
+    head: Annotated[str, typer.Option(help="Comma-separated heads: text (BALLAD), cosine (LIFT).")] = "text",
+    head_scale: HeadScaleOpt = 25.0,
+    head_lr: HeadLrOpt = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 512,
     schedule: ScheduleOpt = Schedule.epoch,
     keep_last_batch: KeepLastOpt = False,
@@ -519,15 +556,31 @@ def sweep(
     lrs, eps, wds = _csv(lr, float, "--lr"), _csv(epochs, int, "--epochs"), _csv(weight_decay, float, "--weight-decay")
     if any(e < 0 for e in eps):
         raise typer.BadParameter("epochs must be >= 0", param_hint="--epochs")
+    losses, heads, taus = _csv(loss, str, "--loss"), _csv(head, str, "--head"), _csv(la_tau, float, "--la-tau")
+    for values, known, option in ((losses, ("ce", "la"), "--loss"), (heads, ("text", "cosine"), "--head")):
+        if any(v not in known for v in values):
+            raise typer.BadParameter(f"use {' or '.join(known)}", param_hint=option)
+    if "la" not in losses:
+        taus = []  # the strength only matters for la
     base = _config(
         AdapterConfig,
         batch_size=batch_size,
+        head_scale=head_scale,
+        head_lr=head_lr,
         schedule=schedule.value,
         keep_last_batch=keep_last_batch,
         select=select.value,
         seed=seed,
     )
-    configs = expand_grid(base, sampler=samplers, ratio=ratios, lr=lrs, epochs=eps, weight_decay=wds)
+    configs = expand_grid(
+        base, sampler=samplers, ratio=ratios, lr=lrs, epochs=eps, weight_decay=wds, loss=losses, head=heads
+    )
+    if taus:  # la points take each strength; ce points stay one each
+        configs = [
+            AdapterConfig.from_dict({**c.to_dict(), "la_tau": t})
+            for c in configs
+            for t in (taus if c.loss == "la" else [c.la_tau])
+        ]
     c = FeatureCache(cache)
     out_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(out_dir), RichProgress() as progress:
@@ -538,13 +591,7 @@ def sweep(
             {"command": "sweep", "cache": str(cache), "metric": metric, "grid": [cfg.to_dict() for cfg in configs]},
         )
         result = run_sweep(c, configs, out_dir, metric, _device(device), progress)
-    rows = [
-        (
-            f"{p['config']['sampler']} r={p['config']['ratio']:g} lr={p['config']['lr']:g} e={p['config']['epochs']}",
-            p["val"],
-        )
-        for p in result.points[:10]
-    ]
+    rows = [(_point_name(p["config"]), p["val"]) for p in result.points[:10]]
     out.print(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, ranked by {metric})", rows))
     if result.test:
         out.print(report_table("best configuration on test", [("best", result.test)]))
@@ -641,6 +688,15 @@ def predict(
     if result.skipped:
         err.print(f"skipped {len(result.skipped)} unreadable image(s); listed in {out_file}")
     out.print(f"{len(result.rows)} predictions written to {out_file} ({result.images_per_s:.0f} images/s)")
+
+
+def _point_name(c: dict[str, Any]) -> str:
+    name = f"{c['sampler']} r={c['ratio']:g} lr={c['lr']:g} e={c['epochs']}"
+    if c.get("loss") == "la":
+        name += f" la{c['la_tau']:g}"
+    if c.get("head") == "cosine":
+        name += " cos"
+    return name
 
 
 # ---------------------------------------------------------------------------------------------- the rest

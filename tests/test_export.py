@@ -206,3 +206,23 @@ def test_predict_on_files_folders_and_lists_with_tau_and_bad_images(vit_pipeline
     assert r.exit_code == 1 and "does not exist" in r.output
     r = runner.invoke(app, ["predict", str(tmp_path / "imgs"), "--model", f"local-dir:{vit_pipeline['model']}"])
     assert r.exit_code == 1 and "classifier.json" in r.output and "--adapter" in r.output
+
+
+def test_export_and_predict_use_a_trained_cosine_head(vit_pipeline, ballad_data, tmp_path):
+    import open_clip
+
+    cache = FeatureCache(vit_pipeline["cache"])
+    fit_on_cache(cache, AdapterConfig(epochs=3, batch_size=128, head="cosine"), tmp_path / "ad")
+    adapter = load_adapter(tmp_path / "ad", cache)
+    export_classifier(build_classifier(f"local-dir:{vit_pipeline['model']}", tmp_path / "ad"), tmp_path / "e")
+    meta = json.loads((tmp_path / "e" / "classifier.json").read_text())
+    assert meta["head"] == "cosine" and meta["logit_scale"] == 25.0
+    weight = load_file(str(tmp_path / "e" / "classifier.safetensors"))["weight"]
+    torch.testing.assert_close(weight, F.normalize(adapter.head, dim=-1))
+    exported, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'e'}")
+    source = load_model(f"local-dir:{vit_pipeline['model']}").model.eval()
+    images = torch.stack([preprocess(load_dataset("fmnist-lt").split("test").load(i)) for i in range(0, 300, 10)])
+    with torch.no_grad():
+        expected = adapter.logits(source.encode_image(images), cache.text_embeddings())
+        got = 25.0 * F.normalize(exported.eval().encode_image(images), dim=-1) @ weight.T
+    assert (got - expected).abs().max().item() < 1e-4
