@@ -271,7 +271,7 @@ def fit_adapters(
     k = len(configs)
     dim = rows.features.shape[1]
     feats = rows.features.to(device)
-    text = text.to(device, torch.float32)
+    text = text.to(device, torch.float32).clone()  # a plain tensor even if made in inference mode
     if init is None:
         w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device)  # K×d×d
     else:
