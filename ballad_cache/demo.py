@@ -9,6 +9,7 @@ fmnist-lt's ~1,600 training images).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .adapter import AdapterConfig, load_adapter
 from .atomic import read_json, write_json
 from .cache import MANIFEST, FeatureCache
 from .datasets import ImageSplit, LTDataset, load_dataset
+from .errors import BalladError
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
 from .extract import ExtractConfig, extract_features
@@ -32,6 +34,7 @@ from .predict import PredictConfig, predict_split
 from .progress import NullProgress, Progress
 
 DATA, MODEL = "fmnist-lt", "ballad-tiny"
+DEMO_MODELS = ("ballad-tiny", "ballad-lite")
 
 # phase-A settings for a randomly initialised vision tower; every other value is the official default
 DEMO_PHASE_A: dict[str, Any] = {
@@ -42,13 +45,15 @@ DEMO_PHASE_A: dict[str, Any] = {
     "augment": "open_clip",
     "train_mode": True,
 }
+# phase-A settings for ballad-lite's pretrained towers, tuned on val (bench/lite.py --tune)
+LITE_PHASE_A: dict[str, Any] = {**DEMO_PHASE_A, "train_mode": False}
 
 
 @dataclass
 class DemoSize:
     """How much work each step of the demo does."""
 
-    finetune: FinetuneConfig
+    finetune: dict[str, FinetuneConfig]  # per demo model
     extract: ExtractConfig
     adapter: AdapterConfig
     sweep_ratios: tuple[float, ...]
@@ -58,14 +63,19 @@ class DemoSize:
 
 DEMO_SIZES: dict[str, DemoSize] = {
     "full": DemoSize(
-        finetune=FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, warmup_steps=30, **DEMO_PHASE_A),
+        finetune={
+            "ballad-tiny": FinetuneConfig(epochs=8, batch_size=32, lr=1e-3, warmup_steps=30, **DEMO_PHASE_A),
+            "ballad-lite": FinetuneConfig(epochs=4, batch_size=32, lr=1e-4, warmup_steps=30, **LITE_PHASE_A),
+        },
         extract=ExtractConfig(shard_size=4096),  # the default 16 official-transform views
         adapter=AdapterConfig(epochs=10, batch_size=128, lr=0.2),
         sweep_ratios=(0.1, 0.2, 0.4, 0.6),
         sweep_lrs=(0.05, 0.2),
     ),
     "tiny": DemoSize(
-        finetune=FinetuneConfig(epochs=1, batch_size=32, lr=1e-3, max_steps=3, **DEMO_PHASE_A),
+        finetune={
+            m: FinetuneConfig(epochs=1, batch_size=32, lr=1e-3, max_steps=3, **DEMO_PHASE_A) for m in DEMO_MODELS
+        },
         extract=ExtractConfig(train_views=1, shard_size=4096),
         adapter=AdapterConfig(epochs=2, batch_size=128),
         sweep_ratios=(0.2, 0.4),
@@ -75,9 +85,18 @@ DEMO_SIZES: dict[str, DemoSize] = {
 
 
 def run_demo(
-    out: str | Path, size: DemoSize, device: torch.device, progress: Progress | None = None, overwrite: bool = False
+    out: str | Path,
+    size: DemoSize,
+    device: torch.device,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+    model: str = MODEL,
 ) -> dict[str, Any]:
-    """Run (or finish) every step under `out`; returns `summary.json`'s body (also written to `out/report/`)."""
+    """Run (or finish) every step under `out` with `model` (one of DEMO_MODELS); returns `summary.json`'s body (also
+    written to `out/report/`), with each step's wall time under `seconds` (0 for a step reused from a previous run)."""
+    if model not in DEMO_MODELS:
+        raise BalladError(f"the demo runs {' or '.join(DEMO_MODELS)}, not {model}")
+    seconds: dict[str, float] = {}
     progress = progress or NullProgress()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,42 +104,55 @@ def run_demo(
     ft_dir, cache_dir, ad_dir = out / "finetune", out / "cache", out / "adapter"
     sweep_dir, eval_dir, report = out / "sweep", out / "evaluate", out / "report"
 
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        seconds[step] = round(time.perf_counter() - clock, 1)
+        clock = time.perf_counter()
+
     if overwrite or not (ft_dir / "summary.json").exists():
-        progress.log("1/6 phase A: finetune ballad-tiny on fmnist-lt")
+        progress.log(f"1/6 phase A: finetune {model} on fmnist-lt")
         ft_dir.mkdir(parents=True, exist_ok=True)
-        finetune(dataset, load_model(MODEL), ft_dir, size.finetune, device, progress=progress)
+        finetune(dataset, load_model(model), ft_dir, size.finetune[model], device, progress=progress)
+    lap("finetune")
     if overwrite or not (cache_dir / MANIFEST).exists():
         progress.log("2/6 extract features with the phase-A model")
         loaded = load_model(f"local-dir:{ft_dir / 'model'}")
         extract_features(dataset, loaded, cache_dir, size.extract, device, progress=progress)
+    lap("extract")
     cache = FeatureCache(cache_dir)
     if overwrite or not (ad_dir / "adapter.json").exists():
         progress.log("3/6 phase B: fit the BALLAD adapter (ratio 0.2, class-aware)")
         fit_on_cache(cache, size.adapter, ad_dir, device, progress)
+    lap("fit_adapter")
     progress.log("4/6 sweep ratio x lr")
     grid = expand_grid(size.adapter, ratio=list(size.sweep_ratios), lr=list(size.sweep_lrs))
     swept = run_sweep(cache, grid, sweep_dir, "top1", device, progress)
-    progress.log("5/6 evaluate on test")
+    lap("sweep")
+    progress.log("5/6 evaluate on test (zero-shot, adapter, logit adjustment, 10-NN)")
     adapter = load_adapter(ad_dir, cache)
-    result = evaluate_cache(cache, adapter, EvalConfig(tau=size.tau))
+    result = evaluate_cache(cache, adapter, EvalConfig(tau=size.tau, knn=10))
     write_result(result, eval_dir, plot=True)
     report.mkdir(parents=True, exist_ok=True)
     plot_per_class(result, report / "per_class.png", heads=["zero-shot", "adapter"])
+    lap("evaluate")
     progress.log("6/6 export the classifier and predict a few test images with it")
     predictions = _export_and_predict(dataset, ft_dir / "model", ad_dir, out / "export", report, device, overwrite)
+    lap("export_predict")
     if (sweep_dir / "heatmap.png").exists():
         (report / "sweep_heatmap.png").write_bytes((sweep_dir / "heatmap.png").read_bytes())
     names = {
         "zero-shot": "zero-shot (phase-A model)",
         "adapter": "BALLAD adapter",
         "adapter+LA": f"adapter + logit adj. (tau={size.tau:g})",
+        "knn@10": "10-NN on the cached features",
     }
-    rows = [
-        {"name": names[h], "head": h, **summary(result["heads"][h])} for h in ("zero-shot", "adapter", "adapter+LA")
-    ]
+    rows = [{"name": names[h], "head": h, **summary(result["heads"][h])} for h in names]
     body = {
         "dataset": DATA,
-        "model": MODEL,
+        "model": model,
+        "seconds": seconds,
         "rows": rows,
         "phase_a": read_json(ft_dir / "summary.json"),
         "sweep_best": {"config": swept.best["config"], "val": swept.best["val"], "test": swept.test},

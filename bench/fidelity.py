@@ -90,7 +90,8 @@ def main() -> None:
         model_dir = OUT / "finetune" / "model"
         if not (OUT / "finetune" / "summary.json").exists():
             print("training the demo's phase-A model ...", file=sys.stderr)
-            finetune(dataset, load_model("ballad-tiny"), OUT / "finetune", DEMO_SIZES["full"].finetune, device)
+            config = DEMO_SIZES["full"].finetune["ballad-tiny"]
+            finetune(dataset, load_model("ballad-tiny"), OUT / "finetune", config, device)
     loaded = load_model(f"local-dir:{model_dir}")
     loaded.model.eval()
     results: dict[str, list[dict[str, float]]] = {"fresh": [], **{f"K={k}": [] for k in views}}

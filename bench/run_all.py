@@ -65,6 +65,23 @@ def main() -> None:
     print(f"wrote {a.results}")
 
 
+# tables written by the longer benches (minutes each on 2 cores), run on their own and kept beside this file
+SECTIONS = [
+    ("fidelity.md", "Phase-B augmentation: cached views against fresh views at every step"),
+    ("heads.md", "Beyond BALLAD on the same cache: losses, heads, prompt ensembles"),
+    ("lite.md", "ballad-tiny against ballad-lite through the demo recipe"),
+]
+
+
+def section_lines() -> list[str]:
+    """The kept tables of the longer benches, each under its heading."""
+    lines: list[str] = []
+    for name, title in SECTIONS:
+        if (HERE / name).exists():
+            lines += ["", f"## {title}", "", (HERE / name).read_text().strip()]
+    return lines
+
+
 def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> None:
     """RESULTS.md: the CPU table from this run, then the GPU table or a note that it is pending."""
     machines = sorted({r[4] for r in rows if r[4]})
@@ -98,10 +115,7 @@ def write_results(path: Path, rows: list[tuple[str, str, str, str, str]]) -> Non
             "`bash bench/gpu_check.sh --out bench/gpu/RUN` on the GPU machine; keep its printed table as",
             "`bench/gpu/N-CARD-console.txt` and rerun `python bench/run_all.py`.",
         ]
-    fidelity = HERE / "fidelity.md"
-    if fidelity.exists():
-        lines += ["", "## Phase-B augmentation: cached views against fresh views at every step", ""]
-        lines += [fidelity.read_text().strip()]
+    lines += section_lines()
     notes = HERE / "NOTES.md"
     if notes.exists():
         lines += ["", notes.read_text().strip()]

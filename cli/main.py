@@ -753,6 +753,13 @@ def demo(
         "ballad-demo"
     ),
     size: Annotated[str, typer.Option(help="full (the README's run) or tiny (a few steps, for CI).")] = "full",
+    model: Annotated[
+        str,
+        typer.Option(
+            help="ballad-tiny (random-init ViT + MiniLM) or ballad-lite (ImageNet-pretrained EfficientNet-Lite0 "
+            "+ MiniLM)."
+        ),
+    ] = "ballad-tiny",
     overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
     device: DeviceOpt = Device.auto,
 ) -> None:
@@ -763,7 +770,7 @@ def demo(
     if size not in DEMO_SIZES:
         raise typer.BadParameter(f"size must be one of {', '.join(DEMO_SIZES)}", param_hint="--size")
     with RichProgress() as progress:
-        summary = run_demo(out_dir, DEMO_SIZES[size], _device(device), progress, overwrite=overwrite)
+        summary = run_demo(out_dir, DEMO_SIZES[size], _device(device), progress, overwrite=overwrite, model=model)
     out.print(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))
     out.print(f"report: {out_dir / 'report'}")
 

@@ -12,7 +12,8 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
     r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
-    assert [row["head"] for row in summary["rows"]] == ["zero-shot", "adapter", "adapter+LA"]
+    assert [row["head"] for row in summary["rows"]] == ["zero-shot", "adapter", "adapter+LA", "knn@10"]
+    assert set(summary["seconds"]) == {"finetune", "extract", "fit_adapter", "sweep", "evaluate", "export_predict"}
     assert summary["train_class_counts"] == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
     # the adapter row, recomputed from the cache and the adapter files without ballad's evaluation code
     import h5py

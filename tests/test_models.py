@@ -8,6 +8,7 @@ import torch
 
 from ballad_cache import models
 from ballad_cache.errors import BalladError
+from ballad_cache.models import list_models, load_model
 
 
 @pytest.fixture
@@ -70,3 +71,24 @@ def test_shortest_context_encoding_equals_full_context():
         full_tokens = loaded.tokenizer(["a photo of a cat.", "a photo of a a very long and oddly named class."])
         full = torch.nn.functional.normalize(model.encode_text(full_tokens), dim=-1)
     torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+
+
+def test_ballad_lite_image_tower_holds_the_packages_imagenet_weights(tmp_path):
+    from ballad_cache.models import lite0_checkpoint, save_local_dir
+
+    loaded = load_model("ballad-lite")
+    checkpoint = torch.load(lite0_checkpoint(), map_location="cpu", weights_only=True)
+    trunk = loaded.model.visual.trunk
+    # read the checkpoint by its own (lukemelas) names, independently of the in-order mapping
+    torch.testing.assert_close(trunk.conv_stem.weight, checkpoint["_conv_stem.weight"], atol=0, rtol=0)
+    torch.testing.assert_close(trunk.bn1.running_var, checkpoint["_bn0.running_var"], atol=0, rtol=0)
+    torch.testing.assert_close(trunk.blocks[6][0].conv_pwl.weight, checkpoint["_blocks.15._project_conv.weight"])
+    torch.testing.assert_close(trunk.conv_head.weight, checkpoint["_conv_head.weight"], atol=0, rtol=0)
+    assert loaded.preprocess_cfg["mean"] == (0.5, 0.5, 0.5) and loaded.preprocess_cfg["std"] == (0.5, 0.5, 0.5)
+    fresh = torch.nn.init.normal_(torch.empty_like(trunk.conv_stem.weight))
+    assert not torch.allclose(fresh, trunk.conv_stem.weight)
+    save_local_dir(loaded, loaded.model, tmp_path / "lite")  # local-dir round trip keeps the weights and stats
+    again = load_model(f"local-dir:{tmp_path / 'lite'}")
+    torch.testing.assert_close(again.model.visual.trunk.conv_head.weight, checkpoint["_conv_head.weight"])
+    assert again.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert "ballad-lite" in list_models()
