@@ -30,8 +30,11 @@ def fit_on_cache(
     out: str | Path,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> dict[str, Any]:
-    """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body."""
+    """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body.
+
+    `precision="bf16"` runs the step's matmuls in bfloat16 (see `fit_adapters`)."""
     progress = progress or NullProgress()
     remove_stale_temps(out)
     rows = TrainRows.from_split(cache.load_split("train"))
@@ -43,7 +46,13 @@ def fit_on_cache(
     if val is None and config.select == "best-val":
         progress.log(f"cache {cache.path} has no val split: keeping the last epoch's weights")
     result = fit_adapters(
-        rows, text, [config], device=device, progress=progress, val=(val.features, val.labels) if val else None
+        rows,
+        text,
+        [config],
+        device=device,
+        progress=progress,
+        val=(val.features, val.labels) if val else None,
+        precision=precision,
     )
     weight, head = result.weights[0], result.heads[0]
     extra: dict[str, Any] = {
@@ -52,6 +61,7 @@ def fit_on_cache(
         "best_epoch": result.best_epoch[0],
         "val_top1_per_epoch": result.val_top1[0].round(4).tolist(),
         "train_seconds": result.seconds,
+        "precision": precision,
     }
     if val is not None:
         extra["val"] = summary(
@@ -110,6 +120,7 @@ def run_sweep(
     metric: str = "top1",
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> SweepResult:
     """Train every configuration (stream-sharing ones batched), rank on val by `metric`, keep the best.
 
@@ -145,6 +156,7 @@ def run_sweep(
                 device=device,
                 progress=progress,
                 val=(val.features, val.labels),
+                precision=precision,
             )
             for j, i in enumerate(members):
                 head = fit.heads[j]

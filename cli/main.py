@@ -429,6 +429,10 @@ def fit_adapter(
     ] = Head.text,
     head_scale: HeadScaleOpt = 25.0,
     head_lr: HeadLrOpt = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(help="bf16: bfloat16 matmuls, fp32 loss and optimizer state (GPU, or a CPU with native bf16)."),
+    ] = Precision.fp32,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing adapter in --out.")] = False,
     seed: SeedOpt = 0,
     device: DeviceOpt = Device.auto,
@@ -463,7 +467,7 @@ def fit_adapter(
     prepare_run_dir(out_dir, overwrite, finished=("adapter.json", "adapter.safetensors"))
     with RunLock(out_dir), RichProgress() as progress:
         _save_config(out_dir, "fit-adapter", config, cache=str(cache), cache_fingerprint=c.fingerprint)
-        meta = fit_on_cache(c, config, out_dir, _device(device), progress)
+        meta = fit_on_cache(c, config, out_dir, _device(device), progress, precision.value)
     if "val" in meta:
         out.print(report_table(f"adapter {out_dir} on val", [("adapter", meta["val"])]))
     out.print(
@@ -526,6 +530,10 @@ def sweep(
     head: Annotated[str, typer.Option(help="Comma-separated heads: text (BALLAD), cosine (LIFT).")] = "text",
     head_scale: HeadScaleOpt = 25.0,
     head_lr: HeadLrOpt = None,
+    precision: Annotated[
+        Precision,
+        typer.Option(help="bf16: bfloat16 matmuls, fp32 loss and optimizer state (GPU, or a CPU with native bf16)."),
+    ] = Precision.fp32,
     batch_size: Annotated[int, typer.Option(min=1)] = 512,
     schedule: ScheduleOpt = Schedule.epoch,
     keep_last_batch: KeepLastOpt = False,
@@ -590,7 +598,7 @@ def sweep(
             out_dir / "config.json",
             {"command": "sweep", "cache": str(cache), "metric": metric, "grid": [cfg.to_dict() for cfg in configs]},
         )
-        result = run_sweep(c, configs, out_dir, metric, _device(device), progress)
+        result = run_sweep(c, configs, out_dir, metric, _device(device), progress, precision.value)
     rows = [(_point_name(p["config"]), p["val"]) for p in result.points[:10]]
     out.print(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, ranked by {metric})", rows))
     if result.test:

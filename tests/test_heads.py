@@ -136,3 +136,21 @@ def test_prompt_ensembles_are_the_renormalised_template_mean(ballad_data, tmp_pa
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["template_set"] == "openai-imagenet" and meta["templates"] == templates
+
+
+def test_bf16_fit_keeps_fp32_state_and_lands_near_fp32(lt_cache):
+    rows = TrainRows.from_split(lt_cache.load_split("train"))
+    text = lt_cache.text_embeddings()
+    val, test = lt_cache.load_split("val"), lt_cache.load_split("test")
+    cfg = AdapterConfig(epochs=3, batch_size=64)
+    fp32 = fit_adapters(rows, text, [cfg], val=(val.features, val.labels))
+    bf16 = fit_adapters(rows, text, [cfg], val=(val.features, val.labels), precision="bf16")
+    assert bf16.weights.dtype == torch.float32 and not torch.equal(bf16.weights, fp32.weights)  # bf16 really ran
+    assert (bf16.weights - fp32.weights).abs().max() < 0.05
+    acc = [
+        (adapter_logits(test.features, f.weights[0], 0.2, text).argmax(1) == test.labels).float().mean()
+        for f in (fp32, bf16)
+    ]
+    assert abs(acc[0] - acc[1]) * 100 <= 2.0
+    with pytest.raises(ValueError, match="precision"):
+        fit_adapters(rows, text, [cfg], precision="fp8")
