@@ -48,6 +48,9 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--label", default="adapter", help="name of the JSON written to bench/out/")
+    p.add_argument(
+        "--bf16-scale", type=float, default=0.0, help="also time --precision bf16 against fp32 at this scale"
+    )
     a = p.parse_args()
     rows, text = imagenet_lt_shaped(a.scale)
     n, d, b = len(rows.image_labels), 1024, 512
@@ -70,9 +73,19 @@ def main() -> None:
         if a.device.startswith("cuda")
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
+    bf16: dict[str, float] = {}
+    if a.bf16_scale:  # bf16 against fp32 on the same rows, one epoch each
+        small_rows, small_text = imagenet_lt_shaped(a.bf16_scale)
+        one = AdapterConfig(epochs=1, select="last")
+        t32 = timed(lambda: fit_adapters(small_rows, small_text, [one], device=a.device), sync=True)
+        t16 = timed(lambda: fit_adapters(small_rows, small_text, [one], device=a.device, precision="bf16"), sync=True)
+        bf16 = {"rows": len(small_rows.image_labels), "fp32_s": round(t32, 2), "bf16_s": round(t16, 2)}
+        bf16["speedup"] = round(t32 / t16, 3)
+        bf16["cpu_capability"] = torch.backends.cpu.get_cpu_capability() if a.device == "cpu" else a.device
     write(
         a.label,
         {
+            "bf16_vs_fp32": bf16,
             "rows": n,
             "epochs": a.epochs,
             "wall_s": round(wall, 2),

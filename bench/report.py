@@ -36,6 +36,11 @@ HEADLINES: dict[str, tuple[str, Any]] = {
         lambda r: (
             f"{r['fraction_of_mm']:.2f} ({r['wall_s']} s for {r['epochs']} epoch(s) of {r['rows']} rows, "
             f"peak {r['peak_mem_mib']} MiB)"
+            + (
+                f"; bf16 / fp32 speed {r['bf16_vs_fp32']['speedup']}x ({r['bf16_vs_fp32']['cpu_capability']})"
+                if r.get("bf16_vs_fp32")
+                else ""
+            )
         ),
     ),
     "sweep": (

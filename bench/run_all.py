@@ -31,7 +31,7 @@ RUNS: list[tuple[str, list[str], str]] = [
     ("extract", ["extract.py", "--model", "ballad-tiny", "--images", "2048", "--image-size", "64"], ">= 0.9"),
     ("phase_b", ["phase_b.py", "--model", "ballad-tiny"], "> 1"),
     ("predict", ["predict.py", "--model", "ballad-tiny", "--images", "2048", "--image-size", "64"], ">= 0.9"),
-    ("adapter", ["adapter.py", "--scale", "1.0", "--epochs", "10"], ">= 0.5"),
+    ("adapter", ["adapter.py", "--scale", "1.0", "--epochs", "10", "--bf16-scale", "0.01"], ">= 0.5; bf16 >= 1.8x"),
     ("sweep", ["sweep.py", "--scale", "0.02", "--epochs", "1"], ">= 3 (GPU)"),
     ("knn", ["knn.py", "--scale", "0.05", "--queries", "2000"], "same predictions"),
 ]

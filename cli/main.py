@@ -764,14 +764,14 @@ def demo(
     model: Annotated[
         str,
         typer.Option(
-            help="ballad-tiny (random-init ViT + MiniLM) or ballad-lite (ImageNet-pretrained EfficientNet-Lite0 "
-            "+ MiniLM)."
+            help="ballad-lite (ImageNet-pretrained EfficientNet-Lite0 + MiniLM, the default) or ballad-tiny "
+            "(random-init ViT + MiniLM)."
         ),
-    ] = "ballad-tiny",
+    ] = "ballad-lite",
     overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
     device: DeviceOpt = Device.auto,
 ) -> None:
-    """The whole BALLAD pipeline on fmnist-lt with ballad-tiny, offline: finetune, extract, fit, sweep, evaluate,
+    """The whole BALLAD pipeline on fmnist-lt with ballad-lite, offline: finetune, extract, fit, sweep, evaluate,
     then export the classifier and predict a few test images with it."""
     from ballad_cache.demo import DEMO_SIZES, run_demo
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up from nothing and run the whole BALLAD pipeline on Fashion-MNIST-LT with ballad-tiny (offline, CPU).
+# Set up from nothing and run the whole BALLAD pipeline on Fashion-MNIST-LT with ballad-lite (offline, CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${BALLAD_DATA:-}" ]; then

@@ -9,7 +9,8 @@ runner = CliRunner()
 
 
 def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--device", "cpu"])
+    args = ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--model", "ballad-tiny", "--device", "cpu"]
+    r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
     assert [row["head"] for row in summary["rows"]] == ["zero-shot", "adapter", "adapter+LA", "knn@10"]
@@ -55,7 +56,7 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
         "export/classifier.json",
     ):
         assert (tmp_path / "demo" / step).exists(), step
-    r = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--device", "cpu"])
+    r = runner.invoke(app, args)
     assert r.exit_code == 0 and "already done" in r.output  # a rerun reuses finished steps
 
 
@@ -65,3 +66,18 @@ def test_help_lists_every_command():
         assert cmd in r.output
     r = runner.invoke(app, ["cache", "--help"])
     assert "info" in r.output and "verify" in r.output
+
+
+def test_tiny_demo_runs_with_ballad_lite(ballad_data, tmp_path):
+    r = runner.invoke(
+        app,
+        ["demo", "--out", str(tmp_path / "lite"), "--size", "tiny", "--device", "cpu"],  # the default model
+    )
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "lite" / "report" / "summary.json").read_text())
+    assert summary["model"] == "ballad-lite"
+    config = json.loads((tmp_path / "lite" / "export" / "open_clip_config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["timm_model_name"] == "tf_efficientnet_lite0"
+    assert config["preprocess_cfg"]["mean"] == [0.5, 0.5, 0.5]
+    r = runner.invoke(app, ["demo", "--model", "ballad-huge", "--out", str(tmp_path / "x"), "--size", "tiny"])
+    assert r.exit_code == 1 and "ballad-tiny or ballad-lite" in r.output
