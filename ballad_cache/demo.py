@@ -1,10 +1,10 @@
 """`ballad demo`: the whole BALLAD pipeline on the embedded default (fmnist-lt + ballad-lite), offline.
 
-ballad-tiny's vision tower starts from random weights (no CLIP weights can be downloaded offline), so the demo's
-phase A keeps its own settings (`DEMO_PHASE_A`): AdamW at a larger rate than the official SGD 1e-5 (which assumes a
-pretrained CLIP), per-step cosine with warm-up, open_clip's light augmentation and train mode, 8 epochs of batch 32.
-Phase B uses the official defaults except the batch size (128: the official 512 would give 3 steps an epoch on
-fmnist-lt's ~1,600 training images).
+A CPU demo has minutes, not the official 50 epochs of batch 512 at SGD 1e-5, so phase A keeps the demo's own
+settings: AdamW with warm-up and a per-step cosine, open_clip's light augmentation; for ballad-lite (pretrained
+towers, the default) 3e-4 for 4 epochs in eval mode, tuned on val (bench/lite.py --tune); for ballad-tiny (a
+randomly initialised image tower) 1e-3 for 8 epochs in train mode. Phase B uses the official defaults except the
+batch size (128: the official 512 would give 2 steps an epoch on fmnist-lt's 1,236 training images).
 """
 
 from __future__ import annotations
