@@ -90,5 +90,5 @@ def test_ballad_lite_image_tower_holds_the_packages_imagenet_weights(tmp_path):
     save_local_dir(loaded, loaded.model, tmp_path / "lite")  # local-dir round trip keeps the weights and stats
     again = load_model(f"local-dir:{tmp_path / 'lite'}")
     torch.testing.assert_close(again.model.visual.trunk.conv_head.weight, checkpoint["_conv_head.weight"])
-    assert again.preprocess_cfg["mean"] == (0.5, 0.5, 0.5)
+    assert tuple(again.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
     assert "ballad-lite" in list_models()
