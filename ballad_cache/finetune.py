@@ -61,12 +61,13 @@ class FinetuneConfig:
     seed: int = 0
     workers: int = field(default_factory=default_workers)
     checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch end)
+    log_every: int = 10  # read the loss back (a device sync) and log it every N batches, averaged over them
     max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit; smoke runs and tests)
     skip_bad: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.accum_steps < 1 or self.lr < 0:
-            raise ValueError("epochs and lr must be >= 0, batch_size and accum_steps >= 1")
+        if self.epochs < 0 or self.batch_size < 1 or self.accum_steps < 1 or self.lr < 0 or self.log_every < 1:
+            raise ValueError("epochs and lr must be >= 0, batch_size, accum_steps and log_every >= 1")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError("optimizer must be sgd or adamw")
         if self.loss not in ("ce", "contrastive"):
@@ -250,12 +251,13 @@ def finetune(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = device.type == "cuda"  # one multi-tensor kernel per step instead of a launch per parameter
     if config.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
         )
     else:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size
@@ -338,6 +340,8 @@ def finetune(
         progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
         batch_i = batch_offset
         batch_offset = 0
+        # the loss stays on the device and is read back every log_every batches: no host sync in between
+        window_loss, window = torch.zeros((), device=device), 0
         for batch in loader:
             keep_rows = usable_rows(batch, config.skip_bad)
             for i in np.flatnonzero(~keep_rows):
@@ -360,14 +364,20 @@ def finetune(
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < batches_per_epoch:
                     checkpoint(epoch, batch_i)
             images_done += len(labels) * dist.world_size
-            rate = images_done / max(time.perf_counter() - t0, 1e-9)
-            progress.advance(1, loss=f"{loss.item():.3f}", lr=f"{opt.param_groups[0]['lr']:.2e}", img_s=f"{rate:.0f}")
-            if dist.is_main:
-                append_jsonl(
-                    out / "metrics.jsonl",
-                    {"epoch": epoch + 1, "step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]},
-                )
-            if config.max_steps and step >= config.max_steps:
+            window_loss += loss.detach()
+            window += 1
+            stop = bool(config.max_steps and step >= config.max_steps)
+            if window == config.log_every or batch_i == batches_per_epoch or stop:
+                mean_loss = float(window_loss.item()) / window
+                rate = images_done / max(time.perf_counter() - t0, 1e-9)
+                lr = opt.param_groups[0]["lr"]
+                progress.advance(window, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                if dist.is_main:
+                    record_ = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr, "batches": window}
+                    append_jsonl(out / "metrics.jsonl", record_)
+                window_loss.zero_()
+                window = 0
+            if stop:
                 break
         record: dict[str, Any] = {
             "epoch": epoch + 1,

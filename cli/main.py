@@ -188,6 +188,9 @@ def finetune(
     ] = None,
     precision: Annotated[Precision, typer.Option(help="bf16 autocast on GPU.")] = Precision.fp32,
     checkpoint_every: Annotated[int, typer.Option(min=0, help="Also checkpoint every N steps.")] = 0,
+    log_every: Annotated[
+        int, typer.Option(min=1, help="Log the mean loss every N batches (each read-back is a device sync).")
+    ] = 10,
     max_steps: Annotated[int, typer.Option(min=0, help="Stop after N optimizer steps (0: no limit).")] = 0,
     workers: Annotated[int | None, typer.Option(min=0, help="DataLoader workers (default: cores - 1).")] = None,
     skip_bad: Annotated[bool, typer.Option(help="Skip unreadable images instead of stopping.")] = False,
@@ -225,6 +228,7 @@ def finetune(
         precision=precision.value,
         seed=seed,
         checkpoint_every=checkpoint_every,
+        log_every=log_every,
         max_steps=max_steps,
         skip_bad=skip_bad,
         workers=workers,

@@ -51,7 +51,7 @@ def test_official_phase_a_epochs_rates_and_eval_mode(ballad_data, tmp_path):
     loaded = load_model(MODEL)
     modes = []
     loaded.model.visual.register_forward_pre_hook(lambda module, args: modes.append(module.training))
-    cfg = FinetuneConfig(epochs=3, batch_size=100, lr=0.03, workers=0)  # official: everything else default
+    cfg = FinetuneConfig(epochs=3, batch_size=100, lr=0.03, workers=0, log_every=1)  # else the official defaults
     result = finetune(ds, loaded, tmp_path, cfg, torch.device("cpu"))
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [x for x in lines if "lr" in x]
@@ -60,6 +60,17 @@ def test_official_phase_a_epochs_rates_and_eval_mode(ballad_data, tmp_path):
         assert x["lr"] == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * x["epoch"] / 3)), abs=1e-12)
     assert [x["lr"] for x in steps][-1] == 0.0
     assert modes and not any(modes)  # the model never left eval mode, in training or validation
+    # logging every 4 batches: one line per window, the window's mean loss, no batch left out
+    finetune(
+        ds,
+        load_model(MODEL),
+        tmp_path / "w",
+        FinetuneConfig(epochs=1, batch_size=100, workers=0, log_every=4),
+        torch.device("cpu"),
+    )
+    windows = [json.loads(x) for x in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    windows = [x for x in windows if "lr" in x]
+    assert len(windows) == -(-(n_train // 100) // 4) and sum(x["batches"] for x in windows) == n_train // 100
 
 
 def test_official_augmentation_is_ballads_transform():
