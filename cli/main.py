@@ -96,7 +96,9 @@ class Precision(str, Enum):
 DataOpt = Annotated[
     str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:100, folder:ROOT, PATH.yaml.")
 ]
-ModelOpt = Annotated[str, typer.Option("--model", help="open_clip name (ViT-B-16), ballad-tiny, or local-dir:PATH.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", help="open_clip name (ViT-B-16), ballad-lite, ballad-tiny, or local-dir:PATH.")
+]
 PretrainedOpt = Annotated[
     str | None, typer.Option("--pretrained", help="open_clip tag (openai, laion2b_...) or a weights file.")
 ]
