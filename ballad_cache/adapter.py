@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from .atomic import atomic_path, read_json, write_json
 from .cache import FeatureCache, SplitFeatures
 from .errors import BalladError
+from .longtail import class_log_prior
 from .progress import NullProgress, Progress
 from .samplers import SAMPLERS, index_stream
-from .schedules import cosine_lr, epoch_lr
+from .schedules import batches_per_epoch, cosine_lr, epoch_lr
 
 LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD
 
@@ -174,14 +175,7 @@ def steps_per_epoch(num_images: int, config: AdapterConfig) -> int:
     Raises:
         BalladError: fewer training images than one batch under the official floor(N/B) (no step would run).
     """
-    if config.keep_last_batch:
-        return -(-num_images // config.batch_size)
-    if num_images and num_images < config.batch_size and config.epochs:
-        raise BalladError(
-            f"batch size {config.batch_size} exceeds the {num_images} training images: the official epoch "
-            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
-        )
-    return num_images // config.batch_size
+    return batches_per_epoch(num_images, config.batch_size, config.keep_last_batch, config.epochs)
 
 
 def batch_schedule(
@@ -287,8 +281,7 @@ def fit_adapters(
     num_classes = text.shape[0]
     scale = torch.tensor([c.logit_scale for c in configs], device=device).view(k, 1, 1)
     # logit adjustment in the loss (Menon et al.): logits + tau * log(prior), the prior from the training images
-    counts = np.bincount(rows.image_labels, minlength=num_classes).astype(np.float64)
-    log_prior = torch.from_numpy(np.log(np.where(counts > 0, counts, 1.0) / max(counts.sum(), 1.0))).float()
+    log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes))
     taus = [c.la_tau if c.loss == "la" else 0.0 for c in configs]
     bias = (torch.tensor(taus).view(k, 1, 1) * log_prior.view(1, 1, -1)).to(device) if any(taus) else None
     # cosine heads (LIFT): learnable C×d rows initialised from the text embeddings, normalised in the forward pass;

@@ -71,6 +71,16 @@ class ImageSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, indices: np.ndarray) -> ImageSplit:
+        """The rows `indices` of this split, in that order."""
+        return ImageSplit(
+            self.name,
+            self.labels[indices],
+            [self.paths[i] for i in indices],
+            files=[self.files[i] for i in indices] if self.files is not None else None,
+            pixels=self.pixels[indices] if self.pixels is not None else None,
+        )
+
     def load(self, index: int) -> Any:
         """Decode row `index` to an RGB PIL image.
 

@@ -20,7 +20,7 @@ import torch
 from .adapter import AdapterConfig, load_adapter
 from .atomic import read_json, write_json
 from .cache import MANIFEST, FeatureCache
-from .datasets import ImageSplit, LTDataset, load_dataset
+from .datasets import LTDataset, load_dataset
 from .errors import BalladError
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
@@ -182,13 +182,7 @@ def _export_and_predict(
     classifier = load_classifier(f"local-dir:{export_dir}")
     test = dataset.split("test")
     picks = np.concatenate([np.flatnonzero(test.labels == c)[:per_class] for c in range(dataset.num_classes)])
-    subset = ImageSplit(
-        "test",
-        test.labels[picks],
-        [test.paths[i] for i in picks],
-        files=[test.files[i] for i in picks] if test.files else None,
-        pixels=test.pixels[picks] if test.pixels is not None else None,
-    )
+    subset = test.subset(picks)
     result = predict_split(classifier, subset, PredictConfig(workers=0), device)
     plot_prediction_grid(
         [subset.load(i) for i in range(len(subset))],

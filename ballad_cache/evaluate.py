@@ -14,7 +14,7 @@ import torch
 from .adapter import Adapter, adapter_logits
 from .atomic import write_bytes, write_json
 from .cache import FeatureCache
-from .longtail import ShotThresholds, shot_groups
+from .longtail import ShotThresholds, class_log_prior, shot_groups
 from .metrics import classification_report, summary
 
 
@@ -31,9 +31,7 @@ class EvalConfig:
 
 def logit_adjust(logits: torch.Tensor, train_counts: np.ndarray, tau: float) -> torch.Tensor:
     """Subtract `tau * log(prior)` (prior from training counts); classes with no image get prior 1/N."""
-    counts = np.maximum(np.asarray(train_counts, dtype=np.float64), 1.0)
-    log_prior = torch.from_numpy(np.log(counts / counts.sum())).to(logits.dtype)
-    return logits - tau * log_prior
+    return logits - tau * class_log_prior(train_counts).to(logits.dtype)
 
 
 def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalConfig) -> dict[str, Any]:

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .adapter import load_adapter
 from .atomic import atomic_path, read_json, remove_stale_temps, write_json
 from .cache import FeatureCache
 from .errors import BalladError
-from .longtail import ShotThresholds
+from .longtail import ShotThresholds, class_log_prior
 from .models import ClipModel, LoadedModel, load_model, save_local_dir
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -172,14 +171,12 @@ def build_classifier(
         loaded.model.float().eval(), _model_cfg(loaded), adapter_matrix(fitted.weight, fitted.config.ratio)
     )
     loaded.model = folded
-    counts = feature_cache.train_counts.astype(np.float64)
-    counts = np.where(counts > 0, counts, 1.0)
     thresholds = ShotThresholds()
     scale = fitted.config.logit_scale
     return Classifier(
         loaded=loaded,
         weight=torch.nn.functional.normalize(fitted.classes(feature_cache.text_embeddings()).float(), dim=-1),
-        log_prior=torch.from_numpy(np.log(counts / counts.sum())).float(),
+        log_prior=class_log_prior(feature_cache.train_counts),
         classnames=feature_cache.classnames,
         logit_scale=scale,
         meta={

@@ -31,7 +31,7 @@ from .metrics import classification_report, summary
 from .models import ClipModel, LoadedModel, PromptBank, save_local_dir
 from .progress import NullProgress, Progress
 from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
-from .schedules import cosine_lr, epoch_lr
+from .schedules import batches_per_epoch, cosine_lr, epoch_lr
 from .transforms import AUGMENTS, train_transform
 
 LOGIT_SCALE = 100.0
@@ -261,14 +261,9 @@ def finetune(
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size
-    per_rank_images = usable // dist.world_size
-    if not config.keep_last_batch and config.epochs and per_rank_images < per_rank:
-        raise BalladError(
-            f"batch size {config.batch_size} exceeds the {len(train)} training images: the official epoch "
-            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
-        )
-    batches_per_epoch = math.ceil(per_rank_images / per_rank) if config.keep_last_batch else per_rank_images // per_rank
-    steps_per_epoch = math.ceil(batches_per_epoch / config.accum_steps)
+    # usable and batch_size are both multiples of the ranks: the global count is each rank's count
+    epoch_batches = batches_per_epoch(usable, config.batch_size, config.keep_last_batch, config.epochs)
+    steps_per_epoch = math.ceil(epoch_batches / config.accum_steps)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
@@ -357,17 +352,17 @@ def finetune(
                 loss = phase_a_loss(image_feats.float(), text_feats.float(), labels, config.loss)
             (loss / config.accum_steps).backward()
             batch_i += 1
-            if batch_i % config.accum_steps == 0 or batch_i == batches_per_epoch:
+            if batch_i % config.accum_steps == 0 or batch_i == epoch_batches:
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < batches_per_epoch:
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < epoch_batches:
                     checkpoint(epoch, batch_i)
             images_done += len(labels) * dist.world_size
             window_loss += loss.detach()
             window += 1
             stop = bool(config.max_steps and step >= config.max_steps)
-            if window == config.log_every or batch_i == batches_per_epoch or stop:
+            if window == config.log_every or batch_i == epoch_batches or stop:
                 mean_loss = float(window_loss.item()) / window
                 rate = images_done / max(time.perf_counter() - t0, 1e-9)
                 lr = opt.param_groups[0]["lr"]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 
 def exponential_profile(num_classes: int, n_max: int, imbalance: float) -> list[int]:
@@ -67,3 +68,12 @@ def imbalance_factor(class_counts: Sequence[int] | np.ndarray) -> float:
     counts = np.asarray(class_counts)
     nonzero = counts[counts > 0]
     return float(nonzero.max() / nonzero.min()) if len(nonzero) else float("nan")
+
+
+def class_log_prior(class_counts: Sequence[int] | np.ndarray) -> torch.Tensor:
+    """log of the training class frequencies (float32); a class with no image counts as one, so its log is finite.
+
+    Logit adjustment (Menon et al.) adds or subtracts `tau` times this; evaluation, training and export share it.
+    """
+    counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+    return torch.from_numpy(np.log(counts / counts.sum())).float()

@@ -14,7 +14,7 @@ import torch
 
 from .adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, group_by_stream, save_adapter
 from .atomic import atomic_path, read_json, remove_stale_temps, write_bytes, write_json
-from .cache import FeatureCache
+from .cache import FeatureCache, SplitFeatures
 from .errors import BalladError
 from .metrics import classification_report, summary
 from .progress import NullProgress, Progress
@@ -64,17 +64,23 @@ def fit_on_cache(
         "precision": precision,
     }
     if val is not None:
-        extra["val"] = summary(
-            classification_report(
-                adapter_logits(
-                    val.features, weight, config.ratio, head if head is not None else text, config.logit_scale
-                ),
-                val.labels,
-                cache.train_counts,
-            )
-        )
+        extra["val"] = _score(val, weight, head, config, text, cache)
     save_adapter(out, weight, config, cache, extra, head)
     return read_json(Path(out) / "adapter.json")
+
+
+def _score(
+    split: SplitFeatures,
+    weight: torch.Tensor,
+    head: torch.Tensor | None,
+    config: AdapterConfig,
+    text: torch.Tensor,
+    cache: FeatureCache,
+) -> dict[str, float]:
+    """Headline accuracies of one adapter (and its cosine head, else the text embeddings) on a split."""
+    classes = head if head is not None else text
+    logits = adapter_logits(split.features, weight, config.ratio, classes, config.logit_scale)
+    return summary(classification_report(logits, split.labels, cache.train_counts))
 
 
 def point_key(c: AdapterConfig) -> str:
@@ -160,19 +166,7 @@ def run_sweep(
             )
             for j, i in enumerate(members):
                 head = fit.heads[j]
-                report = summary(
-                    classification_report(
-                        adapter_logits(
-                            val.features,
-                            fit.weights[j],
-                            configs[i].ratio,
-                            head if head is not None else text,
-                            configs[i].logit_scale,
-                        ),
-                        val.labels,
-                        cache.train_counts,
-                    )
-                )
+                report = _score(val, fit.weights[j], head, configs[i], text, cache)
                 _save_point(
                     points_dir,
                     keys[i],
@@ -197,19 +191,7 @@ def run_sweep(
     test = None
     if "test" in cache.splits:
         t = cache.load_split("test").eval_view()
-        test = summary(
-            classification_report(
-                adapter_logits(
-                    t.features,
-                    weight,
-                    best_cfg.ratio,
-                    best_head if best_head is not None else text,
-                    best_cfg.logit_scale,
-                ),
-                t.labels,
-                cache.train_counts,
-            )
-        )
+        test = _score(t, weight, best_head, best_cfg, text, cache)
     save_adapter(
         out / "best",
         weight,

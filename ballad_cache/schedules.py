@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import BalladError
+
 
 def cosine_lr(base: float, step: int, total: int) -> float:
     """Cosine annealing per step: `base` at step 0, approaching 0 (never reaching it) at the last step."""
@@ -15,3 +17,19 @@ def epoch_lr(base: float, epoch: int, epochs: int) -> float:
     called at the start of every epoch): 0-based epoch `e` runs at `0.5 * base * (1 + cos(pi * (e + 1) / epochs))`,
     so the first epoch is already below `base` and the last one runs at 0."""
     return 0.5 * base * (1.0 + math.cos(math.pi * (epoch + 1) / max(epochs, 1)))
+
+
+def batches_per_epoch(images: int, batch_size: int, keep_last_batch: bool, epochs: int = 1) -> int:
+    """Batches in one epoch: floor(N/B) full batches (the official `epoch_steps`), or ceil(N/B) keeping the last.
+
+    Raises:
+        BalladError: fewer images than one batch under the official floor(N/B) (no step would run).
+    """
+    if keep_last_batch:
+        return -(-images // batch_size)
+    if images and images < batch_size and epochs:
+        raise BalladError(
+            f"batch size {batch_size} exceeds the {images} training images: the official epoch "
+            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
+        )
+    return images // batch_size
