@@ -1,4 +1,4 @@
-"""Atomic file writes, hashing, run-directory guards and lock files.
+"""Atomic file writes, hashing and lock files (run folders built on them: `store.runs`).
 
 Every file ballad writes goes to a temporary name in the destination folder first and is moved into place
 with `os.replace`, so a crash, Ctrl-C or a full disk never leaves a half-written file under its final name.
@@ -192,30 +192,3 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-def prepare_run_dir(
-    out: str | os.PathLike[str], overwrite: bool, resume: bool = False, finished: tuple[str, ...] = ("config.json",)
-) -> Path:
-    """Create a run directory, refusing to reuse one that holds a run's results.
-
-    A folder where a run only started (its `config.json` written, then a bad image or Ctrl-C stopped it before
-    any of `finished` appeared) is reused: nothing there is lost by running again.
-
-    Args:
-        out: the run directory.
-        overwrite: allow writing into a directory that holds one of `finished`.
-        resume: the caller continues a run in this directory (also allowed).
-        finished: files whose presence means the folder holds work a new run would replace (results, checkpoints).
-
-    Raises:
-        BalladError: when `out` holds one of `finished` and neither flag was given.
-    """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BalladError(f"{out} exists and is not a directory; pick another --out")
-    held = [name for name in finished if (out / name).exists()]
-    if held and not (overwrite or resume):
-        raise BalladError(f"{out} already holds a run ({held[0]}); pass --overwrite or pick another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from .errors import BalladError
+from .registry import Registry
 
 
 def cosine_lr(base: float, step: int, total: int) -> float:
@@ -33,3 +35,16 @@ def batches_per_epoch(images: int, batch_size: int, keep_last_batch: bool, epoch
             "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
         )
     return images // batch_size
+
+
+Schedule = Callable[[float, int, int, int, int], float]  # (base lr, step, total steps, epoch, epochs) -> lr
+
+SCHEDULES: Registry[Schedule] = Registry("schedule")
+SCHEDULES.register(
+    "epoch",
+    lambda base, step, total, epoch, epochs: epoch_lr(base, epoch, epochs),
+    help="CosineAnnealingLR(T_max=epochs) stepped at each epoch start, the last epoch at lr 0 (official)",
+)
+SCHEDULES.register(
+    "step", lambda base, step, total, epoch, epochs: cosine_lr(base, step, total), help="a cosine over the steps"
+)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, _adapter_step, fit_adapters  # noqa: E402
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_step, fit_adapters  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def step_flops(rows: TrainRows, text: torch.Tensor, cfg: AdapterConfig, device: 
     t = text.to(device)
     scalars = [torch.full((1, 1, 1), v, device=device) for v in (cfg.ratio, cfg.weight_decay, cfg.momentum, cfg.lr)]
     ratio, wd, mom, lr = scalars
-    return count_flops(lambda: _adapter_step(x, y, w, ratio, t, wd, mom, lr, torch.zeros_like(w), 0))
+    return count_flops(lambda: adapter_step(x, y, w, ratio, t, wd, mom, lr, torch.zeros_like(w), 0))
 
 
 def main() -> None:
@@ -78,7 +78,8 @@ def main() -> None:
         small_rows, small_text = imagenet_lt_shaped(a.bf16_scale)
         one = AdapterConfig(epochs=1, select="last")
         t32 = timed(lambda: fit_adapters(small_rows, small_text, [one], device=a.device), sync=True)
-        t16 = timed(lambda: fit_adapters(small_rows, small_text, [one], device=a.device, precision="bf16"), sync=True)
+        one16 = AdapterConfig(epochs=1, select="last", precision="bf16")
+        t16 = timed(lambda: fit_adapters(small_rows, small_text, [one16], device=a.device), sync=True)
         bf16 = {"rows": len(small_rows.image_labels), "fp32_s": round(t32, 2), "bf16_s": round(t16, 2)}
         bf16["speedup"] = round(t32 / t16, 3)
         bf16["cpu_capability"] = torch.backends.cpu.get_cpu_capability() if a.device == "cpu" else a.device

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger().setLevel(logging.ERROR)
 
-from ballad_cache.adapter import TrainRows  # noqa: E402
-from ballad_cache.cache import SplitFeatures  # noqa: E402
+from ballad_cache.heads.adapter import TrainRows  # noqa: E402
+from ballad_cache.store.cache import SplitFeatures  # noqa: E402
 
 
 def imagenet_lt_counts(classes: int = 1000, head: int = 1280, tail: int = 5, total: int = 115_846) -> np.ndarray:

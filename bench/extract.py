@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ballad_cache.datasets import ImageSplit, LTDataset  # noqa: E402
-from ballad_cache.encoder import ImageEncoder, autocast  # noqa: E402
-from ballad_cache.extract import ExtractConfig, extract_features  # noqa: E402
-from ballad_cache.models import BUILTIN_MODELS, _config_ballad_micro, load_model, resolve_device  # noqa: E402
-from ballad_cache.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.datasets import ImageSplit, LTDataset  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.models import MODELS, load_model, register_model, resolve_device  # noqa: E402
+from ballad_cache.models.encoder import ImageEncoder, autocast  # noqa: E402
+from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
 from bench.common import write  # noqa: E402
 
 WIDE = "bench-wide"
-BUILTIN_MODELS[WIDE] = lambda: {**_config_ballad_micro(), "embed_dim": 4096}
+register_model(WIDE, lambda: {**MODELS.get("ballad-micro")(), "embed_dim": 4096}, replace=True)
 
 
 def jpeg_split(folder: Path, n: int, size: int, classes: int = 10) -> ImageSplit:

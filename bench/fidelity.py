@@ -25,17 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, steps_per_epoch  # noqa: E402
-from ballad_cache.cache import FeatureCache, SplitFeatures  # noqa: E402
-from ballad_cache.datasets import load_dataset  # noqa: E402
-from ballad_cache.demo import DEMO_SIZES  # noqa: E402
-from ballad_cache.encoder import ImageEncoder  # noqa: E402
-from ballad_cache.extract import ExtractConfig, augment_of, extract_features  # noqa: E402
-from ballad_cache.finetune import finetune  # noqa: E402
-from ballad_cache.metrics import classification_report, summary  # noqa: E402
-from ballad_cache.models import load_model, resolve_device  # noqa: E402
-from ballad_cache.reader import ImageRows, default_workers, make_loader  # noqa: E402
-from ballad_cache.samplers import index_stream  # noqa: E402
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, steps_per_epoch  # noqa: E402
+from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
+from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.samplers import index_stream  # noqa: E402
+from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
+from ballad_cache.models.encoder import ImageEncoder  # noqa: E402
+from ballad_cache.pipelines.demo import DEMO_SIZES  # noqa: E402
+from ballad_cache.pipelines.extract import ExtractConfig, augment_of, extract_features  # noqa: E402
+from ballad_cache.pipelines.finetune import finetune  # noqa: E402
+from ballad_cache.store.cache import FeatureCache, SplitFeatures  # noqa: E402
 from bench.common import machine, write  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "fidelity"

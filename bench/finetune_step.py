@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.datasets import load_templates, read_lines, resource_dir  # noqa: E402
-from ballad_cache.encoder import autocast  # noqa: E402
-from ballad_cache.finetune import DualTower, phase_a_loss  # noqa: E402
-from ballad_cache.models import PromptBank, load_model, resolve_device  # noqa: E402
+from ballad_cache.inputs.datasets import load_templates, read_lines, resource_dir  # noqa: E402
+from ballad_cache.models.clip import PromptBank, load_model, resolve_device  # noqa: E402
+from ballad_cache.models.encoder import autocast  # noqa: E402
+from ballad_cache.pipelines.finetune import DualTower, phase_a_loss  # noqa: E402
 from bench.common import write  # noqa: E402
 
 

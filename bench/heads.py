@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters  # noqa: E402
-from ballad_cache.cache import FeatureCache  # noqa: E402
-from ballad_cache.datasets import load_templates  # noqa: E402
-from ballad_cache.metrics import classification_report, summary  # noqa: E402
-from ballad_cache.models import PromptBank, load_model  # noqa: E402
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters  # noqa: E402
+from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
+from ballad_cache.inputs.datasets import load_templates  # noqa: E402
+from ballad_cache.models.clip import PromptBank, load_model  # noqa: E402
+from ballad_cache.store.cache import FeatureCache  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 KEYS = ("top1", "many", "medium", "few")

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.knn import auto_backend, faiss_has_gpu, knn_scores  # noqa: E402
+from ballad_cache.heads.knn import auto_backend, faiss_has_gpu, knn_scores  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 

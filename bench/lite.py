@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ballad_cache.datasets import load_dataset  # noqa: E402
-from ballad_cache.demo import DEMO_MODELS, DEMO_SIZES, run_demo  # noqa: E402
-from ballad_cache.finetune import finetune  # noqa: E402
-from ballad_cache.models import load_model, resolve_device  # noqa: E402
+from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
+from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
+from ballad_cache.pipelines.demo import DEMO_MODELS, DEMO_SIZES, run_demo  # noqa: E402
+from ballad_cache.pipelines.finetune import finetune  # noqa: E402
 from bench.common import write  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out" / "lite"

@@ -24,15 +24,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, fit_adapters  # noqa: E402
-from ballad_cache.cache import FeatureCache  # noqa: E402
-from ballad_cache.datasets import ImageSplit, LTDataset  # noqa: E402
-from ballad_cache.encoder import ImageEncoder, autocast  # noqa: E402
-from ballad_cache.extract import ExtractConfig, extract_features  # noqa: E402
-from ballad_cache.longtail import exponential_profile  # noqa: E402
-from ballad_cache.models import load_model, resolve_device  # noqa: E402
-from ballad_cache.reader import ImageRows, default_workers, make_loader  # noqa: E402
-from ballad_cache.samplers import index_stream  # noqa: E402
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters  # noqa: E402
+from ballad_cache.inputs.datasets import ImageSplit, LTDataset  # noqa: E402
+from ballad_cache.inputs.longtail import exponential_profile  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.samplers import index_stream  # noqa: E402
+from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
+from ballad_cache.models.encoder import ImageEncoder, autocast  # noqa: E402
+from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
+from ballad_cache.store.cache import FeatureCache  # noqa: E402
 from bench.common import write  # noqa: E402
 from bench.extract import jpeg_split  # noqa: E402
 

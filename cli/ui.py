@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ballad_cache.heads.metrics import METRICS
+
 err = Console(stderr=True)
 out = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -109,14 +111,11 @@ def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
     """A table of headline accuracies: one row per head or run."""
     table = Table(title=title)
     table.add_column("", style="bold")
-    for col in ("top1", "top5", "many", "medium", "few"):
+    for col in METRICS:
         table.add_column(col, justify="right")
     for name, vals in rows:
         table.add_row(
             name,
-            *(
-                f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-"
-                for c in ("top1", "top5", "many", "medium", "few")
-            ),
+            *(f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-" for c in METRICS),
         )
     return table

@@ -78,7 +78,7 @@ def make_cache(
     dtype: str = "float32",
 ) -> Path:
     """Write a cache of given (features, labels) per split without any model (features normalised here)."""
-    from ballad_cache.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
+    from ballad_cache.store.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
 
     folder.mkdir(parents=True, exist_ok=True)
     text_t = torch.nn.functional.normalize(torch.as_tensor(text, dtype=torch.float32), dim=-1)

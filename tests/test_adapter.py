@@ -7,12 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
-from ballad_cache.cache import FeatureCache
 from ballad_cache.errors import BalladError
-from ballad_cache.evaluate import EvalConfig, evaluate_cache
-from ballad_cache.phase_b import expand_grid, fit_on_cache
-from ballad_cache.samplers import index_stream
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
+from ballad_cache.inputs.samplers import index_stream
+from ballad_cache.pipelines.evaluate import EvalConfig, evaluate_cache
+from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
+from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 from tests.conftest import longtail_features, make_cache
 
@@ -356,7 +356,7 @@ def test_bad_options_exit_2_naming_the_option(lt_cache, tmp_path, args, option):
 
 
 def test_knn_backends_agree(lt_cache):
-    from ballad_cache.knn import knn_scores
+    from ballad_cache.heads.knn import knn_scores
 
     train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
     args = (train.features, train.labels, test.features, lt_cache.num_classes, 7)

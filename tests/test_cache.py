@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from ballad_cache.cache import FeatureCache
-from ballad_cache.datasets import load_dataset
 from ballad_cache.errors import BalladError
-from ballad_cache.extract import ExtractConfig, extract_features
-from ballad_cache.models import load_model
+from ballad_cache.inputs.datasets import load_dataset
+from ballad_cache.models.clip import load_model
+from ballad_cache.pipelines.extract import ExtractConfig, extract_features
+from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 from tests.conftest import ROOT, run_ballad
 
@@ -98,16 +98,16 @@ def test_rerun_skips_complete_shards(small_cache, ballad_data, tmp_path):
 
 
 def test_verify_catches_flipped_byte_and_truncation(small_cache):
-    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    r = runner.invoke(app, ["cache", "verify", "--cache", str(small_cache.path)])
     assert r.exit_code == 0, r.output
     shard = small_cache.path / "train-00002.h5"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    r = runner.invoke(app, ["cache", "verify", "--cache", str(small_cache.path)])
     assert r.exit_code == 1 and "train-00002.h5" in r.output
     shard.write_bytes(bytes(data[: len(data) // 3]))
-    r = runner.invoke(app, ["cache", "verify", str(small_cache.path)])
+    r = runner.invoke(app, ["cache", "verify", "--cache", str(small_cache.path)])
     assert r.exit_code == 1 and "train-00002.h5" in r.output
     with pytest.raises(BalladError, match="train-00002.h5"):
         FeatureCache(small_cache.path).load_split("train")

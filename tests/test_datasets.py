@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from ballad_cache.datasets import BadImageError, fashion_mnist_lt, load_dataset, read_idx
 from ballad_cache.errors import BalladError
+from ballad_cache.inputs.datasets import BadImageError, fashion_mnist_lt, load_dataset, read_idx
 from cli.main import app
 from tests.conftest import write_idx
 
@@ -35,7 +35,7 @@ def test_fmnist_lt_profile_and_splits(ballad_data):
 
 
 def test_data_info_cli(ballad_data):
-    result = runner.invoke(app, ["data", "info", "fmnist-lt"])
+    result = runner.invoke(app, ["data", "info", "--data", "fmnist-lt"])
     assert result.exit_code == 0, result.output
     assert "10 classes, 1236 train images (500 ... 5)" in result.output
     assert "4 many / 3 medium / 3 few" in result.output
@@ -77,22 +77,22 @@ def test_yaml_spec_with_list_files(tmp_path):
 
 
 def test_bad_specs_exit_1_with_the_reason(tmp_path):
-    r = runner.invoke(app, ["data", "info", "imagenet-nope"])
+    r = runner.invoke(app, ["data", "info", "--data", "imagenet-nope"])
     assert r.exit_code == 1 and "unknown dataset" in r.output and "fmnist-lt" in r.output
-    r = runner.invoke(app, ["data", "info", f"folder:{tmp_path / 'missing'}"])
+    r = runner.invoke(app, ["data", "info", "--data", f"folder:{tmp_path / 'missing'}"])
     assert r.exit_code == 1 and str(tmp_path / "missing") in r.output
     _make_folder(tmp_path / "imgs", {"a": 1, "b": 1})
     (tmp_path / "names.txt").write_text("alpha\nbeta\n")
     (tmp_path / "train.txt").write_text("train/a/0.png 0\ntrain/b/0.png 7\n")
     (tmp_path / "d.yaml").write_text("root: imgs\nclassnames: names.txt\nsplits:\n  train: train.txt\n")
-    r = runner.invoke(app, ["data", "info", str(tmp_path / "d.yaml")])
+    r = runner.invoke(app, ["data", "info", "--data", str(tmp_path / "d.yaml")])
     assert r.exit_code == 1 and f"{tmp_path / 'train.txt'}:2" in r.output and "out of range" in r.output
 
 
 def test_a_folder_dataset_with_an_empty_class_folder_exits_1_naming_it(tmp_path):
     _make_folder(tmp_path, {"cat": 3, "dog": 2})
     (tmp_path / "train" / "empty_class").mkdir()
-    r = runner.invoke(app, ["data", "info", f"folder:{tmp_path}"])
+    r = runner.invoke(app, ["data", "info", "--data", f"folder:{tmp_path}"])
     assert r.exit_code == 1, r.output
     assert "empty_class" in r.output and "no training image" in r.output
     assert "imbalance factor" not in r.output

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from ballad_cache.adapter import AdapterConfig, load_adapter
-from ballad_cache.cache import FeatureCache
-from ballad_cache.datasets import load_dataset
 from ballad_cache.errors import BalladError
-from ballad_cache.evaluate import EvalConfig, evaluate_cache
-from ballad_cache.export import build_classifier, export_classifier
-from ballad_cache.extract import ExtractConfig, extract_features
-from ballad_cache.models import load_model, save_local_dir
-from ballad_cache.phase_b import fit_on_cache
+from ballad_cache.heads.adapter import AdapterConfig, load_adapter
+from ballad_cache.inputs.datasets import load_dataset
+from ballad_cache.models.clip import load_model, save_local_dir
+from ballad_cache.pipelines.evaluate import EvalConfig, evaluate_cache
+from ballad_cache.pipelines.export import build_classifier, export_classifier
+from ballad_cache.pipelines.extract import ExtractConfig, extract_features
+from ballad_cache.pipelines.phase_b import fit_on_cache
+from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 
 runner = CliRunner()
@@ -202,9 +202,10 @@ def test_predict_on_files_folders_and_lists_with_tau_and_bad_images(vit_pipeline
         and FeatureCache(vit_pipeline["cache"]).train_counts
     )
     assert np.mean(counts[tail]) <= np.mean(counts[plain])  # tau pushes predictions towards rarer classes
-    r = runner.invoke(app, ["predict", str(tmp_path / "nope"), "--model", f"local-dir:{vit_pipeline['model']}"])
+    model = ["--model", f"local-dir:{vit_pipeline['model']}", "--out", str(tmp_path / "q.csv")]
+    r = runner.invoke(app, ["predict", str(tmp_path / "nope"), *model])
     assert r.exit_code == 1 and "does not exist" in r.output
-    r = runner.invoke(app, ["predict", str(tmp_path / "imgs"), "--model", f"local-dir:{vit_pipeline['model']}"])
+    r = runner.invoke(app, ["predict", str(tmp_path / "imgs"), *model])
     assert r.exit_code == 1 and "classifier.json" in r.output and "--adapter" in r.output
 
 

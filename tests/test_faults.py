@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
-from ballad_cache.cache import FeatureCache
-from ballad_cache.models import load_model
+from ballad_cache.models.clip import load_model
+from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 from tests.conftest import ROOT, longtail_features, make_cache, run_ballad
 
@@ -202,7 +202,7 @@ def test_nan_rows_are_refused_by_fit_adapter_and_evaluate_naming_the_shard(cache
     assert r.exit_code == 1 and "train-00000.h5 holds NaN/Inf" in r.output
     r = runner.invoke(app, ["evaluate", "--cache", str(cache), "--adapter", str(tmp_path / "ad")])
     assert r.exit_code == 1 and "test-00000.h5 holds NaN/Inf" in r.output
-    r = runner.invoke(app, ["cache", "verify", str(cache)])
+    r = runner.invoke(app, ["cache", "verify", "--cache", str(cache)])
     assert r.exit_code == 1 and "train-00000.h5" in r.output
 
 
@@ -221,7 +221,7 @@ def test_damaged_cache_is_refused_by_every_reader(cache, tmp_path, damage):
         (cache / "manifest.json").write_text(json.dumps(m))
         expected = "format version 0"
     for args in (
-        ["cache", "verify", str(cache)],
+        ["cache", "verify", "--cache", str(cache)],
         ["fit-adapter", "--cache", str(cache), "--out", str(tmp_path / "ad"), "--device", "cpu"],
         ["evaluate", "--cache", str(cache), "--split", "train"],
     ):
@@ -236,7 +236,7 @@ def test_damaged_cache_is_refused_by_every_reader(cache, tmp_path, damage):
 
 
 def test_ctrl_c_during_a_sweep_keeps_finished_points_and_the_rerun_completes(cache, tmp_path, monkeypatch):
-    import ballad_cache.phase_b as phase_b
+    import ballad_cache.pipelines.phase_b as phase_b
 
     args = ["sweep", "--cache", str(cache), "--ratio", "0.1,0.4", "--sampler", "class-aware,sqrt,instance"]
     args += ["--epochs", "2", "--batch-size", "32", "--device", "cpu"]
@@ -308,7 +308,7 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(cache, tmp_path):
 
 
 def test_full_disk_while_writing_a_shard_leaves_no_partial_file(ballad_data, tmp_path, monkeypatch):
-    from ballad_cache.cache import ShardWriter
+    from ballad_cache.store.cache import ShardWriter
 
     real, calls = ShardWriter.write, []
 
@@ -366,12 +366,12 @@ def test_too_little_free_space_for_a_checkpoint_is_refused_before_writing(tmp_pa
     import shutil
 
     from ballad_cache.errors import BalladError
-    from ballad_cache.finetune import _save_checkpoint
+    from ballad_cache.pipelines.finetune import _save_checkpoint
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(BalladError, match="checkpoint.pt: 3.8 MiB needed, 1.0 MiB free"):
         _save_checkpoint(tmp_path / "checkpoint.pt", {"model": {"w": torch.zeros(1_000_000)}})
-    from ballad_cache.cache import ShardWriter
+    from ballad_cache.store.cache import ShardWriter
 
     with pytest.raises(BalladError, match="train-00000.h5: 2.4 MiB needed"):
         ShardWriter(tmp_path, "train", 0, capacity=4096, dim=256, fingerprint="x")

@@ -5,11 +5,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ballad_cache.datasets import load_dataset
-from ballad_cache.demo import DEMO_PHASE_A
 from ballad_cache.errors import BalladError
-from ballad_cache.finetune import FinetuneConfig, finetune, load_checkpoint
-from ballad_cache.models import load_model
+from ballad_cache.inputs.datasets import load_dataset
+from ballad_cache.models.clip import load_model
+from ballad_cache.pipelines.demo import DEMO_PHASE_A
+from ballad_cache.pipelines.finetune import FinetuneConfig, finetune, load_checkpoint
 from ballad_cache.progress import NullProgress
 from tests.conftest import run_ballad
 
@@ -77,7 +77,7 @@ def test_official_augmentation_is_ballads_transform():
     from PIL import Image
     from torchvision import transforms as T
 
-    from ballad_cache.transforms import train_transform
+    from ballad_cache.inputs.transforms import train_transform
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     ours = train_transform("official", {"size": 32, "mean": mean, "std": std}, lambda im: None)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from ballad_cache.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, load_adapter
-from ballad_cache.cache import FeatureCache
-from ballad_cache.phase_b import expand_grid, fit_on_cache
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, load_adapter
+from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
+from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 from tests.conftest import longtail_features, make_cache
 
@@ -104,17 +105,22 @@ def test_sweep_takes_loss_head_and_tau_as_axes(lt_cache, tmp_path):
     assert {"la_tau", "head_scale", "steps", "best_epoch"} <= set(rows[0])
     results = json.loads((tmp_path / "s" / "results.json").read_text())
     assert {p["config"]["head"] for p in results["points"]} == {"text", "cosine"}
-    r = runner.invoke(
-        app, [*args[:5], "--loss", "la", "--la-tau", "0.5,1,2", "--ratio", "0.2", "--epochs", "3", "--batch-size", "64"]
-    )
-    assert r.exit_code == 0 and "3 points, 1 already done, 2 to train" in r.output  # la, tau 1, ratio 0.2 is done
+    other = [*args[:5], "--loss", "la", "--la-tau", "0.5,1,2", "--ratio", "0.2", "--epochs", "3", "--batch-size", "64"]
+    r = runner.invoke(app, other)  # another grid (it lacks the ce points): refused, nothing touched
+    assert r.exit_code == 1 and "already holds another sweep run" in r.output
+    r = runner.invoke(app, [*args, "--la-tau", "0.5,1,2"])  # the same grid plus la points at two more strengths
+    assert r.exit_code == 0 and "16 points, 8 already done, 8 to train" in r.output, r.output
     rows = list(csv.DictReader((tmp_path / "s" / "results.csv").open()))
-    assert sorted(float(x["la_tau"]) for x in rows) == [0.5, 1.0, 2.0]
+    assert sorted(float(x["la_tau"]) for x in rows if x["loss"] == "la") == [0.5] * 4 + [1.0] * 4 + [2.0] * 4
+    assert {float(x["la_tau"]) for x in rows if x["loss"] == "ce"} == {1.0}  # ce points do not read it
+    r = runner.invoke(app, [*other, "--overwrite"])  # --overwrite replaces the old grid's results
+    assert r.exit_code == 0 and "3 points, 0 already done, 3 to train" in r.output, r.output
+    assert len(list(csv.DictReader((tmp_path / "s" / "results.csv").open()))) == 3
 
 
 def test_prompt_ensembles_are_the_renormalised_template_mean(ballad_data, tmp_path):
-    from ballad_cache.datasets import load_dataset, load_templates
-    from ballad_cache.models import load_model
+    from ballad_cache.inputs.datasets import load_dataset, load_templates
+    from ballad_cache.models.clip import load_model
 
     out = tmp_path / "cache"
     args = ["extract-features", "--data", "fmnist-lt", "--model", "ballad-micro", "--out", str(out)]
@@ -144,7 +150,7 @@ def test_bf16_fit_keeps_fp32_state_and_lands_near_fp32(lt_cache):
     val, test = lt_cache.load_split("val"), lt_cache.load_split("test")
     cfg = AdapterConfig(epochs=3, batch_size=64)
     fp32 = fit_adapters(rows, text, [cfg], val=(val.features, val.labels))
-    bf16 = fit_adapters(rows, text, [cfg], val=(val.features, val.labels), precision="bf16")
+    bf16 = fit_adapters(rows, text, [replace(cfg, precision="bf16")], val=(val.features, val.labels))
     assert bf16.weights.dtype == torch.float32 and not torch.equal(bf16.weights, fp32.weights)  # bf16 really ran
     assert (bf16.weights - fp32.weights).abs().max() < 0.05
     acc = [
@@ -153,4 +159,4 @@ def test_bf16_fit_keeps_fp32_state_and_lands_near_fp32(lt_cache):
     ]
     assert abs(acc[0] - acc[1]) * 100 <= 2.0
     with pytest.raises(ValueError, match="precision"):
-        fit_adapters(rows, text, [cfg], precision="fp8")
+        AdapterConfig(precision="fp8")

@@ -1,4 +1,4 @@
-from ballad_cache.longtail import exponential_profile, group_sizes, imbalance_factor
+from ballad_cache.inputs.longtail import exponential_profile, group_sizes, imbalance_factor
 
 
 def test_cifar100_lt_if100_profile_without_images():

@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from ballad_cache import models
 from ballad_cache.errors import BalladError
-from ballad_cache.models import list_models, load_model
+from ballad_cache.models import clip as models
+from ballad_cache.models.clip import list_models, load_model
 
 
 @pytest.fixture
@@ -74,7 +74,7 @@ def test_shortest_context_encoding_equals_full_context():
 
 
 def test_ballad_lite_image_tower_holds_the_packages_imagenet_weights(tmp_path):
-    from ballad_cache.models import lite0_checkpoint, save_local_dir
+    from ballad_cache.models.clip import lite0_checkpoint, save_local_dir
 
     loaded = load_model("ballad-lite")
     checkpoint = torch.load(lite0_checkpoint(), map_location="cpu", weights_only=True)

@@ -1,7 +1,7 @@
 """Index streams for phase B, generated with numpy: no DataLoader walks the cached rows.
 
 A sampler is built once per fit (`make_sampler`) and asked for each epoch's draws in turn, so samplers with state
-carry it across epochs as OLTR's do. Registry names:
+carry it across epochs as OLTR's do. Registered names (`SAMPLERS`; add one with `SAMPLERS.register`):
 
 - `class-aware`: OLTR's `ClassAwareSampler` (BALLAD's `data/ClassAwareSampler.py`, taken from OLTR): a
   `RandomCycleIter` over classes; each visit takes `samples_per_class` consecutive items from the visited class's
@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
+
+from ..registry import Registry
 
 
 class IndexSampler(Protocol):
@@ -129,21 +131,24 @@ def _progressive(labels: np.ndarray, epochs: int, rng: np.random.Generator, samp
 
 SamplerFactory = Callable[[np.ndarray, int, np.random.Generator, int], IndexSampler]
 
-SAMPLERS: dict[str, SamplerFactory] = {
-    "class-aware": lambda labels, epochs, rng, k: ClassAwareSampler(labels, rng, k),
-    "sqrt": _sqrt,
-    "instance": lambda labels, epochs, rng, k: InstanceSampler(labels, rng),
-    "progressive": _progressive,
-}
+SAMPLERS: Registry[SamplerFactory] = Registry("sampler")
+SAMPLERS.register(
+    "class-aware",
+    lambda labels, epochs, rng, k: ClassAwareSampler(labels, rng, k),
+    help="OLTR's class-aware sampler, --samples-per-class draws per class visit (official)",
+)
+SAMPLERS.register("sqrt", _sqrt, help="classes drawn in proportion to sqrt(n_c)")
+SAMPLERS.register(
+    "instance", lambda labels, epochs, rng, k: InstanceSampler(labels, rng), help="every image once per epoch"
+)
+SAMPLERS.register("progressive", _progressive, help="instance-balanced to class-balanced over the epochs")
 
 
 def make_sampler(
     name: str, labels: np.ndarray, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
 ) -> IndexSampler:
     """Build sampler `name` for one fit; ValueError lists the known names."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; known: {', '.join(SAMPLERS)}")
-    return SAMPLERS[name](labels, epochs, rng, samples_per_class)
+    return SAMPLERS.get(name)(labels, epochs, rng, samples_per_class)
 
 
 def index_stream(

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .longtail import GROUP_NAMES, ShotThresholds, shot_groups
+from ..inputs.longtail import GROUP_NAMES, ShotThresholds, shot_groups
 
 
 def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -49,9 +49,9 @@ def classification_report(
     return report
 
 
-SUMMARY_KEYS = ("top1", "top5", "many", "medium", "few")
+METRICS = ("top1", "top5", "many", "medium", "few")
 
 
 def summary(report: dict[str, Any]) -> dict[str, float]:
     """The headline numbers of a report (no per-class list)."""
-    return {k: report[k] for k in SUMMARY_KEYS}
+    return {k: report[k] for k in METRICS}

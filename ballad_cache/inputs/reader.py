@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..errors import BalladError
 from .datasets import BadImageError, ImageSplit
-from .errors import BalladError
 
 
 def default_workers() -> int:

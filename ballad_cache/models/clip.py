@@ -26,8 +26,9 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path, sha256_file, write_json
-from .errors import BalladError
+from ..atomic import atomic_path, sha256_file, write_json
+from ..errors import BalladError
+from ..registry import Registry
 
 # An open_clip CLIP (or CustomTextCLIP) module. Typed as Any because its encode_image / encode_text / visual
 # attributes are invisible to type checkers through torch.nn.Module.__getattr__.
@@ -126,26 +127,36 @@ def _config_ballad_micro() -> dict[str, Any]:
     }
 
 
-BUILTIN_MODELS: dict[str, Callable[[], dict[str, Any]]] = {
-    "ballad-tiny": _config_ballad_tiny,
-    "ballad-lite": _config_ballad_lite,
-    "ballad-micro": _config_ballad_micro,
-}
+MODELS: Registry[Callable[[], dict[str, Any]]] = Registry("model")
 
 
-def register_model(name: str) -> None:
-    """Register one of ballad's built-in architectures with open_clip (idempotent)."""
+def register_model(
+    name: str, config: Callable[[], dict[str, Any]], *, help: str = "", replace: bool = False
+) -> Callable[[], dict[str, Any]]:
+    """Register an architecture by name: `config()` returns an open_clip model config (`embed_dim`, `vision_cfg`,
+    `text_cfg`), handed to open_clip when the model is first loaded; `--model NAME` then works in every command.
+    """
+    return MODELS.register(name, config, help=help, replace=replace)
+
+
+register_model("ballad-tiny", _config_ballad_tiny, help="random-init ViT for 32×32 images + pretrained MiniLM text")
+register_model("ballad-lite", _config_ballad_lite, help="ImageNet-pretrained EfficientNet-Lite0 + MiniLM (the demo)")
+register_model("ballad-micro", _config_ballad_micro, help="a few-layer ViT and CLIP text tower, random (tests)")
+
+
+def _add_to_open_clip(name: str) -> None:
+    """Hand a registered architecture's config to open_clip (idempotent)."""
     from open_clip.factory import _MODEL_CONFIGS
 
-    if name in BUILTIN_MODELS and name not in _MODEL_CONFIGS:
-        _MODEL_CONFIGS[name] = BUILTIN_MODELS[name]()
+    if name in MODELS and name not in _MODEL_CONFIGS:
+        _MODEL_CONFIGS[name] = MODELS.get(name)()
 
 
 def list_models() -> list[str]:
-    """ballad's built-in architectures followed by every open_clip model name."""
+    """ballad's registered architectures followed by every open_clip model name."""
     import open_clip
 
-    return [*BUILTIN_MODELS, *open_clip.list_models()]
+    return [*MODELS, *open_clip.list_models()]
 
 
 @dataclass
@@ -253,7 +264,7 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     """
     import open_clip
 
-    register_model(name)
+    _add_to_open_clip(name)
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1])
         if not (folder / "open_clip_config.json").is_file():

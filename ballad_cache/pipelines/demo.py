@@ -17,21 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter import AdapterConfig, load_adapter
-from .atomic import read_json, write_json
-from .cache import MANIFEST, FeatureCache
-from .datasets import LTDataset, load_dataset
-from .errors import BalladError
+from ..atomic import read_json, write_json
+from ..errors import BalladError
+from ..heads.adapter import AdapterConfig, load_adapter
+from ..heads.metrics import summary
+from ..inputs.datasets import LTDataset, load_dataset
+from ..models.clip import load_model
+from ..progress import NullProgress, Progress
+from ..store.cache import MANIFEST, FeatureCache
+from ..store.runs import RunFolder
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
 from .extract import ExtractConfig, extract_features
 from .finetune import FinetuneConfig, finetune
-from .metrics import summary
-from .models import load_model
 from .phase_b import expand_grid, fit_on_cache, run_sweep
 from .plots import plot_per_class, plot_prediction_grid
 from .predict import PredictConfig, predict_split
-from .progress import NullProgress, Progress
 
 DATA, MODEL = "fmnist-lt", "ballad-lite"  # the default: its image tower has seen images (bench/lite.py)
 DEMO_MODELS = ("ballad-tiny", "ballad-lite")
@@ -82,6 +83,11 @@ DEMO_SIZES: dict[str, DemoSize] = {
         sweep_lrs=(0.2,),
     ),
 }
+
+
+def demo_folder(out: str | Path) -> RunFolder:
+    """The demo's folder: never refused (each step reuses its finished output unless `overwrite`), locked."""
+    return RunFolder(out, "demo")
 
 
 def run_demo(

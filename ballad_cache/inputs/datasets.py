@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BalladError
+from ..errors import BalladError
+from ..registry import Registry
 from .longtail import exponential_profile
 
 SPLITS = ("train", "val", "test")
@@ -40,7 +41,7 @@ FMNIST_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 
 def resource_dir() -> Path:
     """The repository's `data/` folder: class-name lists, template sets, dataset descriptions."""
-    here = Path(os.environ.get("BALLAD_RESOURCES", Path(__file__).resolve().parent.parent / "data"))
+    here = Path(os.environ.get("BALLAD_RESOURCES", Path(__file__).resolve().parents[2] / "data"))
     if not (here / "classnames").is_dir():
         raise BalladError(f"ballad's data folder is missing at {here}; install ballad with `pip install -e .`")
     return here
@@ -149,17 +150,16 @@ def _folder(arg: str | None) -> LTDataset:
     return folder_dataset(Path(arg))
 
 
-DATASETS: dict[str, Callable[[str | None], LTDataset]] = {
-    "fmnist-lt": _fmnist,
-    "cifar100-lt": _cifar,
-    "folder": _folder,
-}
+DATASETS: Registry[Callable[[str | None], LTDataset]] = Registry("dataset")
+DATASETS.register("fmnist-lt", _fmnist, help="fmnist-lt[:IF], Fashion-MNIST made long-tailed (the embedded default)")
+DATASETS.register("cifar100-lt", _cifar, help="cifar100-lt:IF, CIFAR-100-LT from $BALLAD_DATA")
+DATASETS.register("folder", _folder, help="folder:ROOT, ROOT/{train,val,test}/<class>/<image>")
 
 
 def list_datasets() -> list[str]:
-    """Spec forms `load_dataset` accepts, named datasets and shipped descriptions included."""
+    """Spec forms `load_dataset` accepts: registered kinds, YAML descriptions and the shipped ones."""
     shipped = sorted(p.name for p in (resource_dir() / "datasets").glob("*.yaml"))
-    return ["fmnist-lt[:IF]", "cifar100-lt:IF", "folder:ROOT", "PATH.yaml", *[f"data/datasets/{s}" for s in shipped]]
+    return [*DATASETS, "PATH.yaml", *[f"data/datasets/{s}" for s in shipped]]
 
 
 def load_dataset(spec: str) -> LTDataset:
@@ -174,7 +174,7 @@ def load_dataset(spec: str) -> LTDataset:
     if name not in DATASETS:
         raise BalladError(f"unknown dataset '{spec}'; known: {', '.join(list_datasets())}")
     try:
-        return DATASETS[name](arg or None)
+        return DATASETS.get(name)(arg or None)
     except ValueError as exc:
         raise BalladError(f"bad dataset spec '{spec}': {exc}") from exc
 
@@ -207,6 +207,18 @@ def check_classnames(classnames: Sequence[str], origin: str) -> list[str]:
     return names
 
 
+def template_sets() -> Registry[Path]:
+    """Registered prompt-template sets: every `data/templates/*.txt` (one template a line), plus any registered
+    with `TEMPLATE_SETS.register(name, path)`."""
+    for path in sorted((resource_dir() / "templates").glob("*.txt")):
+        if path.stem not in TEMPLATE_SETS:
+            TEMPLATE_SETS.register(path.stem, path, help=f"data/templates/{path.name}")
+    return TEMPLATE_SETS
+
+
+TEMPLATE_SETS: Registry[Path] = Registry("template set")
+
+
 def load_templates(spec: str | Sequence[str]) -> list[str]:
     """Prompt templates from a set name (`ballad`, `openai-imagenet`), a .txt file, or literal strings with `{c}`."""
     if not isinstance(spec, str):
@@ -216,12 +228,12 @@ def load_templates(spec: str | Sequence[str]) -> list[str]:
     else:
         path = Path(spec)
         if not path.suffix:
-            path = resource_dir() / "templates" / f"{spec}.txt"
-            if not path.exists():
-                known = sorted(p.stem for p in (resource_dir() / "templates").glob("*.txt"))
+            sets = template_sets()
+            if spec not in sets:
                 raise BalladError(
-                    f"unknown template set '{spec}'; known: {', '.join(known)}, a .txt file, or a '{{c}}' string"
+                    f"unknown template set '{spec}'; known: {', '.join(sets)}, a .txt file, or a '{{c}}' string"
                 )
+            path = sets.get(spec)
         templates = read_lines(path)
     bad = [t for t in templates if "{c}" not in t]
     if bad or not templates:
@@ -288,7 +300,7 @@ def find_fashion_mnist(download: bool = True) -> Path:
     if not download:
         raise BalladError(f"Fashion-MNIST not found in {', '.join(map(str, candidates))}")
     cache.mkdir(parents=True, exist_ok=True)
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     for n in names:
         target = cache / f"{n}.gz"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import ClipModel
+from .clip import ClipModel
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from .adapter import load_adapter
-from .atomic import atomic_path, read_json, remove_stale_temps, write_json
-from .cache import FeatureCache
-from .errors import BalladError
-from .longtail import ShotThresholds, class_log_prior
-from .models import ClipModel, LoadedModel, load_model, save_local_dir
+from ..atomic import atomic_path, read_json, remove_stale_temps, write_json
+from ..errors import BalladError
+from ..heads.adapter import load_adapter
+from ..inputs.longtail import ShotThresholds, class_log_prior
+from ..models.clip import ClipModel, LoadedModel, load_model, save_local_dir
+from ..store.cache import FeatureCache
+from ..store.runs import RunFolder
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
@@ -195,6 +196,11 @@ def build_classifier(
             "model_cfg": cfg,
         },
     )
+
+
+def export_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
+    """The run folder of `export`: a finished export is replaced only with `overwrite`."""
+    return RunFolder(out, "export", (CLASSIFIER_META,), overwrite=overwrite)
 
 
 def export_classifier(classifier: Classifier, out: str | Path) -> Path:

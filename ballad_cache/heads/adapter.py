@@ -29,70 +29,54 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path, read_json, write_json
-from .cache import FeatureCache, SplitFeatures
-from .errors import BalladError
-from .longtail import class_log_prior
-from .progress import NullProgress, Progress
-from .samplers import SAMPLERS, index_stream
-from .schedules import batches_per_epoch, cosine_lr, epoch_lr
-
-LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD
-
-
-SCHEDULES = ("epoch", "step")
-SELECTIONS = ("best-val", "last")
-LOSSES = ("ce", "la")
-HEADS = ("text", "cosine")
+from ..atomic import atomic_path, read_json, write_json
+from ..errors import BalladError
+from ..inputs.longtail import class_log_prior
+from ..inputs.samplers import SAMPLERS, index_stream
+from ..options import check_options, option
+from ..progress import NullProgress, Progress
+from ..registry import PRECISIONS, SELECTIONS
+from ..schedules import SCHEDULES, batches_per_epoch
+from ..store.cache import FeatureCache, SplitFeatures
+from .terms import HEADS, LOGIT_SCALE, LOSSES, LossContext, LossTerm, cross_entropy
 
 
 @dataclass
 class AdapterConfig:
     """One phase-B configuration; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_B_rn50.yaml`,
-    `train.py`), every other value an option."""
+    `train.py`), every other value an option. Each field's help, range and choices are its option's."""
 
-    ratio: float = 0.2  # residual mix: ratio * W f + (1 - ratio) * f (BALLAD)
-    sampler: str = "class-aware"  # index stream; see ballad_cache.samplers
-    samples_per_class: int = 4  # consecutive draws from one class (OLTR ClassAwareSampler)
-    lr: float = 0.2  # SGD learning rate
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    epochs: int = 10
-    batch_size: int = 512
-    schedule: str = "epoch"  # epoch: CosineAnnealingLR(T_max=epochs) stepped at each epoch start (official); step
-    keep_last_batch: bool = False  # official: floor(N/B) full batches per epoch; True: ceil(N/B), last one partial
-    select: str = "best-val"  # best-val: the epoch with the best val top-1, strictly better replaces (official); last
-    loss: str = "ce"  # ce (BALLAD); la: logit-adjusted CE, logits + la_tau * log(prior) in training (Menon et al.)
-    la_tau: float = 1.0  # strength of the logit adjustment (la)
-    head: str = (
-        "text"  # text: the fixed class text embeddings (BALLAD); cosine: learnable, initialised from them (LIFT)
+    ratio: float = option(0.2, "Residual mix: ratio * W f + (1 - ratio) * f (official 0.2).", min=0.0, max=1.0)
+    sampler: str = option("class-aware", "Index stream over the training images.", choices=SAMPLERS)
+    samples_per_class: int = option(4, "Consecutive draws per class visit (class-aware; OLTR: 4).", min=1)
+    lr: float = option(0.2, "SGD learning rate (official 0.2).", min=0.0)
+    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
+    weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4).", min=0.0)
+    epochs: int = option(10, "Epochs of floor(N/B) batches, N training images (official 10).", min=0)
+    batch_size: int = option(512, "Batch size (official 512).", min=1)
+    schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
+    keep_last_batch: bool = option(
+        False,
+        "Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
+        flag="--keep-last-batch/--drop-last-batch",
+        axis=False,
     )
-    head_scale: float = 25.0  # logit scale of the cosine head (LIFT's); the text head uses CLIP's 100
-    head_lr: float | None = None  # the cosine head's SGD learning rate (None: lr)
-    seed: int = 0  # seeds W's init and the index stream
+    select: str = option("best-val", "Which epoch's weights are kept.", choices=SELECTIONS)
+    loss: str = option("ce", "Training loss.", choices=LOSSES)
+    la_tau: float = option(1.0, "Logit-adjustment strength of --loss la.")
+    head: str = option("text", "Classifier head (--ratio 0 trains a learnable head alone).", choices=HEADS)
+    head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
+    head_lr: float | None = option(None, "Learning rate of a learnable head (default: --lr).", min=0.0)
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    seed: int = option(0, "Seeds W's init, the index stream and the view draws.")
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
-        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0 or self.samples_per_class < 1:
-            raise ValueError("epochs and lr must be >= 0, batch_size and samples_per_class >= 1")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{self.sampler}'; known: {', '.join(SAMPLERS)}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
-        if self.select not in SELECTIONS:
-            raise ValueError(f"select must be one of {', '.join(SELECTIONS)}, got '{self.select}'")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
-        if self.head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, got '{self.head}'")
-        if self.head_scale <= 0 or (self.head_lr is not None and self.head_lr < 0):
-            raise ValueError("head_scale must be > 0 and head_lr >= 0")
+        check_options(self)
 
     @property
     def logit_scale(self) -> float:
         """The scale of this configuration's logits: CLIP's 100 for the text head, `head_scale` for a cosine head."""
-        return self.head_scale if self.head == "cosine" else LOGIT_SCALE
+        return HEADS.get(self.head).scale(self)
 
     def stream_key(self) -> tuple[Any, ...]:
         """Configurations with equal keys draw the same batches and can train together."""
@@ -104,7 +88,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
-        """From a dict, ignoring unknown keys."""
+        """From a dict, ignoring unknown keys (older files lack `precision`: fp32)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -235,7 +219,6 @@ def fit_adapters(
     stream: Sequence[np.ndarray] | None = None,
     init: torch.Tensor | None = None,
     on_epoch: Callable[[int, torch.Tensor], None] | None = None,
-    precision: str = "fp32",
 ) -> FitResult:
     """Train K adapters that share an index stream as one batched computation.
 
@@ -255,14 +238,18 @@ def fit_adapters(
         stream: per-epoch image indices replacing the sampler's (tests feed an independent sampler's stream).
         init: initial weights (d×d or K×d×d) replacing `nn.Linear`'s default init under each config's seed.
         on_epoch: called with (1-based epoch, K×d×d weights at its end).
-        precision: fp32, or bf16 for the step's matmuls (fp32 loss, weights and optimizer state); bf16 pays off on
-            GPUs and on CPUs with native bfloat16 (AVX-512-BF16, AMX), and is far slower on CPUs without.
+
+    The configurations' `precision` runs the step's matmuls in fp32, or in bf16 (fp32 loss, weights and optimizer
+    state); bf16 pays off on GPUs and on CPUs with native bfloat16 (AVX-512-BF16, AMX), and is far slower on CPUs
+    without.
     """
     if not configs:
         raise ValueError("no configurations to fit")
     keys = {c.stream_key() for c in configs}
     if len(keys) != 1:
         raise ValueError("configurations in one batched fit must share sampler, epochs, batch size and seed")
+    if len({c.precision for c in configs}) != 1:
+        raise ValueError("configurations in one batched fit must share their precision")
     progress = progress or NullProgress()
     device = torch.device(device)
     cfg0 = configs[0]
@@ -280,13 +267,11 @@ def fit_adapters(
     buf = torch.zeros_like(w)
     num_classes = text.shape[0]
     scale = torch.tensor([c.logit_scale for c in configs], device=device).view(k, 1, 1)
-    # logit adjustment in the loss (Menon et al.): logits + tau * log(prior), the prior from the training images
-    log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes))
-    taus = [c.la_tau if c.loss == "la" else 0.0 for c in configs]
-    bias = (torch.tensor(taus).view(k, 1, 1) * log_prior.view(1, 1, -1)).to(device) if any(taus) else None
-    # cosine heads (LIFT): learnable C×d rows initialised from the text embeddings, normalised in the forward pass;
-    # text heads ride along with a zero learning rate, so one batched step serves both
-    cosine = [c.head == "cosine" for c in configs]
+    # the prior of the training images, for losses that adjust logits (Menon et al.)
+    log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes)).to(device)
+    # learnable heads (LIFT's cosine): C×d rows initialised from the text embeddings, normalised in the forward
+    # pass; fixed heads ride along with a zero learning rate, so one batched step serves both
+    cosine = [HEADS.get(c.head).learnable for c in configs]
     heads = text.unsqueeze(0).repeat(k, 1, 1) if any(cosine) else None
     head_buf = torch.zeros_like(heads) if heads is not None else None
     epochs = batch_schedule(rows, cfg0, stream)
@@ -296,15 +281,14 @@ def fit_adapters(
     if chunk is None:
         chunk = k if device.type == "cuda" else cpu_chunk(cfg0.batch_size, dim, text.shape[0])
     spans = [(a, min(a + chunk, k)) for a in range(0, k, chunk)]
+    span_losses = [loss_groups(configs[a:b], log_prior) for a, b in spans]
     # the whole schedule, learning rates and losses live on the device: no host round trip inside an epoch
     bounds = np.concatenate([[0], np.cumsum([len(b) for b in steps])]).tolist()
     flat = torch.as_tensor(np.concatenate(steps) if n else np.zeros(0, np.int64), device=device)
     step_epoch = np.repeat(np.arange(len(per_epoch)), per_epoch)
+    schedules = [SCHEDULES.get(c.schedule) for c in configs]
     lr_rows = [
-        [
-            epoch_lr(c.lr, int(step_epoch[s]), cfg0.epochs) if c.schedule == "epoch" else cosine_lr(c.lr, s, n)
-            for c in configs
-        ]
+        [f(c.lr, s, n, int(step_epoch[s]), cfg0.epochs) for f, c in zip(schedules, configs, strict=True)]
         for s in range(n)
     ]
     lr_table = torch.tensor(lr_rows, device=device, dtype=torch.float32).view(n, k, 1, 1)
@@ -331,8 +315,8 @@ def fit_adapters(
             x = feats.index_select(0, idx).float()  # B×d
             y = row_labels.index_select(0, idx)
             lr = lr_table[step]
-            for a, b in spans:
-                loss_dev[a:b, step] = _adapter_step(
+            for (a, b), groups in zip(spans, span_losses, strict=True):
+                loss_dev[a:b, step] = adapter_step(
                     x,
                     y,
                     w[a:b],
@@ -344,11 +328,11 @@ def fit_adapters(
                     buf[a:b],
                     step,
                     scale[a:b],
-                    bias[a:b] if bias is not None else None,
-                    _HeadState(heads[a:b], head_buf[a:b], head_lr_table[step, a:b])
+                    groups,
+                    HeadState(heads[a:b], head_buf[a:b], head_lr_table[step, a:b])
                     if heads is not None and head_buf is not None
                     else None,
-                    precision,
+                    cfg0.precision,
                 )
             if on_step is not None:
                 on_step(step, loss_dev[:, step])
@@ -416,15 +400,40 @@ def cpu_chunk(batch_size: int, dim: int, num_classes: int, budget_bytes: int = 8
 
 
 @dataclass
-class _HeadState:
-    """Cosine heads of a chunk (k×C×d, trained in place), their momentum buffers and this step's learning rates."""
+class HeadState:
+    """Learnable heads of a chunk (k×C×d, trained in place), their momentum buffers and this step's learning rates."""
 
     rows: torch.Tensor
     buf: torch.Tensor
     lr: torch.Tensor
 
 
-def _adapter_step(
+@dataclass
+class LossGroup:
+    """Adapters of one chunk that share a loss: the registered term, their positions in the chunk, its context."""
+
+    term: LossTerm
+    rows: torch.Tensor | None  # positions within the chunk; None: the whole chunk
+    context: LossContext
+
+
+def loss_groups(configs: Sequence[AdapterConfig], log_prior: torch.Tensor) -> list[LossGroup]:
+    """The chunk's adapters grouped by loss, in first-seen order (one group when they all share one)."""
+    names: dict[str, list[int]] = {}
+    for j, c in enumerate(configs):
+        names.setdefault(c.loss, []).append(j)
+    whole = len(names) == 1
+    return [
+        LossGroup(
+            LOSSES.get(name),
+            None if whole else torch.tensor(idx, device=log_prior.device),
+            LossContext([configs[j] for j in idx], log_prior),
+        )
+        for name, idx in names.items()
+    ]
+
+
+def adapter_step(
     x: torch.Tensor,
     y: torch.Tensor,
     w: torch.Tensor,
@@ -436,16 +445,16 @@ def _adapter_step(
     buf: torch.Tensor,
     step: int,
     scale: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    heads: _HeadState | None = None,
+    losses: Sequence[LossGroup] | None = None,
+    heads: HeadState | None = None,
     precision: str = "fp32",
 ) -> torch.Tensor:
     """One SGD step, in place, for the adapters `w` (k×d×d views) on batch (x, y); returns their k losses.
 
     Logits are `scale * norm(x') · textᵀ` (CLIP's 100 by default), or against each adapter's normalised head rows
-    when `heads` is given (those train too, at their own rate); `bias` (k×1×C) is added in the loss only (la).
-    With `precision="bf16"` the matmuls (forward and backward) run in bfloat16; normalisation, the loss, the weights
-    and the optimizer state stay float32.
+    when `heads` is given (those train too, at their own rate). `losses` are the registered loss terms of the
+    chunk (`loss_groups`; default cross-entropy for all). With `precision="bf16"` the matmuls (forward and
+    backward) run in bfloat16; normalisation, the loss, the weights and the optimizer state stay float32.
     """
     k, dim, _ = w.shape
     b = x.shape[0]
@@ -466,9 +475,15 @@ def _adapter_step(
         with _matmul_precision(x.device, precision):
             logits = torch.bmm(h, F.normalize(head_leaf, dim=-1).transpose(1, 2))
         logits = logits.float() * (scale if scale is not None else LOGIT_SCALE)
-    if bias is not None:
-        logits = logits + bias
-    per = F.cross_entropy(logits.reshape(k * b, -1), y.repeat(k), reduction="none").view(k, b).mean(dim=1)
+    if not losses:
+        per = cross_entropy(logits, y)
+    elif len(losses) == 1 and losses[0].rows is None:
+        per = losses[0].term.fn(logits, y, losses[0].context)
+    else:
+        per = logits.new_zeros(k)
+        for group in losses:
+            assert group.rows is not None
+            per = per.index_put((group.rows,), group.term.fn(logits[group.rows], y, group.context))
     grads = torch.autograd.grad(per.sum(), leaves)
     with torch.no_grad():
         _sgd(w, grads[0].view(k, dim, dim), wd, mom, lr, buf, step)
@@ -481,8 +496,7 @@ def _matmul_precision(device: torch.device, precision: str) -> contextlib.Abstra
     """bfloat16 autocast for the matmuls inside, or nothing for fp32."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"precision must be fp32 or bf16, got '{precision}'")
+    PRECISIONS.get(precision)
     return contextlib.nullcontext()
 
 
@@ -512,10 +526,11 @@ def _row_labels(rows: TrainRows, device: torch.device) -> torch.Tensor:
 
 
 def group_by_stream(configs: Sequence[AdapterConfig]) -> list[list[int]]:
-    """Indices of `configs` grouped by shared index stream, in first-seen order."""
+    """Indices of `configs` that can train as one batched fit (shared index stream and precision), in first-seen
+    order."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, c in enumerate(configs):
-        groups.setdefault(c.stream_key(), []).append(i)
+        groups.setdefault((*c.stream_key(), c.precision), []).append(i)
     return list(groups.values())
 
 
@@ -611,6 +626,6 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
         if head is not None and head.shape != (cache.num_classes, cache.manifest["embed_dim"]):
             raise BalladError(f"adapter {folder} has a head of shape {tuple(head.shape)}, not the cache's classes")
     config = AdapterConfig.from_dict(meta["config"])
-    if config.head == "cosine" and head is None:
+    if HEADS.get(config.head).learnable and head is None:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} lacks the cosine head its adapter.json names; refit it")
     return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head)

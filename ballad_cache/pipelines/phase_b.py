@@ -5,19 +5,32 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, group_by_stream, save_adapter
-from .atomic import atomic_path, read_json, remove_stale_temps, write_bytes, write_json
-from .cache import FeatureCache, SplitFeatures
-from .errors import BalladError
-from .metrics import classification_report, summary
-from .progress import NullProgress, Progress
+from ..atomic import atomic_path, read_json, remove_stale_temps, sha256_json, write_bytes, write_json
+from ..errors import BalladError
+from ..heads.adapter import (
+    ADAPTER_META,
+    ADAPTER_WEIGHTS,
+    AdapterConfig,
+    TrainRows,
+    adapter_logits,
+    fit_adapters,
+    group_by_stream,
+    save_adapter,
+)
+from ..heads.metrics import METRICS, classification_report, summary
+from ..heads.terms import HEADS, LOSSES
+from ..progress import NullProgress, Progress
+from ..store.cache import FeatureCache, SplitFeatures
+from ..store.runs import RunFolder
+
+SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
 
 
 def _val_split(cache: FeatureCache) -> str | None:
@@ -30,11 +43,10 @@ def fit_on_cache(
     out: str | Path,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
-    precision: str = "fp32",
 ) -> dict[str, Any]:
     """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body.
 
-    `precision="bf16"` runs the step's matmuls in bfloat16 (see `fit_adapters`)."""
+    Open `out` with `adapter_folder` first (the CLI does): this function writes into it."""
     progress = progress or NullProgress()
     remove_stale_temps(out)
     rows = TrainRows.from_split(cache.load_split("train"))
@@ -52,7 +64,6 @@ def fit_on_cache(
         device=device,
         progress=progress,
         val=(val.features, val.labels) if val else None,
-        precision=precision,
     )
     weight, head = result.weights[0], result.heads[0]
     extra: dict[str, Any] = {
@@ -61,7 +72,6 @@ def fit_on_cache(
         "best_epoch": result.best_epoch[0],
         "val_top1_per_epoch": result.val_top1[0].round(4).tolist(),
         "train_seconds": result.seconds,
-        "precision": precision,
     }
     if val is not None:
         extra["val"] = _score(val, weight, head, config, text, cache)
@@ -83,31 +93,77 @@ def _score(
     return summary(classification_report(logits, split.labels, cache.train_counts))
 
 
-def point_key(c: AdapterConfig) -> str:
-    """A file-safe name for one sweep point."""
-    return (
-        f"{c.sampler}_r{c.ratio:g}_lr{c.lr:g}_e{c.epochs}_b{c.batch_size}_wd{c.weight_decay:g}"
-        f"_m{c.momentum:g}_k{c.samples_per_class}_s{c.seed}_{c.schedule}_{c.select}"
-        + ("_keeplast" if c.keep_last_batch else "")
-        + (f"_la{c.la_tau:g}" if c.loss == "la" else "")
-        + (
-            f"_cos{c.head_scale:g}" + (f"lr{c.head_lr:g}" if c.head_lr is not None else "")
-            if c.head == "cosine"
-            else ""
-        )
-    )
+def adapter_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
+    """The run folder of `fit-adapter`: a finished adapter is replaced only with `overwrite`."""
+    return RunFolder(out, "fit-adapter", (ADAPTER_META, ADAPTER_WEIGHTS), overwrite=overwrite)
+
+
+def point_key(config: AdapterConfig, fingerprint: str) -> str:
+    """A sweep point's name: a hash of every config field at its exact value, and of the cache fingerprint.
+
+    Two configurations that differ in any field (a new field included) never share a key; JSON writes floats
+    with `repr`, which round-trips exactly.
+    """
+    return sha256_json({"config": asdict(config), "cache": fingerprint})[:20]
+
+
+def point_name(config: dict[str, Any]) -> str:
+    """A short readable label of a sweep point: the fields that differ from the defaults."""
+    defaults = AdapterConfig().to_dict()
+    diff = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in config.items() if defaults.get(k) != v]
+    return " ".join(diff) or "defaults"
+
+
+def _unused_params(config: AdapterConfig) -> set[str]:
+    """Fields that only some losses or heads read, and this configuration's loss and head do not."""
+    used = set(LOSSES.get(config.loss).params) | set(HEADS.get(config.head).params)
+    every = {p for name in LOSSES for p in LOSSES.get(name).params} | {p for n in HEADS for p in HEADS.get(n).params}
+    return every - used
 
 
 def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
-    """Every combination of the given axes over `base` (e.g. ratio=[...], lr=[...], sampler=[...])."""
+    """Every combination of the given axes over `base` (e.g. ratio=[...], lr=[...], loss=[...]), each checked as
+    `AdapterConfig` checks it.
+
+    A field that only some losses or heads read (`la_tau` for `la`, `head_scale` for `cosine`) keeps its default
+    at the points that do not read it, and points that are then equal appear once: `--loss ce,la --la-tau 0.5,1`
+    gives one ce point and two la points.
+    """
     axes = {k: v for k, v in axes.items() if v}
-    if not axes:
-        return [base]
     names = list(axes)
-    out = []
+    defaults = AdapterConfig().to_dict()
+    out: dict[str, AdapterConfig] = {}
     for values in itertools.product(*(axes[n] for n in names)):
-        out.append(AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))}))
-    return out
+        config = AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))})
+        unused = {k: defaults[k] for k in _unused_params(config) if getattr(config, k) != defaults[k]}
+        if unused:
+            config = AdapterConfig.from_dict({**config.to_dict(), **unused})
+        out.setdefault(point_key(config, ""), config)
+    return list(out.values())
+
+
+def sweep_folder(out: str | Path, configs: list[AdapterConfig], cache: FeatureCache, overwrite: bool) -> RunFolder:
+    """The run folder of a sweep: a rerun whose grid holds every point of the folder's grid (on the same cache)
+    continues it; another grid is refused without `overwrite`, which removes the old results first."""
+    keys = {point_key(c, cache.fingerprint) for c in configs}
+
+    def compatible(old: dict[str, Any]) -> bool:
+        return old.get("command") == "sweep" and set(old.get("points", [])) <= keys
+
+    return RunFolder(
+        out, "sweep", ("results.csv", "points"), overwrite=overwrite, compatible=compatible, clean=SWEEP_OUTPUTS
+    )
+
+
+def sweep_config(configs: list[AdapterConfig], cache: FeatureCache, metric: str) -> dict[str, Any]:
+    """The body of a sweep's `config.json`: the cache, the metric, and each point's key and config."""
+    return {
+        "cache": str(cache.path),
+        "cache_fingerprint": cache.fingerprint,
+        "metric": metric,
+        "points": [point_key(c, cache.fingerprint) for c in configs],
+        "grid": [c.to_dict() for c in configs],
+    }
 
 
 @dataclass
@@ -126,7 +182,6 @@ def run_sweep(
     metric: str = "top1",
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
-    precision: str = "fp32",
 ) -> SweepResult:
     """Train every configuration (stream-sharing ones batched), rank on val by `metric`, keep the best.
 
@@ -136,8 +191,8 @@ def run_sweep(
     progress = progress or NullProgress()
     if not configs:
         raise BalladError("the sweep grid is empty; give at least one value per option")
-    if metric not in ("top1", "top5", "many", "medium", "few"):
-        raise BalladError(f"unknown metric '{metric}'; use top1, top5, many, medium or few")
+    if metric not in METRICS:
+        raise BalladError(f"unknown metric '{metric}'; use {', '.join(METRICS)}")
     split = _val_split(cache)
     if split is None:
         raise BalladError(f"cache {cache.path} has no val split to rank on; extract it with --splits train,val,test")
@@ -147,7 +202,7 @@ def run_sweep(
     remove_stale_temps(out, points_dir, out / "best")  # what a killed sweep may have left half-written
     text = cache.text_embeddings()
     val = cache.load_split(split).eval_view()
-    keys = [point_key(c) for c in configs]
+    keys = [point_key(c, cache.fingerprint) for c in configs]
     done = {k for k in keys if _point_done(points_dir, k, cache.fingerprint)}
     todo = [i for i, k in enumerate(keys) if k not in done]
     progress.log(f"sweep: {len(configs)} points, {len(done)} already done, {len(todo)} to train")
@@ -162,7 +217,6 @@ def run_sweep(
                 device=device,
                 progress=progress,
                 val=(val.features, val.labels),
-                precision=precision,
             )
             for j, i in enumerate(members):
                 head = fit.heads[j]
@@ -259,42 +313,18 @@ def _save_point(
 def _write_tables(
     out: Path, ranked: list[dict[str, Any]], metric: str, test: dict[str, Any] | None, cache: FeatureCache
 ) -> None:
-    cols = [
-        "sampler",
-        "ratio",
-        "lr",
-        "epochs",
-        "batch_size",
-        "weight_decay",
-        "momentum",
-        "samples_per_class",
-        "loss",
-        "la_tau",
-        "head",
-        "head_scale",
-        "schedule",
-        "keep_last_batch",
-        "select",
-        "seed",
-    ]
+    cols = [f.name for f in fields(AdapterConfig)]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(
-        [
-            "rank",
-            *cols,
-            *(f"val_{k}" for k in ("top1", "top5", "many", "medium", "few")),
-            "steps",
-            "best_epoch",
-            "final_loss",
-        ]
-    )
+    w.writerow(["rank", "key", *cols, *(f"val_{k}" for k in METRICS), "steps", "best_epoch", "final_loss"])
     for r, p in enumerate(ranked, start=1):
+        config = AdapterConfig.from_dict(p["config"]).to_dict()
         w.writerow(
             [
                 r,
-                *(p["config"][c] for c in cols),
-                *(f"{p['val'][k]:.2f}" for k in ("top1", "top5", "many", "medium", "few")),
+                p["key"],
+                *(repr(config[c]) if isinstance(config[c], float) else config[c] for c in cols),
+                *(f"{p['val'][k]:.2f}" for k in METRICS),
                 p["steps"],
                 p["best_epoch"],
                 f"{p['final_loss']:.4f}",

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_path
+from ..atomic import atomic_path
 
 
 def _pyplot() -> Any:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +22,61 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from .atomic import append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
-from .datasets import LTDataset, load_templates
-from .distributed import DistContext
-from .encoder import autocast
-from .errors import BalladError
-from .longtail import ShotThresholds
-from .metrics import classification_report, summary
-from .models import ClipModel, LoadedModel, PromptBank, save_local_dir
-from .progress import NullProgress, Progress
-from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
-from .schedules import batches_per_epoch, cosine_lr, epoch_lr
-from .transforms import AUGMENTS, train_transform
+from ..atomic import append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
+from ..distributed import DistContext
+from ..errors import BalladError
+from ..heads.metrics import classification_report, summary
+from ..heads.terms import LOGIT_SCALE
+from ..inputs.datasets import LTDataset, load_templates
+from ..inputs.longtail import ShotThresholds
+from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from ..inputs.transforms import AUGMENTATIONS, train_transform
+from ..models.clip import ClipModel, LoadedModel, PromptBank, save_local_dir
+from ..models.encoder import autocast
+from ..options import check_options, option
+from ..progress import NullProgress, Progress
+from ..registry import PRECISIONS, Registry
+from ..schedules import SCHEDULES, batches_per_epoch
+from ..store.runs import RunFolder
 
-LOGIT_SCALE = 100.0
 CHECKPOINT = "checkpoint.pt"
+
+
+def _sgd(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+    )
+
+
+def _adamw(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+OPTIMIZERS: Registry[Callable[[list[torch.nn.Parameter], FinetuneConfig, bool], torch.optim.Optimizer]] = Registry(
+    "optimizer"
+)
+OPTIMIZERS.register("sgd", _sgd, help="SGD with momentum (official)")
+OPTIMIZERS.register("adamw", _adamw, help="AdamW (--momentum unused)")
+
+
+def _ce_over_prompts(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+
+
+def _contrastive(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    captions = text[labels]
+    logits = LOGIT_SCALE * image @ captions.T
+    target = torch.arange(len(labels), device=labels.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+PHASE_A_LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("loss")
+PHASE_A_LOSSES.register(
+    "ce", _ce_over_prompts, help="cross-entropy over 100 · image · text(class prompts)ᵀ, both towers trained (official)"
+)
+PHASE_A_LOSSES.register(
+    "contrastive", _contrastive, help="the symmetric CLIP loss over the batch's image-caption pairs"
+)
 
 
 @dataclass
@@ -43,39 +84,51 @@ class FinetuneConfig:
     """Phase-A settings; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_A_rn50.yaml`, `train.py`,
     `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters)."""
 
-    epochs: int = 50
-    batch_size: int = 512  # global batch; each of N ranks takes batch_size / N
-    lr: float = 1e-5
-    optimizer: str = "sgd"  # sgd (official) or adamw
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "epoch"  # epoch: CosineAnnealingLR(T_max=epochs) stepped at each epoch start (official); step
-    warmup_steps: int = 0  # linear warm-up over the first optimizer steps (not in the official code)
-    keep_last_batch: bool = False  # official: floor(N/B) full batches per epoch
-    augment: str = "official"  # official: RandomResizedCrop(0.5-1) + flip + ColorJitter(0.4); open_clip: its own
-    train_mode: bool = False  # official: the model stays in eval mode (BatchNorm statistics frozen, no dropout)
-    accum_steps: int = 1  # gradient accumulation: optimizer steps every accum_steps batches
-    loss: str = "ce"  # ce: over all class prompts (official); contrastive: symmetric CLIP loss over the batch
-    templates: str | None = None  # None: the dataset's (a YAML's templates:, else BALLAD's "a photo of a {c}.")
-    precision: str = "fp32"  # fp32 or bf16 (autocast on GPU)
-    seed: int = 0
-    workers: int = field(default_factory=default_workers)
-    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch end)
-    log_every: int = 10  # read the loss back (a device sync) and log it every N batches, averaged over them
-    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit; smoke runs and tests)
-    skip_bad: bool = False
+    epochs: int = option(50, "Passes over the train split (official 50).", min=0)
+    batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
+    lr: float = option(1e-5, "Peak learning rate (official: SGD 1e-5).", min=0.0)
+    optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
+    weight_decay: float = option(5e-4, "Weight decay (official 5e-4).", min=0.0)
+    schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
+    warmup_steps: int = option(0, "Linear warm-up over the first optimizer steps (not official).", min=0)
+    keep_last_batch: bool = option(
+        False,
+        "Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
+        flag="--keep-last-batch/--drop-last-batch",
+    )
+    augment: str = option("official", "Training augmentation.", choices=AUGMENTATIONS)
+    train_mode: bool = option(
+        False,
+        "Train with the model in train mode (BatchNorm statistics update, dropout on); official: eval mode.",
+        flag="--train-mode/--eval-mode",
+    )
+    accum_steps: int = option(1, "Gradient accumulation: an optimizer step every N batches.", min=1)
+    loss: str = option("ce", "Phase-A loss.", choices=PHASE_A_LOSSES)
+    templates: str | None = option(
+        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
+    )
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    seed: int = option(0, "Seeds sampling, augmentation and initialisation.")
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)
+    log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
+    max_steps: int = option(0, "Stop after N optimizer steps in total (0: no limit; smoke runs).", min=0)
+    skip_bad: bool = option(False, "Skip unreadable images (listed in summary.json) instead of stopping.")
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 1 or self.accum_steps < 1 or self.lr < 0 or self.log_every < 1:
-            raise ValueError("epochs and lr must be >= 0, batch_size, accum_steps and log_every >= 1")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError("optimizer must be sgd or adamw")
-        if self.loss not in ("ce", "contrastive"):
-            raise ValueError("loss must be ce or contrastive")
-        if self.schedule not in ("epoch", "step"):
-            raise ValueError("schedule must be epoch or step")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
+        check_options(self)
+
+
+FINISHED = ("summary.json", "checkpoint.pt", "model")
+
+
+def run_folder(out: str | Path, overwrite: bool = False, resume: bool = False, main: bool = True) -> RunFolder:
+    """The run folder of `finetune`: a folder with a checkpoint or a model is continued only with `resume` and
+    replaced only with `overwrite`; rank 0 prepares and locks it."""
+    return RunFolder(
+        out, "finetune", FINISHED, overwrite=overwrite, resume=resume, main=main, lock=".ballad.lock" if main else None
+    )
 
 
 class EpochSampler(Sampler[int]):
@@ -112,13 +165,8 @@ class DualTower(torch.nn.Module):
 
 
 def phase_a_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Cross-entropy over all class prompts (`ce`) or the symmetric CLIP loss over the batch (`contrastive`)."""
-    if kind == "ce":
-        return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
-    captions = text[labels]
-    logits = LOGIT_SCALE * image @ captions.T
-    target = torch.arange(len(labels), device=labels.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    """The phase-A loss registered as `kind` (`PHASE_A_LOSSES`): `ce` over all class prompts, or `contrastive`."""
+    return PHASE_A_LOSSES.get(kind)(image, text, labels)
 
 
 def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int) -> float:
@@ -127,9 +175,8 @@ def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int) -> float:
     the warm-up (whose last step still has a non-zero rate)."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    if config.schedule == "epoch":
-        return epoch_lr(config.lr, epoch, config.epochs)
-    return cosine_lr(config.lr, step - config.warmup_steps, max(total - config.warmup_steps, 1))
+    schedule = SCHEDULES.get(config.schedule)
+    return schedule(config.lr, step - config.warmup_steps, max(total - config.warmup_steps, 1), epoch, config.epochs)
 
 
 @torch.inference_mode()
@@ -252,12 +299,7 @@ def finetune(
         )
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel per step instead of a launch per parameter
-    if config.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
-        )
-    else:
-        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+    opt = OPTIMIZERS.get(config.optimizer)(params, config, fused)
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size

@@ -11,22 +11,36 @@ from typing import Any
 import numpy as np
 import torch
 
-from .adapter import Adapter, adapter_logits
-from .atomic import write_bytes, write_json
-from .cache import FeatureCache
-from .longtail import ShotThresholds, class_log_prior, shot_groups
-from .metrics import classification_report, summary
+from ..atomic import write_bytes, write_json
+from ..heads.adapter import Adapter, adapter_logits
+from ..heads.metrics import classification_report, summary
+from ..inputs.longtail import ShotThresholds, class_log_prior, shot_groups
+from ..options import check_options, option
+from ..store.cache import FeatureCache
+from ..store.runs import RunFolder
 
 
 @dataclass
 class EvalConfig:
     """What `ballad evaluate` reports."""
 
-    split: str = "test"
-    tau: float | None = None  # post-hoc logit adjustment strength (Menon et al.): logits - tau * log(prior)
-    knn: int | None = None  # add a kNN head with this many neighbours over the train features
-    many: int = 100  # shot-group thresholds (BALLAD's)
-    few: int = 20
+    split: str = option("test", "Split to score.")
+    tau: float | None = option(None, "Post-hoc logit adjustment (Menon et al.): logits - tau * log prior.")
+    knn: int | None = option(
+        None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1
+    )
+    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).")
+    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.few > self.many:
+            raise ValueError(f"few ({self.few}) must not exceed many ({self.many})")
+
+
+def result_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
+    """The run folder of `evaluate --out`: a finished result is replaced only with `overwrite`."""
+    return RunFolder(out, "evaluate", ("result.json",), overwrite=overwrite)
 
 
 def logit_adjust(logits: torch.Tensor, train_counts: np.ndarray, tau: float) -> torch.Tensor:
@@ -55,7 +69,7 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
         name = "adapter+LA" if adapter is not None else "zero-shot+LA"
         heads[name] = classification_report(logit_adjust(best, counts, config.tau), rows.labels, counts, thresholds)
     if config.knn:
-        from .knn import knn_scores
+        from ..heads.knn import knn_scores
 
         train = cache.load_split("train").eval_view()
         scores = knn_scores(train.features, train.labels, rows.features, cache.num_classes, config.knn)

@@ -7,7 +7,9 @@ from typing import Any
 
 import torch
 
-AUGMENTS = ("official", "open_clip")
+from ..registry import Registry
+
+Augmentation = Callable[[dict[str, Any], Callable[[Any], torch.Tensor]], Callable[[Any], torch.Tensor]]
 
 
 def official_train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
@@ -27,21 +29,29 @@ def official_train_transform(size: int, mean: Sequence[float], std: Sequence[flo
     )
 
 
-def train_transform(
-    augment: str, preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], torch.Tensor]
-) -> Callable[[Any], torch.Tensor]:
-    """The augmentation named `augment`: `official` (BALLAD's) or `open_clip` (the model's own `preprocess_train`:
-    RandomResizedCrop scale 0.9-1, no flip or jitter).
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if augment == "open_clip":
-        return open_clip_train
-    if augment != "official":
-        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got '{augment}'")
+def _official(preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], torch.Tensor]) -> Callable[[Any], Any]:
     size = preprocess_cfg.get("size", 224)
     size = size[0] if isinstance(size, (list, tuple)) else size
     mean = preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
     std = preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
     return official_train_transform(int(size), mean, std)
+
+
+AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
+AUGMENTATIONS.register(
+    "official", _official, help="BALLAD's RandomResizedCrop(scale 0.5-1) + flip + ColorJitter(0.4, 0.4, 0.4)"
+)
+AUGMENTATIONS.register(
+    "open_clip", lambda cfg, own: own, help="the model's preprocess_train (RandomResizedCrop scale 0.9-1)"
+)
+
+
+def train_transform(
+    augment: str, preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], torch.Tensor]
+) -> Callable[[Any], torch.Tensor]:
+    """The augmentation registered as `augment` (`AUGMENTATIONS`), built for a model's input size and statistics.
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    return AUGMENTATIONS.get(augment)(preprocess_cfg, open_clip_train)

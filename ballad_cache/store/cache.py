@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import atomic_path, ensure_free_space, read_json, sha256_file, sha256_json, write_json
-from .errors import BalladError
+from ..atomic import atomic_path, ensure_free_space, read_json, sha256_file, sha256_json, write_json
+from ..errors import BalladError
 
 FORMAT_NAME = "ballad-feature-cache"
 FORMAT_VERSION = 1

@@ -7,38 +7,42 @@ import csv
 import io
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .atomic import write_bytes
-from .datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
-from .encoder import autocast
-from .errors import BalladError
+from ..atomic import write_bytes
+from ..errors import BalladError
+from ..heads.metrics import classification_report, summary
+from ..inputs.datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
+from ..inputs.longtail import ShotThresholds
+from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from ..models.encoder import autocast
+from ..options import check_options, option
+from ..progress import NullProgress, Progress
+from ..registry import PRECISIONS
 from .export import Classifier
-from .longtail import ShotThresholds
-from .metrics import classification_report, summary
-from .progress import NullProgress, Progress
-from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+
+FORMATS = ("csv", "jsonl")
 
 
 @dataclass
 class PredictConfig:
-    """How `ballad predict` runs."""
+    """How `ballad predict` classifies and what it writes per image."""
 
-    top_k: int = 5  # top-k names and probabilities per image
-    tau: float | None = None  # post-hoc logit adjustment: logits - tau * log(prior)
-    batch_size: int = 256
-    workers: int = field(default_factory=default_workers)
-    precision: str = "fp32"  # fp32 or bf16 (autocast, GPU only)
-    skip_bad: bool = False  # list unreadable images in the output instead of stopping
+    top_k: int = option(5, "Top-k class names and probabilities per image.", min=1)
+    tau: float | None = option(None, "Post-hoc logit adjustment: logits - tau * log prior.")
+    batch_size: int = option(256, "Images per encoder batch.", min=1)
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    skip_bad: bool = option(False, "List unreadable images in the output instead of stopping.")
+    format: str = option("csv", "Output format: csv or jsonl (JSON lines).", choices=FORMATS)
 
     def __post_init__(self) -> None:
-        if self.top_k < 1 or self.batch_size < 1:
-            raise ValueError("top_k and batch_size must be >= 1")
+        check_options(self)
 
 
 def collect_images(inputs: list[str]) -> ImageSplit:

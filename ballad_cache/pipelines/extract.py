@@ -5,52 +5,66 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
-from .atomic import disk_error, remove_stale_temps, sha256_json
-from .cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
-from .datasets import LTDataset, load_templates
-from .distributed import DistContext
-from .encoder import ImageEncoder
-from .errors import BalladError
-from .models import LoadedModel, PromptBank
-from .progress import NullProgress, Progress
-from .reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
-from .transforms import AUGMENTS, train_transform
+from .. import __version__
+from ..atomic import disk_error, remove_stale_temps, sha256_json
+from ..distributed import DistContext
+from ..errors import BalladError
+from ..inputs.datasets import LTDataset, load_templates
+from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from ..inputs.transforms import AUGMENTATIONS, train_transform
+from ..models.clip import LoadedModel, PromptBank
+from ..models.encoder import ImageEncoder
+from ..options import check_options, option
+from ..progress import NullProgress, Progress
+from ..registry import PRECISIONS
+from ..store.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
+from ..store.runs import RunFolder
+
+DTYPES = ("float16", "float32")
 
 
 @dataclass
 class ExtractConfig:
     """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
 
-    splits: tuple[str, ...] = ()  # empty: every split the dataset has (see resolve_splits)
-    # augmented views per training image besides the eval view: the official phase B augments every draw afresh;
-    # 16 cached views is the fewest within one std of that on fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
-    train_views: int = 16
-    augment: str = "official"  # transform of the augmented views: official (BALLAD's) or open_clip
-    templates: str | None = None  # set name, .txt file, literal '{c}' prompt; None: the dataset's templates
-    dtype: str = "float16"  # feature dtype on disk; features are L2-normalised, so fp16 loses ~1e-3 cosine
-    shard_size: int = 16384  # rows per shard: the unit of resume and the bound on memory
-    batch_size: int = 256
-    workers: int = field(default_factory=default_workers)
-    seed: int = 0  # seeds the augmented views
-    precision: str = "fp32"  # fp32 or bf16 (autocast, GPU only)
-    skip_bad: bool = False  # skip unreadable images (listed in the manifest) instead of stopping
-    overwrite: bool = False  # recompute shards that are already complete
+    splits: tuple[str, ...] = option((), "Comma-separated splits to extract (default: every split the dataset has).")
+    # the official phase B augments every draw afresh; 16 cached views is the fewest within one std of that on
+    # fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
+    train_views: int = option(
+        16,
+        "Augmented views per train image besides the eval view; phase B draws among them as the official code "
+        "augments each draw (16: the fewest that match fresh views, bench/fidelity.py; 0: eval view only).",
+        min=0,
+    )
+    augment: str = option("official", "Transform of the augmented train views.", choices=AUGMENTATIONS)
+    templates: str | None = option(
+        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
+    )
+    # features are L2-normalised, so float16 loses about 1e-3 of cosine
+    dtype: str = option("float16", "Feature dtype on disk.", choices=DTYPES)
+    shard_size: int = option(16384, "Rows per shard: the unit of resume and the bound on memory.", min=1)
+    batch_size: int = option(256, "Images per encoder batch.", min=1)
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    seed: int = option(0, "Seeds the augmented views.")
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
+    overwrite: bool = option(False, "Redo the work --out already holds (here: recompute finished shards).")
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError("dtype must be float16 or float32")
-        if self.shard_size < 1 or self.batch_size < 1 or self.train_views < 0:
-            raise ValueError("shard_size and batch_size must be >= 1 and train_views >= 0")
-        if self.augment not in AUGMENTS:
-            raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}")
+        check_options(self)
+
+
+def cache_folder(out: str | Path, rank: int = 0, main: bool = True) -> RunFolder:
+    """The run folder of an extraction: always resumable (finished shards of the same fingerprint are kept), one
+    lock per rank (each writes its own shards)."""
+    return RunFolder(out, "extract-features", (), main=main, lock=f".ballad.rank{rank}.lock")
 
 
 def split_rows(num_images: int, views: int) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""Models: CLIP through open_clip (registered architectures, loading, local-dir export, prompts) and the image
+encoder that extraction and prediction run."""
+
+from .clip import (
+    MODELS,
+    ClipModel,
+    LoadedModel,
+    PromptBank,
+    encode_text_tokens,
+    list_models,
+    load_model,
+    register_model,
+    resolve_device,
+    save_local_dir,
+)
+
+__all__ = [
+    "MODELS",
+    "ClipModel",
+    "LoadedModel",
+    "PromptBank",
+    "encode_text_tokens",
+    "list_models",
+    "load_model",
+    "register_model",
+    "resolve_device",
+    "save_local_dir",
+]

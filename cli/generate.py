@@ -1,0 +1,135 @@
+"""Commands generated from config dataclasses: each option's name, default, help and choices come from its field.
+
+`@config_command(app, config=AdapterConfig)` turns every `option(...)` field of `AdapterConfig` into a `--field-name`
+option of the command and hands the function a built (hence validated) `config`; `grid=` does the same with
+comma-separated values for a sweep. A value the config refuses exits 2 naming the option.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import MISSING, Field, fields
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from ballad_cache.options import OptionError, choice_names, field_type
+
+from .ui import handle_errors
+
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _help(f: Field[Any], grid: bool) -> str:
+    meta = f.metadata
+    text = meta["help"]
+    if meta["choices"] is not None:
+        choices = meta["choices"]
+        described = choices.describe() if hasattr(choices, "describe") else ", ".join(choice_names(choices))
+        text += f" Choices: {described}."
+    if grid and meta["axis"]:
+        text += " Comma-separated values: each is a point of the grid."
+    return text
+
+
+def _option(cls: type, f: Field[Any], grid: bool) -> tuple[Any, Any]:
+    """The (annotation, default) of one field's option."""
+    base, optional = field_type(cls, f)
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    default = None if f.default is MISSING else f.default
+    listed = base is tuple or (grid and meta["axis"] and base is not bool)
+    if listed:
+        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        default = None if default in ("", None) else str(default)
+    kind: Any = str if listed else base
+    metavar = "|".join(choice_names(meta["choices"])) if meta["choices"] is not None and not listed else None
+    info = typer.Option(flag, help=_help(f, grid), metavar=metavar, show_default=default is not None)
+    return Annotated[kind | None if default is None else kind, info], default
+
+
+def _cast(cls: type, name: str, text: str) -> Any:
+    base, _ = field_type(cls, next(f for f in fields(cls) if f.name == name))
+    base = str if base is tuple else base
+    try:
+        return base(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"'{text}' is not a {base.__name__}", param_hint=f"--{name.replace('_', '-')}"
+        ) from None
+
+
+def split_values(cls: type, name: str, value: str) -> list[Any]:
+    """A comma-separated option value as a list of the field's type (an empty list is a usage error)."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise typer.BadParameter("give comma-separated values", param_hint=f"--{name.replace('_', '-')}")
+    return [_cast(cls, name, v) for v in items]
+
+
+def build(make: Callable[[], T]) -> T:
+    """Build a config (or a grid of them); a value it refuses is a usage error (exit 2)."""
+    try:
+        return make()
+    except OptionError as exc:
+        raise typer.BadParameter(exc.message, param_hint=f"--{exc.field.replace('_', '-')}") from None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def config_command(app: typer.Typer, name: str | None = None, **configs: type) -> Callable[[F], F]:
+    """Register `fn` as a command whose options include every field of each config class.
+
+    Args:
+        app: the typer app.
+        name: the command's name (default: the function's, dashed).
+        configs: `argument=ConfigClass`: `fn` receives `argument` as a built config. Prefix the argument with
+            `grid_` (`grid_configs=AdapterConfig`) to receive instead `{field: [values]}` of comma-separated lists.
+    """
+
+    def register(fn: F) -> F:
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)
+        params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values() if p.name not in configs]
+        owner: dict[str, str] = {}
+        for arg, cls in configs.items():
+            for f in fields(cls):
+                if "help" in f.metadata and f.metadata["cli"] and f.name not in sig.parameters:
+                    annotation, default = _option(cls, f, arg.startswith("grid_"))
+                    params.append(
+                        inspect.Parameter(
+                            f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+                        )
+                    )
+                    owner[f.name] = arg
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            for arg, cls in configs.items():
+                values = {k: kwargs.pop(k) for k in list(kwargs) if owner.get(k) == arg}
+                given = {k: v for k, v in values.items() if v is not None}
+                if arg.startswith("grid_"):
+                    kwargs[arg] = {k: split_values(cls, k, v) if isinstance(v, str) else [v] for k, v in given.items()}
+                else:
+                    given = {
+                        k: tuple(split_values(cls, k, v)) if field_type(cls, _field(cls, k))[0] is tuple else v
+                        for k, v in given.items()
+                    }
+                    kwargs[arg] = build(functools.partial(cls, **given))
+            return fn(**kwargs)
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        del wrapper.__wrapped__  # typer must read the generated signature, not fn's
+        app.command(name)(handle_errors(wrapper))
+        return fn
+
+    return register
+
+
+def _field(cls: type, name: str) -> Field[Any]:
+    return next(f for f in fields(cls) if f.name == name)
