@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -54,3 +56,12 @@ def cleanup_distributed() -> None:
     """Leave the process group, if one was joined."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(device: torch.device) -> Iterator[tuple[DistContext, torch.device]]:
+    """`init_distributed` for the block, `cleanup_distributed` after it, whatever happens."""
+    try:
+        yield init_distributed(device)
+    finally:
+        cleanup_distributed()

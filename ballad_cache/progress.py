@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 
@@ -29,3 +30,13 @@ class NullProgress:
 
     def log(self, message: str) -> None:
         """Ignore."""
+
+
+@dataclass
+class Report:
+    """A table and a few lines of text, for a front end to render (the CLI prints it with rich)."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    lines: list[str] = field(default_factory=list)

@@ -13,6 +13,7 @@ import typer
 
 from ballad_cache.heads.adapter import AdapterConfig
 from ballad_cache.heads.metrics import METRICS
+from ballad_cache.pipelines.demo import DemoConfig
 from ballad_cache.pipelines.evaluate import EvalConfig
 from ballad_cache.pipelines.extract import ExtractConfig
 from ballad_cache.pipelines.finetune import FinetuneConfig
@@ -20,7 +21,7 @@ from ballad_cache.pipelines.predict import PredictConfig
 from ballad_cache.registry import DEVICES
 
 from .generate import build, config_command
-from .ui import DEBUG, RichProgress, err, handle_errors, out, report_table
+from .ui import DEBUG, RichProgress, err, handle_errors, out, print_report, report_table
 
 app = typer.Typer(
     help="BALLAD long-tailed recognition with CLIP: finetune once, cache features, fit adapters in seconds.",
@@ -82,14 +83,13 @@ def finetune(
 
     Runs under `torchrun --nproc_per_node=N ballad finetune ...` for DDP (NCCL on GPU, gloo on CPU).
     """
-    from ballad_cache.distributed import cleanup_distributed, init_distributed
+    from ballad_cache.distributed import distributed
     from ballad_cache.inputs.datasets import load_dataset
     from ballad_cache.models import load_model
     from ballad_cache.pipelines.finetune import finetune as run_finetune
     from ballad_cache.pipelines.finetune import run_folder
 
-    dist, dev = init_distributed(_device(device))
-    try:
+    with distributed(_device(device)) as (dist, dev):
         folder = run_folder(out_dir, overwrite, resume, main=dist.is_main)
         folder.prepare()
         dist.barrier()
@@ -106,8 +106,6 @@ def finetune(
             )
             if result["skipped"]:
                 out.print(f"skipped {len(result['skipped'])} unreadable training image(s); listed in summary.json")
-    finally:
-        cleanup_distributed()
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -126,14 +124,13 @@ def extract_features(
 
     Runs under `torchrun --nproc_per_node=N`: each rank writes its own shards, rank 0 the manifest.
     """
-    from ballad_cache.distributed import cleanup_distributed, init_distributed
+    from ballad_cache.distributed import distributed
     from ballad_cache.inputs.datasets import load_dataset
     from ballad_cache.models import load_model
     from ballad_cache.pipelines.extract import cache_folder, resolve_splits
     from ballad_cache.pipelines.extract import extract_features as run_extract
 
-    dist, dev = init_distributed(_device(device))
-    try:
+    with distributed(_device(device)) as (dist, dev):
         with cache_folder(out_dir, dist.rank, dist.is_main) as folder, RichProgress() as progress:
             dataset = load_dataset(data)
             config = resolve_splits(config, dataset)
@@ -145,33 +142,15 @@ def extract_features(
             skipped = f"; skipped {len(manifest['skipped'])} bad image(s)" if manifest["skipped"] else ""
             fingerprint = manifest["fingerprint"]
             out.print(f"cache {out_dir}: {rows} rows, dim {manifest['embed_dim']}, fingerprint {fingerprint}{skipped}")
-    finally:
-        cleanup_distributed()
 
 
 @cache_app.command("info")
 @handle_errors
 def cache_info(cache: Cache) -> None:
     """Splits, rows, dims, model, fingerprint and size on disk."""
-    from rich.table import Table
-
     from ballad_cache.store.cache import FeatureCache
 
-    c = FeatureCache(cache)
-    m = c.manifest
-    table = Table(title=f"cache {cache}")
-    for col in ("split", "images", "views", "rows", "shards"):
-        table.add_column(col, justify="left" if col == "split" else "right")
-    for s, v in m["splits"].items():
-        table.add_row(s, str(v["images"]), str(v["views"]), str(v["rows"]), str(len(v["shards"])))
-    out.print(table)
-    model = m["model"]
-    out.print(f"model: {model['name']} pretrained={model['pretrained']} sha256={str(model['checkpoint_sha256'])[:12]}")
-    out.print(f"dataset: {m['dataset']}  classes: {len(m['classnames'])}  templates: {len(m['templates'])}")
-    out.print(
-        f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
-        f"size: {c.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}"
-    )
+    print_report(FeatureCache(cache).describe())
 
 
 @cache_app.command("verify")
@@ -345,31 +324,9 @@ def predict(
 @handle_errors
 def data_info(data: Data = "fmnist-lt") -> None:
     """Class counts, imbalance factor and many/medium/few groups of a dataset's train split."""
-    from rich.table import Table
-
     from ballad_cache.inputs.datasets import load_dataset
-    from ballad_cache.inputs.longtail import GROUP_NAMES, group_sizes, imbalance_factor, shot_groups
 
-    ds = load_dataset(data)
-    counts = ds.class_counts("train")
-    groups = shot_groups(counts)
-    table = Table(title=f"{ds.name}: train class counts")
-    for col in ("class", "name", "train", "group"):
-        table.add_column(col, justify="right" if col in ("class", "train") else "left")
-    order = sorted(range(len(counts)), key=lambda c: -counts[c])
-    for c in order if len(order) <= 40 else order[:20] + order[-20:]:
-        table.add_row(str(c), ds.classnames[c], str(counts[c]), GROUP_NAMES[groups[c]])
-    out.print(table)
-    sizes = group_sizes(counts)
-    split_sizes = ", ".join(f"{s} {len(v)}" for s, v in ds.splits.items())
-    out.print(
-        f"{ds.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
-        f"imbalance factor {imbalance_factor(counts):.1f}"
-    )
-    out.print(
-        f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
-        f"(many > 100, few < 20); splits: {split_sizes}"
-    )
+    print_report(load_dataset(data).describe())
 
 
 @app.command()
@@ -382,27 +339,20 @@ def models() -> None:
         out.print(name, highlight=False, markup=False)
 
 
-@app.command()
-@handle_errors
+@config_command(app, config=DemoConfig)
 def demo(
+    config: DemoConfig,
     out_dir: Annotated[Path, typer.Option("--out", help="Demo folder; each step gets a subfolder.")] = Path(
         "ballad-demo"
     ),
-    size: Annotated[str, typer.Option(help="full (the README's run) or tiny (a few steps, for CI).")] = "full",
-    model: Annotated[str, typer.Option(help="ballad-lite (the default) or ballad-tiny (random-init ViT).")] = (
-        "ballad-lite"
-    ),
-    overwrite: Annotated[bool, typer.Option(help="Redo every step even if its output exists.")] = False,
     device: Device = "auto",
 ) -> None:
     """The whole BALLAD pipeline on fmnist-lt with ballad-lite, offline: finetune, extract, fit, sweep, evaluate,
     then export the classifier and predict a few test images with it."""
     from ballad_cache.pipelines.demo import DEMO_SIZES, demo_folder, run_demo
 
-    if size not in DEMO_SIZES:
-        raise typer.BadParameter(f"size must be one of {', '.join(DEMO_SIZES)}", param_hint="--size")
     with demo_folder(out_dir), RichProgress() as progress:
-        summary = run_demo(out_dir, DEMO_SIZES[size], _device(device), progress, overwrite=overwrite, model=model)
+        summary = run_demo(out_dir, DEMO_SIZES[config.size], _device(device), progress, config.overwrite, config.model)
     out.print(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))
     out.print(f"report: {out_dir / 'report'}")
 

@@ -14,8 +14,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from ballad_cache.heads.metrics import METRICS
+from ballad_cache.progress import Report
 
 err = Console(stderr=True)
 out = Console()
@@ -119,3 +121,15 @@ def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
             *(f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-" for c in METRICS),
         )
     return table
+
+
+def print_report(report: Report) -> None:
+    """A library report as a rich table and its lines, every cell and line printed as data, not markup."""
+    table = Table(title=Text(report.title))
+    for col in report.columns:
+        table.add_column(col)
+    for row in report.rows:
+        table.add_row(*(Text(cell) for cell in row))
+    out.print(table)
+    for line in report.lines:
+        out.print(line, markup=False, highlight=False)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from ballad_cache.store.cache import FeatureCache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -141,3 +143,14 @@ def longtail_features(
         "val": sample([per_class_eval] * num_classes),
         "test": sample([per_class_eval] * num_classes),
     }
+
+
+LT_COUNTS = [200, 120, 80, 50, 30, 18, 12, 8, 6, 5]
+
+
+@pytest.fixture()
+def lt_cache(tmp_path: Path) -> FeatureCache:
+    """A long-tailed synthetic cache (10 classes, 200 ... 5 training images, dim 32) with val and test splits."""
+    d = longtail_features(np.random.default_rng(0), LT_COUNTS, dim=32, per_class_eval=40, tail_shift=1.2)
+    make_cache(tmp_path / "cache", d["train"], d["val"], d["test"], d["text"][0])
+    return FeatureCache(tmp_path / "cache")

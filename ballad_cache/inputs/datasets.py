@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BalladError
+from ..progress import Report
 from ..registry import Registry
 from .longtail import exponential_profile
 
@@ -124,6 +125,27 @@ class LTDataset:
         if name not in self.splits:
             raise BalladError(f"dataset {self.name} has no '{name}' split (it has: {', '.join(self.splits)})")
         return self.splits[name]
+
+    def describe(self) -> Report:
+        """Train class counts (the 20 largest and smallest classes past 40), imbalance factor, shot groups, splits."""
+        from .longtail import GROUP_NAMES, group_sizes, imbalance_factor, shot_groups
+
+        counts = self.class_counts("train")
+        groups = shot_groups(counts)
+        order = sorted(range(len(counts)), key=lambda c: -counts[c])
+        shown = order if len(order) <= 40 else order[:20] + order[-20:]
+        sizes = group_sizes(counts)
+        return Report(
+            f"{self.name}: train class counts",
+            ["class", "name", "train", "group"],
+            [[str(c), self.classnames[c], str(counts[c]), GROUP_NAMES[groups[c]]] for c in shown],
+            [
+                f"{self.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
+                f"imbalance factor {imbalance_factor(counts):.1f}",
+                f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few (many > 100, few < 20); "
+                f"splits: " + ", ".join(f"{s} {len(v)}" for s, v in self.splits.items()),
+            ],
+        )
 
     def class_counts(self, split: str = "train") -> np.ndarray:
         """Images per class in `split`."""

@@ -23,6 +23,7 @@ from ..heads.adapter import AdapterConfig, load_adapter
 from ..heads.metrics import summary
 from ..inputs.datasets import LTDataset, load_dataset
 from ..models.clip import load_model
+from ..options import check_options, option
 from ..progress import NullProgress, Progress
 from ..store.cache import MANIFEST, FeatureCache
 from ..store.runs import RunFolder
@@ -83,6 +84,18 @@ DEMO_SIZES: dict[str, DemoSize] = {
         sweep_lrs=(0.2,),
     ),
 }
+
+
+@dataclass
+class DemoConfig:
+    """What `ballad demo` runs."""
+
+    size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
+    model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
+    overwrite: bool = option(False, "Redo every step even if its output exists.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def demo_folder(out: str | Path) -> RunFolder:

@@ -31,6 +31,7 @@ import torch
 
 from ..atomic import atomic_path, ensure_free_space, read_json, sha256_file, sha256_json, write_json
 from ..errors import BalladError
+from ..progress import Report
 
 FORMAT_NAME = "ballad-feature-cache"
 FORMAT_VERSION = 1
@@ -365,6 +366,27 @@ class FeatureCache:
             for entry in self.shard_files(split):
                 self._read_shard(entry, torch.float16)
         return checked
+
+    def describe(self) -> Report:
+        """Splits (images, views, rows, shards), model, dataset, dims, fingerprint and size on disk."""
+        m = self.manifest
+        rows = [
+            [s, str(v["images"]), str(v["views"]), str(v["rows"]), str(len(v["shards"]))]
+            for s, v in m["splits"].items()
+        ]
+        model = m["model"]
+        return Report(
+            f"cache {self.path}",
+            ["split", "images", "views", "rows", "shards"],
+            rows,
+            [
+                f"model: {model['name']} pretrained={model['pretrained']} "
+                f"sha256={str(model['checkpoint_sha256'])[:12]}",
+                f"dataset: {m['dataset']}  classes: {len(m['classnames'])}  templates: {len(m['templates'])}",
+                f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
+                f"size: {self.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}",
+            ],
+        )
 
     def size_on_disk(self) -> int:
         """Bytes of all files in the cache folder."""

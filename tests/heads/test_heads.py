@@ -14,17 +14,9 @@ from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits,
 from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
-from tests.conftest import longtail_features, make_cache
 
 runner = CliRunner()
 COUNTS = [200, 120, 80, 50, 30, 18, 12, 8, 6, 5]
-
-
-@pytest.fixture()
-def lt_cache(tmp_path) -> FeatureCache:
-    d = longtail_features(np.random.default_rng(0), COUNTS, dim=32, per_class_eval=40, tail_shift=1.2)
-    make_cache(tmp_path / "cache", d["train"], d["val"], d["test"], d["text"][0])
-    return FeatureCache(tmp_path / "cache")
 
 
 def test_la_gradient_equals_the_hand_written_formula(lt_cache):

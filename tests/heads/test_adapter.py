@@ -20,14 +20,6 @@ runner = CliRunner()
 COUNTS = [200, 120, 80, 50, 30, 18, 12, 8, 6, 5]
 
 
-@pytest.fixture()
-def lt_cache(tmp_path) -> FeatureCache:
-    rng = np.random.default_rng(0)
-    d = longtail_features(rng, COUNTS, dim=32, per_class_eval=40, tail_shift=1.2)
-    make_cache(tmp_path / "cache", d["train"], d["val"], d["test"], d["text"][0])
-    return FeatureCache(tmp_path / "cache")
-
-
 # --------------------------------------------------------------------------- an independent official phase B
 # Written from OLTR's data/ClassAwareSampler.py and BALLAD's train.py, without ballad's sampler or schedule code.
 

@@ -1,0 +1,37 @@
+"""Phase-B composers (ballad_cache.pipelines.phase_b): fit_on_cache and run_sweep on a synthetic cache."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
+from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache, run_sweep
+
+
+def test_fit_on_cache_writes_the_adapter_fit_adapters_trains(lt_cache, tmp_path):
+    cfg = AdapterConfig(epochs=2, batch_size=64)
+    meta = fit_on_cache(lt_cache, cfg, tmp_path / "a")
+    val = lt_cache.load_split("val").eval_view()
+    direct = fit_adapters(
+        TrainRows.from_split(lt_cache.load_split("train")),
+        lt_cache.text_embeddings(),
+        [cfg],
+        val=(val.features, val.labels),
+    )
+    assert torch.equal(load_adapter(tmp_path / "a", lt_cache).weight, direct.weights[0])
+    assert meta["best_epoch"] == direct.best_epoch[0] and meta["config"]["precision"] == "fp32"
+
+
+def test_a_sweep_ranks_on_val_keeps_the_best_and_resumes(lt_cache, tmp_path):
+    grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.0, 0.4])
+    result = run_sweep(lt_cache, grid, tmp_path / "s")
+    vals = [p["val"]["top1"] for p in result.points]
+    assert vals == sorted(vals, reverse=True)
+    best = json.loads((tmp_path / "s" / "best" / "adapter.json").read_text())
+    assert best["config"] == result.points[0]["config"] and best["val"] == result.points[0]["val"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "points").iterdir()}
+    again = run_sweep(lt_cache, grid, tmp_path / "s")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "points").iterdir()} == mtimes  # not retrained
+    assert [p["key"] for p in again.points] == [p["key"] for p in result.points]
