@@ -7,5 +7,5 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ -z "${BALLAD_DATA:-}" ]; then
   $SUDO apt-get install -y -q dataset-fashion-mnist
 fi
 bash scripts/setup.sh
-.venv/bin/ballad data info fmnist-lt
+.venv/bin/ballad data info --data fmnist-lt
 .venv/bin/ballad demo --out "${1:-ballad-demo}"
