@@ -13,6 +13,7 @@ command that builds a config, and every point of a sweep, gets the same checks.
 from __future__ import annotations
 
 import math
+import os
 import types
 import typing
 from collections.abc import Callable, Collection
@@ -126,3 +127,10 @@ def check_options(config: Any) -> None:
             for v in value if isinstance(value, tuple) else (value,):
                 if v not in known:
                     raise OptionError(name, f"'{v}' is unknown; known: {', '.join(known)}")
+
+
+def default_workers() -> int:
+    """DataLoader workers for this machine: all cores but one, at most 16 per process."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return max(0, min(16, cores // world - 1))

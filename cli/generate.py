@@ -100,11 +100,8 @@ def config_command(app: typer.Typer, name: str | None = None, **configs: type) -
             for f in fields(cls):
                 if "help" in f.metadata and f.metadata["cli"] and f.name not in sig.parameters:
                     annotation, default = _option(cls, f, arg.startswith("grid_"))
-                    params.append(
-                        inspect.Parameter(
-                            f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
-                        )
-                    )
+                    kind = inspect.Parameter.KEYWORD_ONLY
+                    params.append(inspect.Parameter(f.name, kind, default=default, annotation=annotation))
                     owner[f.name] = arg
 
         @functools.wraps(fn)

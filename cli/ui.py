@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
@@ -19,8 +20,8 @@ from rich.text import Text
 from ballad_cache.heads.metrics import METRICS
 from ballad_cache.progress import Report
 
-err = Console(stderr=True)
-out = Console()
+err = Console(stderr=True, markup=False)  # paths, class names and messages are data, never markup
+out = Console(markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 DEBUG = {"on": os.environ.get("BALLAD_DEBUG") == "1"}
 
@@ -51,13 +52,13 @@ class RichProgress:
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task(description, total=total, info="")
+            self._task = self._bar.add_task(escape(description), total=total, info="")
 
     def advance(self, n: int = 1, **fields: Any) -> None:
         self._done += n
         info = "  ".join(f"{k}={v}" for k, v in fields.items())
         if self._bar is not None:
-            self._bar.update(self._task, advance=n, info=info)
+            self._bar.update(self._task, advance=n, info=escape(info))
         elif time.monotonic() - self._last_line > 5 or self._done == self._total:
             self._last_line = time.monotonic()
             err.print(f"{self._desc}: {self._done}/{self._total or '?'} {info}", highlight=False)
@@ -100,36 +101,30 @@ def handle_errors(fn: F) -> F:
         except BalladError as exc:
             if DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err.print("[yellow]interrupted[/yellow]: finished files are kept; rerun the same command to continue")
+            err.print(
+                Text.assemble(("interrupted", "yellow"), ": finished files are kept; rerun the command to continue")
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 
 
-def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
-    """A table of headline accuracies: one row per head or run."""
-    table = Table(title=title)
-    table.add_column("", style="bold")
-    for col in METRICS:
-        table.add_column(col, justify="right")
-    for name, vals in rows:
-        table.add_row(
-            name,
-            *(f"{vals[c]:.2f}" if vals.get(c) == vals.get(c) else "-" for c in METRICS),
-        )
-    return table
+def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Report:
+    """Headline accuracies, one row per head or run ("-" where a group has no class)."""
+    cells = [[name, *(f"{v[c]:.2f}" if v.get(c) == v.get(c) else "-" for c in METRICS)] for name, v in rows]
+    return Report(title, ["", *METRICS], cells)
 
 
 def print_report(report: Report) -> None:
-    """A library report as a rich table and its lines, every cell and line printed as data, not markup."""
+    """A report as a rich table and its lines; every cell and line printed as data, never as markup."""
     table = Table(title=Text(report.title))
-    for col in report.columns:
-        table.add_column(col)
+    for i, col in enumerate(report.columns):
+        table.add_column(col, justify="left" if i == 0 or col == "name" else "right")
     for row in report.rows:
         table.add_row(*(Text(cell) for cell in row))
     out.print(table)
     for line in report.lines:
-        out.print(line, markup=False, highlight=False)
+        out.print(line, highlight=False)

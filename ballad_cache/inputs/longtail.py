@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def exponential_profile(num_classes: int, n_max: int, imbalance: float) -> list[int]:
@@ -76,4 +79,6 @@ def class_log_prior(class_counts: Sequence[int] | np.ndarray) -> torch.Tensor:
     Logit adjustment (Menon et al.) adds or subtracts `tau` times this; evaluation, training and export share it.
     """
     counts = np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0)
+    import torch
+
     return torch.from_numpy(np.log(counts / counts.sum())).float()

@@ -7,7 +7,6 @@ runs in one go, after a crash, or split across ranks.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +16,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BalladError
 from .datasets import BadImageError, ImageSplit
-
-
-def default_workers() -> int:
-    """DataLoader workers for this machine: all cores but one, at most 16 per process."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return max(0, min(16, cores // world - 1))
 
 
 class ImageRows(Dataset):

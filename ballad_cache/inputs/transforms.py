@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..registry import Registry
 
-Augmentation = Callable[[dict[str, Any], Callable[[Any], torch.Tensor]], Callable[[Any], torch.Tensor]]
+if TYPE_CHECKING:
+    import torch
+
+Augmentation = Callable[[dict[str, Any], Callable[[Any], "torch.Tensor"]], Callable[[Any], "torch.Tensor"]]
 
 
 def official_train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:

@@ -23,10 +23,10 @@ from ..heads.adapter import AdapterConfig, load_adapter
 from ..heads.metrics import summary
 from ..inputs.datasets import LTDataset, load_dataset
 from ..models.clip import load_model
-from ..options import check_options, option
 from ..progress import NullProgress, Progress
 from ..store.cache import MANIFEST, FeatureCache
 from ..store.runs import RunFolder
+from .configs import DATA, DEMO_MODELS, MODEL
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
 from .extract import ExtractConfig, extract_features
@@ -34,9 +34,6 @@ from .finetune import FinetuneConfig, finetune
 from .phase_b import expand_grid, fit_on_cache, run_sweep
 from .plots import plot_per_class, plot_prediction_grid
 from .predict import PredictConfig, predict_split
-
-DATA, MODEL = "fmnist-lt", "ballad-lite"  # the default: its image tower has seen images (bench/lite.py)
-DEMO_MODELS = ("ballad-tiny", "ballad-lite")
 
 # phase-A settings for a randomly initialised vision tower; every other value is the official default
 DEMO_PHASE_A: dict[str, Any] = {
@@ -84,18 +81,6 @@ DEMO_SIZES: dict[str, DemoSize] = {
         sweep_lrs=(0.2,),
     ),
 }
-
-
-@dataclass
-class DemoConfig:
-    """What `ballad demo` runs."""
-
-    size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
-    model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
-    overwrite: bool = option(False, "Redo every step even if its output exists.")
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 def demo_folder(out: str | Path) -> RunFolder:

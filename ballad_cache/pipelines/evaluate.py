@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -15,27 +15,9 @@ from ..atomic import write_bytes, write_json
 from ..heads.adapter import Adapter, adapter_logits
 from ..heads.metrics import classification_report, summary
 from ..inputs.longtail import ShotThresholds, class_log_prior, shot_groups
-from ..options import check_options, option
 from ..store.cache import FeatureCache
 from ..store.runs import RunFolder
-
-
-@dataclass
-class EvalConfig:
-    """What `ballad evaluate` reports."""
-
-    split: str = option("test", "Split to score.")
-    tau: float | None = option(None, "Post-hoc logit adjustment (Menon et al.): logits - tau * log prior.")
-    knn: int | None = option(
-        None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1
-    )
-    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).")
-    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).")
-
-    def __post_init__(self) -> None:
-        check_options(self)
-        if self.few > self.many:
-            raise ValueError(f"few ({self.few}) must not exceed many ({self.many})")
+from .configs import EvalConfig
 
 
 def result_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
@@ -113,3 +95,24 @@ def write_result(result: dict[str, Any], out: str | Path, plot: bool = False) ->
 def summary_rows(result: dict[str, Any]) -> list[tuple[str, dict[str, float]]]:
     """(head, headline numbers) for each head of a result, for tables."""
     return [(name, summary(report)) for name, report in result["heads"].items()]
+
+
+def run_evaluate(
+    cache: str | Path, adapter: str | Path | None, config: EvalConfig, out: str | Path | None, overwrite: bool = False
+) -> dict[str, Any]:
+    """`ballad evaluate`: score the cache (and adapter); with `out`, guard and lock it first and write the result
+    files there (listed under `written`)."""
+    from contextlib import nullcontext
+
+    from ..heads.adapter import load_adapter
+
+    if config.plot and out is None:
+        raise ValueError("plot needs an output folder")
+    folder = result_folder(out, overwrite) if out is not None else None
+    with folder or nullcontext():
+        feature_cache = FeatureCache(cache)
+        result = evaluate_cache(feature_cache, load_adapter(adapter, feature_cache) if adapter else None, config)
+        if folder is not None and out is not None:
+            folder.write_config(config, cache=str(cache), adapter=str(adapter) if adapter else None)
+            result["written"] = [str(p) for p in write_result(result, out, plot=config.plot)]
+    return result

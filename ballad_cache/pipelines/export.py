@@ -251,3 +251,19 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
     return Classifier(
         loaded, weight.float(), log_prior.float(), list(meta["classnames"]), float(meta["logit_scale"]), meta
     )
+
+
+def run_export(
+    model: str,
+    adapter: str | Path,
+    out: str | Path,
+    pretrained: str | None = None,
+    cache: str | Path | None = None,
+    overwrite: bool = False,
+) -> Classifier:
+    """`ballad export`: guard and lock `out`, fold the adapter into the model, write `config.json` and the export."""
+    with export_folder(out, overwrite) as folder:
+        classifier = build_classifier(model, adapter, pretrained, cache)
+        folder.write_config(None, model=model, adapter=str(adapter), pretrained=pretrained)
+        export_classifier(classifier, out)
+    return classifier

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,48 +17,14 @@ from ..atomic import disk_error, remove_stale_temps, sha256_json
 from ..distributed import DistContext
 from ..errors import BalladError
 from ..inputs.datasets import LTDataset, load_templates
-from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
-from ..inputs.transforms import AUGMENTATIONS, train_transform
+from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
+from ..inputs.transforms import train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder
-from ..options import check_options, option
 from ..progress import NullProgress, Progress
-from ..registry import PRECISIONS
 from ..store.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
 from ..store.runs import RunFolder
-
-DTYPES = ("float16", "float32")
-
-
-@dataclass
-class ExtractConfig:
-    """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
-
-    splits: tuple[str, ...] = option((), "Comma-separated splits to extract (default: every split the dataset has).")
-    # the official phase B augments every draw afresh; 16 cached views is the fewest within one std of that on
-    # fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
-    train_views: int = option(
-        16,
-        "Augmented views per train image besides the eval view; phase B draws among them as the official code "
-        "augments each draw (16: the fewest that match fresh views, bench/fidelity.py; 0: eval view only).",
-        min=0,
-    )
-    augment: str = option("official", "Transform of the augmented train views.", choices=AUGMENTATIONS)
-    templates: str | None = option(
-        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
-    )
-    # features are L2-normalised, so float16 loses about 1e-3 of cosine
-    dtype: str = option("float16", "Feature dtype on disk.", choices=DTYPES)
-    shard_size: int = option(16384, "Rows per shard: the unit of resume and the bound on memory.", min=1)
-    batch_size: int = option(256, "Images per encoder batch.", min=1)
-    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
-    seed: int = option(0, "Seeds the augmented views.")
-    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
-    overwrite: bool = option(False, "Redo the work --out already holds (here: recompute finished shards).")
-
-    def __post_init__(self) -> None:
-        check_options(self)
+from .configs import ExtractConfig
 
 
 def cache_folder(out: str | Path, rank: int = 0, main: bool = True) -> RunFolder:
@@ -316,3 +282,26 @@ def _finish_manifest(
         },
     }
     return write_manifest(out, body)
+
+
+def run_extract(
+    data: str,
+    model: str,
+    pretrained: str | None,
+    out: str | Path,
+    config: ExtractConfig,
+    device: torch.device,
+    progress: Progress | None = None,
+) -> dict[str, Any] | None:
+    """`ballad extract-features`: under torchrun or alone, lock the cache folder (one lock per rank), load the
+    dataset and model, write `config.json` and extract. Returns the manifest on rank 0, None on the others."""
+    from ..distributed import distributed
+    from ..inputs.datasets import load_dataset
+    from ..models.clip import load_model
+
+    with distributed(device) as (dist, dev), cache_folder(out, dist.rank, dist.is_main) as folder:
+        dataset = load_dataset(data)
+        config = resolve_splits(config, dataset)
+        loaded = load_model(model, pretrained)
+        folder.write_config(config, data=data, model=model, pretrained=pretrained)
+        return extract_features(dataset, loaded, out, config, dev, dist, progress)

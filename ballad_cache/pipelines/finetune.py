@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,95 +28,16 @@ from ..heads.metrics import classification_report, summary
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.datasets import LTDataset, load_templates
 from ..inputs.longtail import ShotThresholds
-from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
-from ..inputs.transforms import AUGMENTATIONS, train_transform
+from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
+from ..inputs.transforms import train_transform
 from ..models.clip import ClipModel, LoadedModel, PromptBank, save_local_dir
 from ..models.encoder import autocast
-from ..options import check_options, option
 from ..progress import NullProgress, Progress
-from ..registry import PRECISIONS, Registry
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import RunFolder
+from .configs import OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def _sgd(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.SGD(
-        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
-    )
-
-
-def _adamw(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
-
-
-OPTIMIZERS: Registry[Callable[[list[torch.nn.Parameter], FinetuneConfig, bool], torch.optim.Optimizer]] = Registry(
-    "optimizer"
-)
-OPTIMIZERS.register("sgd", _sgd, help="SGD with momentum (official)")
-OPTIMIZERS.register("adamw", _adamw, help="AdamW (--momentum unused)")
-
-
-def _ce_over_prompts(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
-
-
-def _contrastive(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    captions = text[labels]
-    logits = LOGIT_SCALE * image @ captions.T
-    target = torch.arange(len(labels), device=labels.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-
-
-PHASE_A_LOSSES: Registry[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("loss")
-PHASE_A_LOSSES.register(
-    "ce", _ce_over_prompts, help="cross-entropy over 100 · image · text(class prompts)ᵀ, both towers trained (official)"
-)
-PHASE_A_LOSSES.register(
-    "contrastive", _contrastive, help="the symmetric CLIP loss over the batch's image-caption pairs"
-)
-
-
-@dataclass
-class FinetuneConfig:
-    """Phase-A settings; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_A_rn50.yaml`, `train.py`,
-    `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters)."""
-
-    epochs: int = option(50, "Passes over the train split (official 50).", min=0)
-    batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
-    lr: float = option(1e-5, "Peak learning rate (official: SGD 1e-5).", min=0.0)
-    optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
-    weight_decay: float = option(5e-4, "Weight decay (official 5e-4).", min=0.0)
-    schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
-    warmup_steps: int = option(0, "Linear warm-up over the first optimizer steps (not official).", min=0)
-    keep_last_batch: bool = option(
-        False,
-        "Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
-        flag="--keep-last-batch/--drop-last-batch",
-    )
-    augment: str = option("official", "Training augmentation.", choices=AUGMENTATIONS)
-    train_mode: bool = option(
-        False,
-        "Train with the model in train mode (BatchNorm statistics update, dropout on); official: eval mode.",
-        flag="--train-mode/--eval-mode",
-    )
-    accum_steps: int = option(1, "Gradient accumulation: an optimizer step every N batches.", min=1)
-    loss: str = option("ce", "Phase-A loss.", choices=PHASE_A_LOSSES)
-    templates: str | None = option(
-        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
-    )
-    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    seed: int = option(0, "Seeds sampling, augmentation and initialisation.")
-    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
-    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)
-    log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
-    max_steps: int = option(0, "Stop after N optimizer steps in total (0: no limit; smoke runs).", min=0)
-    skip_bad: bool = option(False, "Skip unreadable images (listed in summary.json) instead of stopping.")
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 FINISHED = ("summary.json", "checkpoint.pt", "model")
@@ -453,3 +373,32 @@ def finetune(
     if dist.is_main:
         write_json(out / "summary.json", summary_)
     return summary_
+
+
+def run_finetune(
+    data: str,
+    model: str,
+    pretrained: str | None,
+    out: str | Path,
+    config: FinetuneConfig,
+    device: torch.device,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any] | None:
+    """`ballad finetune`: under torchrun or alone, prepare and lock the run folder (rank 0), load the dataset and
+    model, write `config.json` and run phase A. Returns the summary on rank 0, None on the others."""
+    from ..distributed import distributed
+    from ..inputs.datasets import load_dataset
+    from ..models.clip import load_model
+
+    with distributed(device) as (dist, dev):
+        folder = run_folder(out, overwrite, resume, main=dist.is_main)
+        folder.prepare()
+        dist.barrier()
+        dataset, loaded = load_dataset(data), load_model(model, pretrained)
+        with folder:
+            if not resume:
+                folder.write_config(config, data=data, model=model, pretrained=pretrained)
+            result = finetune(dataset, loaded, out, config, dev, dist, resume=resume, progress=progress)
+        return result if dist.is_main else None

@@ -363,3 +363,36 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
         "ratio",
         "lr",
     )
+
+
+def run_fit_adapter(
+    cache: str | Path,
+    out: str | Path,
+    config: AdapterConfig,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`ballad fit-adapter`: open the cache, guard and lock `out`, write `config.json`, fit; returns adapter.json."""
+    feature_cache = FeatureCache(cache)
+    with adapter_folder(out, overwrite) as folder:
+        folder.write_config(config, cache=str(cache), cache_fingerprint=feature_cache.fingerprint)
+        return fit_on_cache(feature_cache, config, out, device, progress)
+
+
+def run_grid(
+    cache: str | Path,
+    out: str | Path,
+    axes: dict[str, list[Any]],
+    metric: str = "top1",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> SweepResult:
+    """`ballad sweep`: expand `axes` over `AdapterConfig`'s defaults, open the cache, guard and lock `out` (a grid
+    that contains the folder's grid continues it), write `config.json`, sweep."""
+    configs = expand_grid(AdapterConfig(), **axes)
+    feature_cache = FeatureCache(cache)
+    with sweep_folder(out, configs, feature_cache, overwrite) as folder:
+        folder.write_config(None, **sweep_config(configs, feature_cache, metric))
+        return run_sweep(feature_cache, configs, out, metric, device, progress)

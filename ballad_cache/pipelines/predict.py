@@ -19,30 +19,11 @@ from ..errors import BalladError
 from ..heads.metrics import classification_report, summary
 from ..inputs.datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
 from ..inputs.longtail import ShotThresholds
-from ..inputs.reader import ImageRows, default_workers, make_loader, skipped_row, usable_rows
+from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..models.encoder import autocast
-from ..options import check_options, option
 from ..progress import NullProgress, Progress
-from ..registry import PRECISIONS
+from .configs import PredictConfig
 from .export import Classifier
-
-FORMATS = ("csv", "jsonl")
-
-
-@dataclass
-class PredictConfig:
-    """How `ballad predict` classifies and what it writes per image."""
-
-    top_k: int = option(5, "Top-k class names and probabilities per image.", min=1)
-    tau: float | None = option(None, "Post-hoc logit adjustment: logits - tau * log prior.")
-    batch_size: int = option(256, "Images per encoder batch.", min=1)
-    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
-    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    skip_bad: bool = option(False, "List unreadable images in the output instead of stopping.")
-    format: str = option("csv", "Output format: csv or jsonl (JSON lines).", choices=FORMATS)
-
-    def __post_init__(self) -> None:
-        check_options(self)
 
 
 def collect_images(inputs: list[str]) -> ImageSplit:

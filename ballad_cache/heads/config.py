@@ -1,0 +1,76 @@
+"""`AdapterConfig`: one phase-B configuration, its defaults the official code's; light to import (no torch), so the
+CLI builds its options from it instantly."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from ..inputs.samplers import SAMPLERS
+from ..options import check_options, option
+from ..registry import PRECISIONS, SELECTIONS
+from ..schedules import SCHEDULES
+from .metrics import METRICS
+from .terms import HEADS, LOSSES
+
+
+@dataclass
+class AdapterConfig:
+    """One phase-B configuration; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_B_rn50.yaml`,
+    `train.py`), every other value an option. Each field's help, range and choices are its option's."""
+
+    ratio: float = option(0.2, "Residual mix: ratio * W f + (1 - ratio) * f (official 0.2).", min=0.0, max=1.0)
+    sampler: str = option("class-aware", "Index stream over the training images.", choices=SAMPLERS)
+    samples_per_class: int = option(4, "Consecutive draws per class visit (class-aware; OLTR: 4).", min=1)
+    lr: float = option(0.2, "SGD learning rate (official 0.2).", min=0.0)
+    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
+    weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4).", min=0.0)
+    epochs: int = option(10, "Epochs of floor(N/B) batches, N training images (official 10).", min=0)
+    batch_size: int = option(512, "Batch size (official 512).", min=1)
+    schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
+    keep_last_batch: bool = option(
+        False,
+        "Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
+        flag="--keep-last-batch/--drop-last-batch",
+        axis=False,
+    )
+    select: str = option("best-val", "Which epoch's weights are kept.", choices=SELECTIONS)
+    loss: str = option("ce", "Training loss.", choices=LOSSES)
+    la_tau: float = option(1.0, "Logit-adjustment strength of --loss la.")
+    head: str = option("text", "Classifier head (--ratio 0 trains a learnable head alone).", choices=HEADS)
+    head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
+    head_lr: float | None = option(None, "Learning rate of a learnable head (default: --lr).", min=0.0)
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    seed: int = option(0, "Seeds W's init, the index stream and the view draws.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    @property
+    def logit_scale(self) -> float:
+        """The scale of this configuration's logits: CLIP's 100 for the text head, `head_scale` for a cosine head."""
+        return HEADS.get(self.head).scale(self)
+
+    def stream_key(self) -> tuple[Any, ...]:
+        """Configurations with equal keys draw the same batches and can train together."""
+        return (self.sampler, self.samples_per_class, self.epochs, self.batch_size, self.keep_last_batch, self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As a plain dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        """From a dict, ignoring unknown keys (older files lack `precision`: fp32)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class SweepConfig:
+    """How a sweep ranks its points (the points themselves are `AdapterConfig`s)."""
+
+    metric: str = option("top1", "Val metric to rank the points by.", choices=METRICS)
+
+    def __post_init__(self) -> None:
+        check_options(self)

@@ -1,0 +1,191 @@
+"""The configs of the pipelines (phase A, extraction, evaluation, prediction, the demo) with the registries their
+choices come from; light to import (torch loads inside the registered functions), so the CLI builds its options
+from them instantly. `AdapterConfig` lives beside the adapter (`heads/config.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..heads.terms import LOGIT_SCALE
+from ..inputs.transforms import AUGMENTATIONS
+from ..options import check_options, default_workers, option
+from ..registry import PRECISIONS, Registry
+from ..schedules import SCHEDULES
+
+if TYPE_CHECKING:
+    import torch
+
+DATA, MODEL = "fmnist-lt", "ballad-lite"  # the demo's default: its image tower has seen images (bench/lite.py)
+DEMO_MODELS = ("ballad-tiny", "ballad-lite")
+
+
+def _sgd(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.SGD(
+        params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, fused=fused
+    )
+
+
+def _adamw(params: list[torch.nn.Parameter], config: FinetuneConfig, fused: bool) -> torch.optim.Optimizer:
+    import torch
+
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
+
+
+OPTIMIZERS: Registry[Callable[[list[Any], Any, bool], Any]] = Registry("optimizer")
+OPTIMIZERS.register("sgd", _sgd, help="SGD with momentum (official)")
+OPTIMIZERS.register("adamw", _adamw, help="AdamW (--momentum unused)")
+
+
+def _ce_over_prompts(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+
+
+def _contrastive(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    captions = text[labels]
+    logits = LOGIT_SCALE * image @ captions.T
+    target = torch.arange(len(labels), device=labels.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+PHASE_A_LOSSES: Registry[Callable[[Any, Any, Any], Any]] = Registry("loss")
+PHASE_A_LOSSES.register(
+    "ce", _ce_over_prompts, help="cross-entropy over 100 · image · text(class prompts)ᵀ, both towers trained (official)"
+)
+PHASE_A_LOSSES.register(
+    "contrastive", _contrastive, help="the symmetric CLIP loss over the batch's image-caption pairs"
+)
+
+
+@dataclass
+class FinetuneConfig:
+    """Phase-A settings; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_A_rn50.yaml`, `train.py`,
+    `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters)."""
+
+    epochs: int = option(50, "Passes over the train split (official 50).", min=0)
+    batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
+    lr: float = option(1e-5, "Peak learning rate (official: SGD 1e-5).", min=0.0)
+    optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
+    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
+    weight_decay: float = option(5e-4, "Weight decay (official 5e-4).", min=0.0)
+    schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
+    warmup_steps: int = option(0, "Linear warm-up over the first optimizer steps (not official).", min=0)
+    keep_last_batch: bool = option(
+        False,
+        "Keep each epoch's last partial batch (ceil(N/B) steps); official: floor(N/B) full batches.",
+        flag="--keep-last-batch/--drop-last-batch",
+    )
+    augment: str = option("official", "Training augmentation.", choices=AUGMENTATIONS)
+    train_mode: bool = option(
+        False,
+        "Train with the model in train mode (BatchNorm statistics update, dropout on); official: eval mode.",
+        flag="--train-mode/--eval-mode",
+    )
+    accum_steps: int = option(1, "Gradient accumulation: an optimizer step every N batches.", min=1)
+    loss: str = option("ce", "Phase-A loss.", choices=PHASE_A_LOSSES)
+    templates: str | None = option(
+        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
+    )
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    seed: int = option(0, "Seeds sampling, augmentation and initialisation.")
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)
+    log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
+    max_steps: int = option(0, "Stop after N optimizer steps in total (0: no limit; smoke runs).", min=0)
+    skip_bad: bool = option(False, "Skip unreadable images (listed in summary.json) instead of stopping.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
+
+    splits: tuple[str, ...] = option((), "Comma-separated splits to extract (default: every split the dataset has).")
+    # the official phase B augments every draw afresh; 16 cached views is the fewest within one std of that on
+    # fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
+    train_views: int = option(
+        16,
+        "Augmented views per train image besides the eval view; phase B draws among them as the official code "
+        "augments each draw (16: the fewest that match fresh views, bench/fidelity.py; 0: eval view only).",
+        min=0,
+    )
+    augment: str = option("official", "Transform of the augmented train views.", choices=AUGMENTATIONS)
+    templates: str | None = option(
+        None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
+    )
+    # features are L2-normalised, so float16 loses about 1e-3 of cosine
+    dtype: str = option("float16", "Feature dtype on disk.", choices=DTYPES)
+    shard_size: int = option(16384, "Rows per shard: the unit of resume and the bound on memory.", min=1)
+    batch_size: int = option(256, "Images per encoder batch.", min=1)
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    seed: int = option(0, "Seeds the augmented views.")
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
+    overwrite: bool = option(False, "Redo the work --out already holds (here: recompute finished shards).")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class EvalConfig:
+    """What `ballad evaluate` reports."""
+
+    split: str = option("test", "Split to score.")
+    tau: float | None = option(None, "Post-hoc logit adjustment (Menon et al.): logits - tau * log prior.")
+    knn: int | None = option(
+        None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1
+    )
+    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).")
+    plot: bool = option(False, "Also draw per-class accuracy against training count (needs --out).")
+    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.few > self.many:
+            raise ValueError(f"few ({self.few}) must not exceed many ({self.many})")
+
+
+FORMATS = ("csv", "jsonl")
+
+
+@dataclass
+class PredictConfig:
+    """How `ballad predict` classifies and what it writes per image."""
+
+    top_k: int = option(5, "Top-k class names and probabilities per image.", min=1)
+    tau: float | None = option(None, "Post-hoc logit adjustment: logits - tau * log prior.")
+    batch_size: int = option(256, "Images per encoder batch.", min=1)
+    workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
+    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    skip_bad: bool = option(False, "List unreadable images in the output instead of stopping.")
+    format: str = option("csv", "Output format: csv or jsonl (JSON lines).", choices=FORMATS)
+    split: str = option("test", "Split of --data to classify.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class DemoConfig:
+    """What `ballad demo` runs."""
+
+    size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
+    model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
+    overwrite: bool = option(False, "Redo every step even if its output exists.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
