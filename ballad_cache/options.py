@@ -22,6 +22,8 @@ from typing import Any
 
 from .registry import Registry
 
+OVERWRITE_HELP = "Redo the work --out already holds instead of refusing (or resuming)."
+
 
 class OptionError(ValueError):
     """A config field's value is refused; `field` names it (the CLI shows it as `--field-name`)."""

@@ -32,7 +32,7 @@ class Registry(Generic[T]):
 
         Args:
             name: what users type.
-            obj: the registered object; omitted when used as `@REGISTRY.register("name", help=...)`.
+            obj: the registered object (not None); omitted when used as `@REGISTRY.register("name", help=...)`.
             help: one line for `--help` and error messages.
             replace: allow replacing an existing entry (otherwise a second registration is a ValueError).
         """
@@ -84,11 +84,11 @@ class Registry(Generic[T]):
 
 
 # Vocabularies shared by several stages, with no better home.
-PRECISIONS: Registry[str] = Registry("precision")
-PRECISIONS.register("fp32", "fp32", help="float32 everywhere")
+PRECISIONS: Registry[str] = Registry("precision")  # the torch dtype matmuls run in (float32: no autocast)
+PRECISIONS.register("fp32", "float32", help="float32 everywhere")
 PRECISIONS.register(
     "bf16",
-    "bf16",
+    "bfloat16",
     help="bfloat16 matmuls (autocast) with float32 weights, loss and optimizer state; pays off on GPUs and on CPUs "
     "with native bfloat16 (AVX-512-BF16, AMX), far slower on others",
 )

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ballad_cache.heads.config import AdapterConfig, SweepConfig
+from ballad_cache.options import OVERWRITE_HELP
 from ballad_cache.pipelines.configs import DemoConfig, EvalConfig, ExtractConfig, FinetuneConfig, PredictConfig
 from ballad_cache.registry import DEVICES
 
@@ -34,13 +35,13 @@ Model = Annotated[
 Pretrained = Annotated[
     str | None, typer.Option("--pretrained", help="open_clip tag (openai, laion2b_...) or a weights file.")
 ]
-Out = Annotated[Path, typer.Option("--out", help="Output folder (created; a finished run is never overwritten).")]
+Out = Annotated[Path, typer.Option("--out", help="Output folder (created; a finished run is kept unless --overwrite).")]
 Cache = Annotated[Path, typer.Option("--cache", help="A feature cache made by extract-features.")]
 AdapterDir = Annotated[Path, typer.Option("--adapter", help="Adapter folder (fit-adapter's --out, or sweep's best/).")]
 MaybeAdapter = Annotated[
-    Path | None, typer.Option("--adapter", help="Adapter folder; with predict, folded in on the fly.")
+    Path | None, typer.Option("--adapter", help="Adapter folder (fit-adapter's or sweep's best/).")
 ]
-Overwrite = Annotated[bool, typer.Option(help="Redo the work --out already holds instead of refusing (or resuming).")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help=OVERWRITE_HELP)]
 Device = Annotated[str, typer.Option(help=f"Where to compute: {DEVICES.describe()}.", metavar="|".join(DEVICES))]
 
 
@@ -174,10 +175,11 @@ def sweep(
     With no options it fits the one official point. A rerun into the same --out skips finished points; a grid that
     adds points to the folder's grid continues it.
     """
-    from ballad_cache.pipelines.phase_b import point_name, run_grid
+    from ballad_cache.pipelines.phase_b import expand_grid, point_name, run_grid
 
+    configs = build(lambda: expand_grid(AdapterConfig(), **grid_axes))
     with RichProgress() as progress:
-        result = build(lambda: run_grid(cache, out_dir, grid_axes, config.metric, _device(device), overwrite, progress))
+        result = run_grid(cache, out_dir, configs, config.metric, _device(device), overwrite, progress)
     rows = [(point_name(p["config"]), p["val"]) for p in result.points[:10]]
     print_report(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, by {config.metric})", rows))
     if result.test:
@@ -212,27 +214,20 @@ def predict(
     model: Model,
     out_file: Annotated[Path, typer.Option("--out", help="Predictions file (CSV or JSON lines).")],
     inputs: Annotated[
-        list[str] | None, typer.Argument(help="Image files, folders (recursive) or .txt lists of paths.")
+        list[str] | None, typer.Argument(help="Image files, folders (recursive) or .txt path lists.")
     ] = None,
-    adapter: MaybeAdapter = None,
+    adapter: Annotated[Path | None, typer.Option(help="Fold this adapter into --model on the fly.")] = None,
     pretrained: Pretrained = None,
     data: Annotated[str | None, typer.Option("--data", help="Classify a dataset split instead (with labels).")] = None,
     device: Device = "auto",
 ) -> None:
     """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
-    from ballad_cache.inputs.datasets import load_dataset
-    from ballad_cache.pipelines.export import load_classifier
-    from ballad_cache.pipelines.predict import collect_images, predict_split, write_predictions
-    from ballad_cache.store.runs import check_writable
+    from ballad_cache.pipelines.predict import run_predict
 
     if bool(inputs) == bool(data):
         raise typer.BadParameter("give image paths or --data SPEC (one of them)", param_hint="INPUTS / --data")
-    check_writable(out_file)
-    images = load_dataset(data).split(config.split) if data else collect_images(list(inputs or []))
-    classifier = load_classifier(model, adapter, pretrained)
     with RichProgress() as progress:
-        result = predict_split(classifier, images, config, _device(device), progress)
-    write_predictions(result, out_file, config.format, config.top_k)
+        result = run_predict(model, out_file, config, inputs, data, adapter, pretrained, _device(device), progress)
     if result.report:
         print_report(
             report_table(f"{len(result.rows)} images ({data} {config.split})", [("classifier", result.report)])
@@ -269,10 +264,10 @@ def demo(
 ) -> None:
     """The whole BALLAD pipeline on fmnist-lt with ballad-lite, offline: finetune, extract, fit, sweep, evaluate,
     then export the classifier and predict a few test images with it."""
-    from ballad_cache.pipelines.demo import DEMO_SIZES, demo_folder, run_demo
+    from ballad_cache.pipelines.demo import demo as run_demo
 
-    with demo_folder(out_dir), RichProgress() as progress:
-        summary = run_demo(out_dir, DEMO_SIZES[config.size], _device(device), progress, config.overwrite, config.model)
+    with RichProgress() as progress:
+        summary = run_demo(out_dir, config, _device(device), progress)
     print_report(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))
     out.print(f"report: {out_dir / 'report'}")
 

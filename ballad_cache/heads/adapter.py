@@ -442,10 +442,8 @@ def adapter_step(
 
 def _matmul_precision(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bfloat16 autocast for the matmuls inside, or nothing for fp32."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    PRECISIONS.get(precision)
-    return contextlib.nullcontext()
+    dtype = PRECISIONS.get(precision)
+    return contextlib.nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def _sgd(

@@ -41,7 +41,7 @@ class AdapterConfig:
     head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
     head_lr: float | None = option(None, "Learning rate of a learnable head (default: --lr).", min=0.0)
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    seed: int = option(0, "Seeds W's init, the index stream and the view draws.")
+    seed: int = option(0, "Seeds W's init, the index stream and the view draws.", min=0)
 
     def __post_init__(self) -> None:
         check_options(self)

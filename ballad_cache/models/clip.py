@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..atomic import atomic_path, sha256_file, write_json
 from ..errors import BalladError
-from ..registry import Registry
+from ..registry import DEVICES, Registry
 
 # An open_clip CLIP (or CustomTextCLIP) module. Typed as Any because its encode_image / encode_text / visual
 # attributes are invisible to type checkers through torch.nn.Module.__getattr__.
@@ -449,5 +449,5 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BalladError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
     if device not in ("cpu",) and not device.startswith("cuda"):
-        raise BalladError(f"unknown device '{device}'; use auto, cpu or cuda")
+        raise BalladError(f"unknown device '{device}'; use {', '.join(DEVICES)} (or cuda:N)")
     return torch.device(device)

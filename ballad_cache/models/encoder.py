@@ -8,17 +8,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..registry import PRECISIONS
 from .clip import ClipModel
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on GPU when asked for; a no-op otherwise (fp32, or CPU where bf16 autocast is slow)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}")
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """Autocast to the dtype `PRECISIONS` registers for `precision`, on GPU; a no-op for float32 and on CPU, where bf16
+    autocast of a whole encoder is slow.
+
+    Raises:
+        ValueError: an unknown precision (the message lists the registered ones).
+    """
+    dtype = PRECISIONS.get(precision)
+    if dtype != "float32" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 

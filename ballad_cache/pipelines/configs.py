@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.transforms import AUGMENTATIONS
-from ..options import check_options, default_workers, option
+from ..options import OVERWRITE_HELP, OptionError, check_options, default_workers, option
 from ..registry import PRECISIONS, Registry
 from ..schedules import SCHEDULES
 
@@ -95,7 +95,7 @@ class FinetuneConfig:
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    seed: int = option(0, "Seeds sampling, augmentation and initialisation.")
+    seed: int = option(0, "Seeds sampling, augmentation and initialisation.", min=0)
     workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)
     log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
@@ -131,10 +131,10 @@ class ExtractConfig:
     shard_size: int = option(16384, "Rows per shard: the unit of resume and the bound on memory.", min=1)
     batch_size: int = option(256, "Images per encoder batch.", min=1)
     workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
-    seed: int = option(0, "Seeds the augmented views.")
+    seed: int = option(0, "Seeds the augmented views.", min=0)
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
-    overwrite: bool = option(False, "Redo the work --out already holds (here: recompute finished shards).")
+    overwrite: bool = option(False, OVERWRITE_HELP + " Here: recompute finished shards.")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -149,14 +149,14 @@ class EvalConfig:
     knn: int | None = option(
         None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1
     )
-    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).")
+    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).", min=0)
     plot: bool = option(False, "Also draw per-class accuracy against training count (needs --out).")
-    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).")
+    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).", min=0)
 
     def __post_init__(self) -> None:
         check_options(self)
         if self.few > self.many:
-            raise ValueError(f"few ({self.few}) must not exceed many ({self.many})")
+            raise OptionError("few", f"({self.few}) must not exceed --many ({self.many})")
 
 
 FORMATS = ("csv", "jsonl")
@@ -185,7 +185,7 @@ class DemoConfig:
 
     size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
     model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
-    overwrite: bool = option(False, "Redo every step even if its output exists.")
+    overwrite: bool = option(False, OVERWRITE_HELP + " Here: redo every step.")
 
     def __post_init__(self) -> None:
         check_options(self)

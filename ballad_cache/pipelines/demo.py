@@ -26,7 +26,7 @@ from ..models.clip import load_model
 from ..progress import NullProgress, Progress
 from ..store.cache import MANIFEST, FeatureCache
 from ..store.runs import RunFolder
-from .configs import DATA, DEMO_MODELS, MODEL
+from .configs import DATA, DEMO_MODELS, MODEL, DemoConfig
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
 from .extract import ExtractConfig, extract_features
@@ -86,6 +86,12 @@ DEMO_SIZES: dict[str, DemoSize] = {
 def demo_folder(out: str | Path) -> RunFolder:
     """The demo's folder: never refused (each step reuses its finished output unless `overwrite`), locked."""
     return RunFolder(out, "demo")
+
+
+def demo(out: str | Path, config: DemoConfig, device: torch.device, progress: Progress | None = None) -> dict[str, Any]:
+    """`ballad demo`: lock `out` and run (or finish) the demo at `config.size` with `config.model`."""
+    with demo_folder(out):
+        return run_demo(out, DEMO_SIZES[config.size], device, progress, config.overwrite, config.model)
 
 
 def run_demo(

@@ -132,6 +132,9 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     axes = {k: v for k, v in axes.items() if v}
     names = list(axes)
     defaults = AdapterConfig().to_dict()
+    unknown = [n for n in names if n not in defaults]
+    if unknown:
+        raise ValueError(f"unknown grid axis '{unknown[0]}'; AdapterConfig fields: {', '.join(defaults)}")
     out: dict[str, AdapterConfig] = {}
     for values in itertools.product(*(axes[n] for n in names)):
         config = AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))})
@@ -150,9 +153,7 @@ def sweep_folder(out: str | Path, configs: list[AdapterConfig], cache: FeatureCa
     def compatible(old: dict[str, Any]) -> bool:
         return old.get("command") == "sweep" and set(old.get("points", [])) <= keys
 
-    return RunFolder(
-        out, "sweep", ("results.csv", "points"), overwrite=overwrite, compatible=compatible, clean=SWEEP_OUTPUTS
-    )
+    return RunFolder(out, "sweep", ("results.csv",), overwrite=overwrite, compatible=compatible, clean=SWEEP_OUTPUTS)
 
 
 def sweep_config(configs: list[AdapterConfig], cache: FeatureCache, metric: str) -> dict[str, Any]:
@@ -383,15 +384,14 @@ def run_fit_adapter(
 def run_grid(
     cache: str | Path,
     out: str | Path,
-    axes: dict[str, list[Any]],
+    configs: list[AdapterConfig],
     metric: str = "top1",
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> SweepResult:
-    """`ballad sweep`: expand `axes` over `AdapterConfig`'s defaults, open the cache, guard and lock `out` (a grid
-    that contains the folder's grid continues it), write `config.json`, sweep."""
-    configs = expand_grid(AdapterConfig(), **axes)
+    """`ballad sweep`: open the cache, guard and lock `out` (a grid that contains the folder's grid continues it),
+    write `config.json`, sweep `configs` (see `expand_grid`)."""
     feature_cache = FeatureCache(cache)
     with sweep_folder(out, configs, feature_cache, overwrite) as folder:
         folder.write_config(None, **sweep_config(configs, feature_cache, metric))

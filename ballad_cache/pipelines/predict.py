@@ -26,6 +26,38 @@ from .configs import PredictConfig
 from .export import Classifier
 
 
+def run_predict(
+    model: str,
+    out: str | Path,
+    config: PredictConfig,
+    inputs: list[str] | None = None,
+    data: str | None = None,
+    adapter: str | Path | None = None,
+    pretrained: str | None = None,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+) -> Predictions:
+    """`ballad predict`: check `out` can be written, collect the images (`inputs`, or split `config.split` of dataset
+    `data`), load the classifier, classify and write the predictions.
+
+    Raises:
+        ValueError: both or neither of `inputs` and `data`.
+        BalladError: an unwritable `out`, missing inputs, a model that is no export (and no adapter).
+    """
+    from ..inputs.datasets import load_dataset
+    from ..store.runs import check_writable
+    from .export import load_classifier
+
+    if bool(inputs) == bool(data):
+        raise ValueError("give image paths or a dataset (one of them)")
+    check_writable(out)
+    images = load_dataset(data).split(config.split) if data else collect_images(list(inputs or []))
+    classifier = load_classifier(model, adapter, pretrained)
+    result = predict_split(classifier, images, config, torch.device(device), progress)
+    write_predictions(result, out, config.format, config.top_k)
+    return result
+
+
 def collect_images(inputs: list[str]) -> ImageSplit:
     """Image files, folders (searched recursively, sorted) and text files of paths (one per line, relative to the
     text file's folder unless absolute) as one unlabelled split.

@@ -84,9 +84,11 @@ class RunFolder:
         self.main = main
         self._lock = RunLock(self.path, lock) if lock else None
         self.continues = False  # set on entry: the folder held a finished run this one continues
+        self._held: list[str] | None = None  # finished markers found by prepare()
 
     def prepare(self) -> Path:
         """Check and create the folder; decide whether its results may be written over (see the module docstring).
+        Nothing is removed here: `overwrite` cleans only once the lock is held (on entering the `with` block).
 
         Raises:
             BalladError: `path` is a file, or holds a finished run this one may not replace.
@@ -94,10 +96,10 @@ class RunFolder:
         out = self.path
         if out.exists() and not out.is_dir():
             raise BalladError(f"{out} exists and is not a directory; pick another --out")
-        if not self.main:
+        if not self.main or self._held is not None:
             return out
         check_writable(out / CONFIG)
-        held = [name for name in self.finished if (out / name).exists()]
+        held = self._held = [name for name in self.finished if (out / name).exists()]
         if held and not (self.overwrite or self.resume):
             old = _read_config(out)
             if self.compatible is not None and old is not None and self.compatible(old):
@@ -105,16 +107,20 @@ class RunFolder:
             else:
                 what = f"another {self.command} run" if self.compatible is not None else "a run"
                 raise BalladError(f"{out} already holds {what} ({held[0]}); pass --overwrite or pick another --out")
-        if held and self.overwrite:
-            for name in self.clean:
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        target.unlink()
         out.mkdir(parents=True, exist_ok=True)
         return out
+
+    def _clean(self) -> None:
+        """With `overwrite`, remove the old run's `clean` files (the lock is held)."""
+        if not (self._held and self.overwrite):
+            return
+        for name in self.clean:
+            target = self.path / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    target.unlink()
 
     def write_config(self, config: Any = None, **extra: Any) -> None:
         """Write `config.json`: the command, ballad's version, `extra` and the config (a dataclass or a dict)."""
@@ -130,6 +136,7 @@ class RunFolder:
         if self._lock is not None:
             self._lock.acquire()
         if self.main:
+            self._clean()
             remove_stale_temps(self.path)
         return self
 

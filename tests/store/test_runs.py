@@ -24,8 +24,11 @@ def test_a_finished_run_is_refused_unless_overwrite_resume_or_compatible(tmp_pat
     assert same.continues
     with pytest.raises(BalladError, match="another fit run"):
         RunFolder(out, "fit", ("done.txt",), compatible=lambda old: False).prepare()
-    RunFolder(out, "fit", ("done.txt",), overwrite=True, clean=("done.txt",)).prepare()
-    assert not (out / "done.txt").exists()
+    folder = RunFolder(out, "fit", ("done.txt",), overwrite=True, clean=("done.txt",))
+    folder.prepare()
+    assert (out / "done.txt").exists()  # nothing is removed before the lock is held
+    with folder:
+        assert not (out / "done.txt").exists()
 
 
 def test_a_started_run_is_reused_and_outputs_are_checked_before_work(tmp_path):
@@ -40,3 +43,18 @@ def test_a_started_run_is_reused_and_outputs_are_checked_before_work(tmp_path):
         check_writable(tmp_path / "file" / "preds.csv")
     with pytest.raises(BalladError, match="is a directory"):
         check_writable(tmp_path)
+
+
+def test_overwrite_removes_nothing_while_another_process_holds_the_folder(tmp_path, monkeypatch):
+    """--overwrite into a folder another run is writing must not delete that run's files before the lock refuses."""
+    from ballad_cache.atomic import RunLock
+
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "results.csv").write_text("the running sweep's results")
+    monkeypatch.setattr(RunLock, "_is_stale", staticmethod(lambda owner: False))
+    (out / ".ballad.lock").write_text("otherhost:1")
+    with pytest.raises(BalladError, match="in use"):
+        with RunFolder(out, "sweep", ("results.csv",), overwrite=True, clean=("results.csv",)):
+            pass
+    assert (out / "results.csv").read_text() == "the running sweep's results"
