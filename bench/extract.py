@@ -25,9 +25,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ballad_cache.inputs.datasets import ImageSplit, LTDataset  # noqa: E402
-from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402
 from ballad_cache.models import MODELS, load_model, register_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import ImageEncoder, autocast  # noqa: E402
+from ballad_cache.options import default_workers  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
 from bench.common import write  # noqa: E402
 

@@ -28,10 +28,11 @@ import torch  # noqa: E402
 from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, steps_per_epoch  # noqa: E402
 from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
 from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
-from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402
 from ballad_cache.inputs.samplers import index_stream  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import ImageEncoder  # noqa: E402
+from ballad_cache.options import default_workers  # noqa: E402
 from ballad_cache.pipelines.demo import DEMO_SIZES  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, augment_of, extract_features  # noqa: E402
 from ballad_cache.pipelines.finetune import finetune  # noqa: E402

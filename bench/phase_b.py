@@ -27,10 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters  # noqa: E402
 from ballad_cache.inputs.datasets import ImageSplit, LTDataset  # noqa: E402
 from ballad_cache.inputs.longtail import exponential_profile  # noqa: E402
-from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402
 from ballad_cache.inputs.samplers import index_stream  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import ImageEncoder, autocast  # noqa: E402
+from ballad_cache.options import default_workers  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
 from ballad_cache.store.cache import FeatureCache  # noqa: E402
 from bench.common import write  # noqa: E402

@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ballad_cache.inputs.reader import ImageRows, default_workers, make_loader  # noqa: E402
+from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import autocast  # noqa: E402
+from ballad_cache.options import default_workers  # noqa: E402
 from ballad_cache.pipelines.export import Classifier  # noqa: E402
 from ballad_cache.pipelines.predict import PredictConfig, predict_split  # noqa: E402
 from bench.common import write  # noqa: E402

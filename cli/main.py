@@ -78,11 +78,8 @@ def finetune(
         r = run_finetune(data, model, pretrained, out_dir, config, _device(device), resume, overwrite, progress)
     if r is not None:
         start = r["start"]["top1"] if r["start"] else float("nan")
-        out.print(
-            f"phase A done: val top1 {start:.2f} -> {r['best_val_top1']:.2f} (epoch {r['best_epoch']}); "
-            f"model: {out_dir / 'model'}"
-            + (f"; skipped {len(r['skipped'])} unreadable training image(s)" if r["skipped"] else "")
-        )
+        out.print(f"phase A done: val top1 {start:.2f} -> {r['best_val_top1']:.2f} (epoch {r['best_epoch']})")
+        out.print(f"model: {out_dir / 'model'}; skipped {len(r['skipped'])} unreadable training image(s)")
 
 
 @config_command(app, "extract-features", config=ExtractConfig)
