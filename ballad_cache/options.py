@@ -22,6 +22,10 @@ from typing import Any
 
 from .registry import Registry
 
+# 50 megapixels: above any camera photo (a 6000x4000 frame is 24 MP); decoding one costs about 150 MB. PIL's own
+# bomb limit (89 MP, an error past 179 MP) lets a single crafted image cost seconds and hundreds of MB per worker.
+DEFAULT_MAX_PIXELS = 50_000_000
+MAX_PIXELS_HELP = "Pixel budget per image: an image declaring more is a bad image (see --skip-bad)."
 OVERWRITE_HELP = "Redo the work --out already holds instead of refusing (or resuming)."
 
 

@@ -33,7 +33,7 @@ from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # no
 from bench.common import write  # noqa: E402
 
 WIDE = "bench-wide"
-register_model(WIDE, lambda: {**MODELS.get("ballad-micro")(), "embed_dim": 4096}, replace=True)
+register_model(WIDE, lambda: {**MODELS.get("ballad-micro").config(), "embed_dim": 4096}, random_init=True, replace=True)
 
 
 def jpeg_split(folder: Path, n: int, size: int, classes: int = 10) -> ImageSplit:

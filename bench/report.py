@@ -43,6 +43,10 @@ HEADLINES: dict[str, tuple[str, Any]] = {
             )
         ),
     ),
+    "cache_read": (
+        "cached split load: verified (hashed) / unverified",
+        lambda r: f"{r['ratio']:.2f}x ({r['verified_s']} s vs {r['unverified_s']} s for {r['mib']} MiB)",
+    ),
     "sweep": (
         "16-point sweep: separate / batched",
         lambda r: f"{r['speedup']:.2f}x ({r['separate_s']} s vs {r['batched_s']} s)",

@@ -34,6 +34,7 @@ RUNS: list[tuple[str, list[str], str]] = [
     ("adapter", ["adapter.py", "--scale", "1.0", "--epochs", "10", "--bf16-scale", "0.01"], ">= 0.5; bf16 >= 1.8x"),
     ("sweep", ["sweep.py", "--scale", "0.02", "--epochs", "1"], ">= 3 (GPU)"),
     ("knn", ["knn.py", "--scale", "0.05", "--queries", "2000"], "same predictions"),
+    ("cache_read", ["cache_read.py", "--rows", "131072", "--dim", "512"], "near 1"),
 ]
 
 

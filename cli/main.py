@@ -79,7 +79,8 @@ def finetune(
     if r is not None:
         start = r["start"]["top1"] if r["start"] else float("nan")
         out.print(f"phase A done: val top1 {start:.2f} -> {r['best_val_top1']:.2f} (epoch {r['best_epoch']})")
-        out.print(f"model: {out_dir / 'model'}; skipped {len(r['skipped'])} unreadable training image(s)")
+        random = "; started from random weights (--pretrained none)" if r["random_weights"] else ""
+        out.print(f"model: {out_dir / 'model'}; skipped {len(r['skipped'])} unreadable training image(s){random}")
 
 
 @config_command(app, "extract-features", config=ExtractConfig)
@@ -102,6 +103,7 @@ def extract_features(
     if m is not None:
         rows = ", ".join(f"{s} {v['rows']}" for s, v in m["splits"].items())
         skipped = f"; skipped {len(m['skipped'])} bad image(s)" if m["skipped"] else ""
+        skipped += "; random weights" if m["model"].get("random_weights") else ""
         out.print(f"cache {out_dir}: {rows} rows, dim {m['embed_dim']}, fingerprint {m['fingerprint']}{skipped}")
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, read_json, write_json
+from ..atomic import atomic_path, read_json, sha256_file, sha256_json, write_json
 from ..errors import BalladError
 from ..inputs.longtail import class_log_prior
 from ..inputs.samplers import index_stream
@@ -244,7 +244,11 @@ def fit_adapters(
     for j, c in enumerate(configs):
         if cosine[j]:
             base = c.lr if c.head_lr is None else c.head_lr
-            head_lr_table[:, j] = lr_table[:, j] * (base / c.lr if c.lr else 0.0)  # the same schedule, scaled
+            if c.lr:  # the adapter's schedule, scaled
+                head_lr_table[:, j] = lr_table[:, j] * (base / c.lr)
+            else:  # the adapter is frozen (lr 0): the head follows the same schedule from its own rate
+                rates = [schedules[j](base, s, n, int(step_epoch[s]), cfg0.epochs) for s in range(n)]
+                head_lr_table[:, j] = torch.tensor(rates, device=device).view(n, 1, 1)
     loss_dev = torch.zeros(k, n, device=device)
     report_every = max(1, n // 200)  # a progress update reads the loss back: a device sync
     select_best = [c.select == "best-val" and val is not None for c in configs]
@@ -526,6 +530,8 @@ def save_adapter(
         save_file(tensors, str(tmp))
     meta = {
         "kind": "ballad-adapter",
+        "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),  # load_adapter checks the weights against it
+        "config_sha256": sha256_json(config.to_dict()),  # and the config
         "config": config.to_dict(),
         "cache_fingerprint": cache.fingerprint,
         "cache": str(cache.path),
@@ -551,12 +557,31 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
     folder = Path(folder)
     meta = read_json(folder / ADAPTER_META)
     try:
+        config = AdapterConfig.from_dict(meta["config"])
+        edited = "config_sha256" in meta and sha256_json(meta["config"]) != meta["config_sha256"]
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise BalladError(f"{folder / ADAPTER_META} has no valid config ({exc!s}); refit the adapter") from None
+    if edited:
+        raise BalladError(f"{folder / ADAPTER_META} was edited: its config does not match its config_sha256; refit")
+    recorded = meta.get("weights_sha256")  # adapters written before it was recorded have none
+    if (
+        recorded is not None
+        and (folder / ADAPTER_WEIGHTS).exists()
+        and sha256_file(folder / ADAPTER_WEIGHTS) != recorded
+    ):
+        raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not match the sha256 in {ADAPTER_META} (changed); refit")
+    try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        weight, head = tensors["weight"], tensors.get("head")
+        weight, head = tensors["weight"].float(), tensors.get("head")
     except FileNotFoundError:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not exist; fit the adapter first") from None
     except (SafetensorError, KeyError, OSError) as exc:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} is not a valid adapter file ({exc}); refit it") from None
+    dim = weight.shape[0] if weight.dim() == 2 else -1
+    if weight.dim() != 2 or weight.shape[1] != dim or (head is not None and (head.dim() != 2 or head.shape[1] != dim)):
+        raise BalladError(f"{folder / ADAPTER_WEIGHTS} holds a weight of shape {tuple(weight.shape)}; refit it")
+    if not torch.isfinite(weight).all() or (head is not None and not torch.isfinite(head).all()):
+        raise BalladError(f"{folder / ADAPTER_WEIGHTS} holds NaN/Inf weights (a diverged fit); refit with a lower --lr")
     if cache is not None:
         if meta.get("cache_fingerprint") != cache.fingerprint:
             same_model = meta.get("model") == cache.manifest.get("model")
@@ -571,7 +596,6 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
             )
         if head is not None and head.shape != (cache.num_classes, cache.manifest["embed_dim"]):
             raise BalladError(f"adapter {folder} has a head of shape {tuple(head.shape)}, not the cache's classes")
-    config = AdapterConfig.from_dict(meta["config"])
     if HEADS.get(config.head).learnable and head is None:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} lacks the cosine head its adapter.json names; refit it")
     return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head)

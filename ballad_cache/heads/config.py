@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..inputs.samplers import SAMPLERS
-from ..options import check_options, option
+from ..options import OptionError, check_options, option
 from ..registry import PRECISIONS, SELECTIONS
 from ..schedules import SCHEDULES
 from .metrics import METRICS
@@ -45,6 +45,24 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.ratio == 0 and not HEADS.get(self.head).learnable:
+            raise OptionError(
+                "ratio", "0 with a fixed head trains nothing (x' = f); use a ratio above 0 or --head cosine"
+            )
+
+    def idle_reason(self) -> str | None:
+        """Why this configuration would train nothing, or None: a run that changes nothing says so."""
+        learnable_head = HEADS.get(self.head).learnable and (self.head_lr if self.head_lr is not None else self.lr)
+        if self.epochs == 0:
+            return "0 epochs: the initial weights are kept"
+        if self.lr == 0 and not learnable_head:
+            return "lr 0: the weights keep their initial values"
+        if self.schedule == "epoch" and self.epochs == 1:
+            return (
+                "1 epoch with --schedule epoch runs at lr 0 (the official CosineAnnealingLR is stepped at each epoch "
+                "start): the weights keep their initial values; use --epochs 2 or more, or --schedule step"
+            )
+        return None
 
     @property
     def logit_scale(self) -> float:

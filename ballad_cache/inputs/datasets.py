@@ -18,6 +18,7 @@ import pickle
 import struct
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BalladError
+from ..options import DEFAULT_MAX_PIXELS
 from ..progress import Report
 from ..registry import Registry
 from .longtail import exponential_profile
@@ -83,11 +85,12 @@ class ImageSplit:
             pixels=self.pixels[indices] if self.pixels is not None else None,
         )
 
-    def load(self, index: int) -> Any:
-        """Decode row `index` to an RGB PIL image.
+    def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
+        """Decode row `index` to an RGB PIL image, refusing one whose header declares more than `max_pixels` pixels
+        before any pixel is decoded.
 
         Raises:
-            BadImageError: the file is missing, empty, truncated or not an image.
+            BadImageError: the file is missing, empty, truncated, not an image, or over the pixel budget.
         """
         from PIL import Image
 
@@ -96,12 +99,21 @@ class ImageSplit:
         assert self.files is not None
         path = self.files[index]
         try:
-            with Image.open(path) as img:
-                img.load()
-                return img.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides
+                with Image.open(path) as img:
+                    width, height = img.size
+                    if width * height > max_pixels:
+                        raise BadImageError(
+                            path, index, f"{width}x{height} pixels, over the budget of {max_pixels} (--max-pixels)"
+                        )
+                    img.load()
+                    return img.convert("RGB")
         except FileNotFoundError:
             raise BadImageError(path, index, "file not found") from None
-        except (OSError, SyntaxError, ValueError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise BadImageError(path, index, f"{exc} (over --max-pixels)") from None
+        except (OSError, SyntaxError, ValueError, MemoryError) as exc:
             raise BadImageError(path, index, str(exc) or type(exc).__name__) from None
 
 
@@ -520,8 +532,10 @@ def yaml_dataset(path: Path) -> LTDataset:
         raise BalladError(f"dataset description {path} does not exist")
     try:
         desc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BalladError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(desc, dict):
+        raise BalladError(f"{path}: the top level must be a mapping (root:, classnames:, splits:), not a list or text")
     missing = [k for k in ("root", "classnames", "splits") if k not in desc]
     if missing:
         raise BalladError(f"{path}: missing key(s) {', '.join(missing)}; see data/datasets/imagenet-lt.yaml")
@@ -532,7 +546,9 @@ def yaml_dataset(path: Path) -> LTDataset:
     cls_file = _expand(str(desc["classnames"]), base, path)
     classnames = check_classnames(read_lines(cls_file), str(cls_file))
     splits = {}
-    for split, list_path in dict(desc["splits"]).items():
+    if not isinstance(desc["splits"], dict) or not all(isinstance(v, str) for v in desc["splits"].values()):
+        raise BalladError(f"{path}: splits must map train/val/test to list files, e.g. 'train: train.txt'")
+    for split, list_path in desc["splits"].items():
         if split not in SPLITS:
             raise BalladError(f"{path}: unknown split '{split}' (use train, val, test)")
         s = read_split_list(_expand(str(list_path), base, path), root, len(classnames))
@@ -541,6 +557,11 @@ def yaml_dataset(path: Path) -> LTDataset:
     if "train" not in splits:
         raise BalladError(f"{path}: splits needs a train list")
     raw_templates = desc.get("templates", desc.get("template"))
+    if raw_templates is not None and not (
+        isinstance(raw_templates, str)
+        or (isinstance(raw_templates, list) and all(isinstance(t, str) for t in raw_templates))
+    ):
+        raise BalladError(f"{path}: templates must be a set name, a .txt file, a '{{c}}' prompt or a list of them")
     if isinstance(raw_templates, str) and "{c}" not in raw_templates:
         raw_templates = str(_expand(raw_templates, base, path))
     templates = load_templates(raw_templates) if raw_templates else ["a photo of a {c}."]

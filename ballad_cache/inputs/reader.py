@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import BalladError
+from ..options import DEFAULT_MAX_PIXELS
 from .datasets import BadImageError, ImageSplit
 
 
@@ -28,12 +29,14 @@ class ImageRows(Dataset):
         eval_transform: Callable[[Any], torch.Tensor],
         train_transform: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.split = split
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         self.eval_transform = eval_transform
         self.train_transform = train_transform or eval_transform
         self.seed = seed
+        self.max_pixels = max_pixels
         self._shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
@@ -43,7 +46,7 @@ class ImageRows(Dataset):
         index, view = (int(v) for v in self.rows[i])
         error = ""
         try:
-            image = self.split.load(index)
+            image = self.split.load(index, self.max_pixels)
             if view == 0:
                 x = self.eval_transform(image)
             else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import socket
 from collections.abc import Callable, Sequence
@@ -127,21 +128,40 @@ def _config_ballad_micro() -> dict[str, Any]:
     }
 
 
-MODELS: Registry[Callable[[], dict[str, Any]]] = Registry("model")
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered architecture: its open_clip config, and whether it starts (partly) from random weights by
+    design, so that loading it without `--pretrained` is not a missing-weights error."""
+
+    config: Callable[[], dict[str, Any]]
+    random_init: bool = False
+
+
+MODELS: Registry[ModelEntry] = Registry("model")
+RANDOM_WEIGHTS = "none"  # --pretrained none: random weights, asked for in words
 
 
 def register_model(
-    name: str, config: Callable[[], dict[str, Any]], *, help: str = "", replace: bool = False
-) -> Callable[[], dict[str, Any]]:
+    name: str,
+    config: Callable[[], dict[str, Any]],
+    *,
+    help: str = "",
+    random_init: bool = False,
+    replace: bool = False,
+) -> ModelEntry:
     """Register an architecture by name: `config()` returns an open_clip model config (`embed_dim`, `vision_cfg`,
     `text_cfg`), handed to open_clip when the model is first loaded; `--model NAME` then works in every command.
-    """
-    return MODELS.register(name, config, help=help, replace=replace)
+    `random_init` declares that the architecture starts from random weights by design (test and toy models)."""
+    return MODELS.register(name, ModelEntry(config, random_init), help=help, replace=replace)
 
 
-register_model("ballad-tiny", _config_ballad_tiny, help="random-init ViT for 32×32 images + pretrained MiniLM text")
+register_model(
+    "ballad-tiny", _config_ballad_tiny, help="random-init ViT for 32×32 images + pretrained MiniLM", random_init=True
+)
 register_model("ballad-lite", _config_ballad_lite, help="ImageNet-pretrained EfficientNet-Lite0 + MiniLM (the demo)")
-register_model("ballad-micro", _config_ballad_micro, help="a few-layer ViT and CLIP text tower, random (tests)")
+register_model(
+    "ballad-micro", _config_ballad_micro, help="a few-layer ViT and CLIP text tower, random (tests)", random_init=True
+)
 
 
 def _add_to_open_clip(name: str) -> None:
@@ -149,7 +169,7 @@ def _add_to_open_clip(name: str) -> None:
     from open_clip.factory import _MODEL_CONFIGS
 
     if name in MODELS and name not in _MODEL_CONFIGS:
-        _MODEL_CONFIGS[name] = MODELS.get(name)()
+        _MODEL_CONFIGS[name] = MODELS.get(name).config()
 
 
 def list_models() -> list[str]:
@@ -171,6 +191,7 @@ class LoadedModel:
     pretrained: str | None
     checkpoint_sha256: str | None
     preprocess_cfg: dict[str, Any]
+    random_weights: bool = False  # no weights were loaded into (part of) the model
 
     @property
     def embed_dim(self) -> int:
@@ -186,7 +207,8 @@ class LoadedModel:
 
     def provenance(self) -> dict[str, Any]:
         """What identifies this model's weights, for manifests and fingerprints."""
-        return {"name": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
+        body = {"name": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
+        return {**body, "random_weights": True} if self.random_weights else body
 
 
 def _weights_file(name: str, pretrained: str | None) -> Path | None:
@@ -264,6 +286,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     """
     import open_clip
 
+    random_asked = pretrained is not None and pretrained.lower() == RANDOM_WEIGHTS
+    pretrained = None if random_asked else pretrained
     _add_to_open_clip(name)
     if name.startswith("local-dir:"):
         folder = Path(name.split(":", 1)[1])
@@ -271,9 +295,21 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
             raise BalladError(
                 f"{folder} is not an open_clip model folder (no open_clip_config.json); point at DIR/model"
             )
+        if not pretrained and not random_asked and _weights_file(name, None) is None:
+            raise BalladError(
+                f"{folder} holds no weights file (open_clip_model.safetensors or open_clip_pytorch_model.bin); "
+                "copy the weights there, or pass --pretrained none for random weights"
+            )
         _register_hf_for_local_dir(folder)
     elif name not in open_clip.list_models():
         raise BalladError(f"unknown model '{name}'; see `ballad models` or open_clip.list_models()")
+    elif name not in MODELS and not pretrained and not random_asked:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        hint = f"--pretrained {tags[0]}" if tags else "--pretrained /path/to/weights"
+        raise BalladError(
+            f"{name} would start from random weights: pass {hint} (tags: {', '.join(tags) or 'none'}), a weights "
+            "file, or --pretrained none for random weights"
+        )
     if (
         pretrained
         and not Path(pretrained).is_file()
@@ -294,8 +330,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained or None, device=device, load_weights=True, **extra
             )
-    except (RuntimeError, OSError, ValueError) as exc:
-        reason = str(exc).splitlines()[0][:200]
+    except (RuntimeError, OSError, ValueError, EOFError, KeyError, pickle.UnpicklingError) as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if pretrained and not Path(pretrained).is_file():
             raise BalladError(
                 f"could not get {name} '{pretrained}' weights ({reason}); on a machine without network, "
@@ -317,6 +353,7 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         pretrained=pretrained,
         checkpoint_sha256=sha256_file(weights) if weights else None,
         preprocess_cfg=dict(pp),
+        random_weights=random_asked or (name in MODELS and MODELS.get(name).random_init and not pretrained),
     )
 
 

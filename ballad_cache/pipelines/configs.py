@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.transforms import AUGMENTATIONS
-from ..options import OVERWRITE_HELP, OptionError, check_options, default_workers, option
+from ..options import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PIXELS_HELP,
+    OVERWRITE_HELP,
+    OptionError,
+    check_options,
+    default_workers,
+    option,
+)
 from ..registry import PRECISIONS, Registry
 from ..schedules import SCHEDULES
 
@@ -101,9 +109,21 @@ class FinetuneConfig:
     log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
     max_steps: int = option(0, "Stop after N optimizer steps in total (0: no limit; smoke runs).", min=0)
     skip_bad: bool = option(False, "Skip unreadable images (listed in summary.json) instead of stopping.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
 
     def __post_init__(self) -> None:
         check_options(self)
+
+    def idle_reason(self) -> str | None:
+        """Why this phase A would train nothing, or None."""
+        if self.epochs == 0 or self.lr == 0:
+            return "0 epochs or lr 0: the model is saved as loaded"
+        if self.schedule == "epoch" and self.epochs == 1 and self.warmup_steps == 0:
+            return (
+                "1 epoch with --schedule epoch runs at lr 0 (the official CosineAnnealingLR is stepped at each epoch "
+                "start): the model is saved as loaded; use --epochs 2 or more, or --schedule step"
+            )
+        return None
 
 
 DTYPES = ("float16", "float32")
@@ -134,6 +154,7 @@ class ExtractConfig:
     seed: int = option(0, "Seeds the augmented views.", min=0)
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
     overwrite: bool = option(False, OVERWRITE_HELP + " Here: recompute finished shards.")
 
     def __post_init__(self) -> None:
@@ -172,6 +193,7 @@ class PredictConfig:
     workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     skip_bad: bool = option(False, "List unreadable images in the output instead of stopping.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
     format: str = option("csv", "Output format: csv or jsonl (JSON lines).", choices=FORMATS)
     split: str = option("test", "Split of --data to classify.")
 

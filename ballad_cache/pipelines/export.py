@@ -17,6 +17,7 @@ Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,16 +242,22 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
         weight, log_prior = tensors["weight"], tensors["log_prior"]
     except (FileNotFoundError, SafetensorError, KeyError, OSError) as exc:
         raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} is missing or damaged ({exc}); export again") from None
-    if weight.shape[0] != len(meta["classnames"]):
+    try:
+        classnames, scale = [str(c) for c in meta["classnames"]], float(meta["logit_scale"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BalladError(f"{folder / CLASSIFIER_META} lacks a valid {exc!s}; export again") from None
+    if weight.dim() != 2 or weight.shape[0] != len(classnames) or log_prior.shape != (len(classnames),):
         raise BalladError(
-            f"{folder / CLASSIFIER_WEIGHTS} has {weight.shape[0]} classes, {CLASSIFIER_META} lists "
-            f"{len(meta['classnames'])}; export again"
+            f"{folder / CLASSIFIER_WEIGHTS} holds weight {tuple(weight.shape)} and log_prior {tuple(log_prior.shape)} "
+            f"for the {len(classnames)} classes {CLASSIFIER_META} lists; export again"
         )
+    if not (torch.isfinite(weight).all() and torch.isfinite(log_prior).all() and math.isfinite(scale) and scale > 0):
+        raise BalladError(f"{folder} holds NaN/Inf classifier weights, prior or scale; export again")
     loaded = load_model(f"local-dir:{folder}")
     loaded.model.eval()
-    return Classifier(
-        loaded, weight.float(), log_prior.float(), list(meta["classnames"]), float(meta["logit_scale"]), meta
-    )
+    if weight.shape[1] != loaded.embed_dim:
+        raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} has dim {weight.shape[1]}, the model {loaded.embed_dim}")
+    return Classifier(loaded, weight.float(), log_prior.float(), classnames, scale, meta)
 
 
 def run_export(

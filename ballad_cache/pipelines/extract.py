@@ -106,7 +106,12 @@ def extract_split(
         return 1, done
     shard_rows = [rows[s * config.shard_size : (s + 1) * config.shard_size] for s in todo]
     reader = ImageRows(
-        image_split, np.concatenate(shard_rows), loaded.preprocess_eval, augment_of(loaded, config), seed=config.seed
+        image_split,
+        np.concatenate(shard_rows),
+        loaded.preprocess_eval,
+        augment_of(loaded, config),
+        seed=config.seed,
+        max_pixels=config.max_pixels,
     )
     # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
     # bitwise the same) whichever rank computes it and whatever other shards it computes

@@ -32,6 +32,7 @@ from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..inputs.transforms import train_transform
 from ..models.clip import ClipModel, LoadedModel, PromptBank, save_local_dir
 from ..models.encoder import autocast
+from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import RunFolder
@@ -111,6 +112,7 @@ def evaluate_model(
     workers: int,
     precision: str = "fp32",
     skip_bad: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> dict[str, Any]:
     """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few.
 
@@ -122,7 +124,9 @@ def evaluate_model(
     model.eval()
     image_split = dataset.split(split)
     rows = np.stack([np.arange(len(image_split)), np.zeros(len(image_split), dtype=np.int64)], axis=1)
-    loader = make_loader(ImageRows(image_split, rows, loaded.preprocess_eval), batch_size, workers)
+    loader = make_loader(
+        ImageRows(image_split, rows, loaded.preprocess_eval, max_pixels=max_pixels), batch_size, workers
+    )
     with autocast(device, precision):
         text = prompts.encode(model).float()
     logits, labels, skipped = [], [], 0
@@ -220,6 +224,8 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel per step instead of a launch per parameter
     opt = OPTIMIZERS.get(config.optimizer)(params, config, fused)
+    if config.idle_reason() and dist.is_main:
+        progress.log(f"warning: this phase A trains nothing: {config.idle_reason()}")
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size
@@ -245,6 +251,7 @@ def finetune(
             config.workers,
             config.precision,
             config.skip_bad,
+            config.max_pixels,
         )
 
     if resume and ckpt_path.exists():
@@ -285,7 +292,9 @@ def finetune(
             len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank
         )
         rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
-        reader = ImageRows(train, rows, loaded.preprocess_eval, augment, seed=config.seed * 1000 + epoch)
+        reader = ImageRows(
+            train, rows, loaded.preprocess_eval, augment, seed=config.seed * 1000 + epoch, max_pixels=config.max_pixels
+        )
         loader = make_loader(
             reader,
             per_rank,
@@ -369,6 +378,7 @@ def finetune(
         "steps": step,
         "templates": templates,
         "skipped": [skipped[i] for i in sorted(skipped)],
+        "random_weights": loaded.random_weights,
     }
     if dist.is_main:
         write_json(out / "summary.json", summary_)

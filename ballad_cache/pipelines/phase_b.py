@@ -55,6 +55,8 @@ def fit_on_cache(
     text = cache.text_embeddings()
     split = _val_split(cache)
     val = cache.load_split(split).eval_view() if split else None
+    if config.idle_reason():
+        progress.log(f"warning: this fit trains nothing: {config.idle_reason()}")
     if val is None and config.select == "best-val":
         progress.log(f"cache {cache.path} has no val split: keeping the last epoch's weights")
     result = fit_adapters(
@@ -207,6 +209,9 @@ def run_sweep(
     done = {k for k in keys if _point_done(points_dir, k, cache.fingerprint)}
     todo = [i for i, k in enumerate(keys) if k not in done]
     progress.log(f"sweep: {len(configs)} points, {len(done)} already done, {len(todo)} to train")
+    idle = [c.idle_reason() for c in configs if c.idle_reason()]
+    if idle:
+        progress.log(f"warning: {len(idle)} point(s) train nothing: {idle[0]}")
     if todo:
         rows = TrainRows.from_split(cache.load_split("train"))
         for group in group_by_stream([configs[i] for i in todo]):

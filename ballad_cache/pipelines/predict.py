@@ -106,7 +106,7 @@ def predict_split(
     progress = progress or NullProgress()
     model = classifier.loaded.model.eval().to(device)
     rows = np.stack([np.arange(len(split)), np.zeros(len(split), dtype=np.int64)], axis=1)
-    reader = ImageRows(split, rows, classifier.loaded.preprocess_eval)
+    reader = ImageRows(split, rows, classifier.loaded.preprocess_eval, max_pixels=config.max_pixels)
     loader = make_loader(reader, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     k = min(config.top_k, len(classifier.classnames))
     weight = classifier.weight.to(device)
@@ -122,6 +122,10 @@ def predict_split(
         keep = usable_rows(batch, config.skip_bad)
         for i in np.flatnonzero(~keep):
             skipped.append(skipped_row(batch, i))
+        if not keep.any():  # every image of the batch was skipped: nothing to encode
+            done += len(keep)
+            progress.advance(len(keep))
+            continue
         with torch.inference_mode(), autocast(device, config.precision):
             feats = model.encode_image(batch["image"][torch.from_numpy(keep)].to(device, non_blocking=True))
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
@@ -159,7 +163,10 @@ def predict_split(
 
 def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "csv", top_k: int = 5) -> Path:
     """Write predictions atomically as CSV (`path, pred, pred_name, prob, top1_name, top1_prob, ...` and, with
-    labels, `label, label_name, correct`) or JSON lines; skipped images get their reason and no prediction."""
+    labels, `label, label_name, correct`) or JSON lines; skipped images get their reason and no prediction.
+
+    A path that is not valid UTF-8 is written as its raw bytes in CSV (read it back with
+    `errors="surrogateescape"`) and as `\\udcXX` escapes in JSON lines (json.loads gives the same str back)."""
     path = Path(path)
     if fmt == "jsonl":
         lines = [json.dumps(r) for r in predictions.rows]
@@ -183,5 +190,7 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
         w.writerow([r["path"], r["pred"], r["pred_name"], f"{r['prob']:.6f}", *tops, *extra, ""])
     for s in predictions.skipped:
         w.writerow([s["path"], "", "", "", *([""] * (2 * k)), *([""] * (3 if labelled else 0)), s["reason"]])
-    write_bytes(path, buf.getvalue().encode())
+    # a file name that is not valid UTF-8 arrives as str with surrogate escapes (os.fsdecode); it is written back
+    # as its original bytes, so the CSV holds the name exactly as the file system does
+    write_bytes(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
     return path

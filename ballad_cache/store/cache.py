@@ -11,7 +11,12 @@ of the same extraction from one of another, and readers refuse a shard of anothe
 `text.h5` also carry a `content_sha256` of their arrays, hashed as they are written. The manifest's `fingerprint`
 hashes the manifest with those content hashes and without the files' byte-level sha256 sums (HDF5 files of equal
 rows differ in their bytes from run to run): it names what the cache holds, however many ranks wrote it, and
-adapters record it. `verify` checks the files' sha256 sums.
+adapters record it.
+
+Every read is verified: a shard or `text.h5` is read into memory once, its bytes hashed against the manifest's
+sha256 of that file, and only then parsed, so a value changed in place with h5py, or a `text.h5` of another
+extraction, is refused naming the file (`bench/cache_read.py` measures what the hashing costs). `verify` checks every
+file at once.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -37,6 +43,11 @@ FORMAT_NAME = "ballad-feature-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TEXT_FILE = "text.h5"
+# what every reader relies on; a manifest without one of them is refused when the cache is opened
+MANIFEST_KEYS = (
+    "fingerprint", "dataset", "model", "embed_dim", "dtype", "classnames", "templates", "text", "splits",
+    "train_class_counts", "skipped",
+)  # fmt: skip
 CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: whole-chunk reads when streaming, small enough for partial reads
 
 
@@ -227,8 +238,9 @@ class SplitFeatures:
 class FeatureCache:
     """A finished cache opened for reading; checks the manifest's format and every shard it touches."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], verify_reads: bool = True) -> None:
         self.path = Path(path)
+        self.verify_reads = verify_reads  # hash every file as it is read (benchmarks turn it off to measure it)
         if not self.path.is_dir():
             raise BalladError(f"cache {self.path} does not exist; create it with `ballad extract-features`")
         mpath = self.path / MANIFEST
@@ -242,6 +254,21 @@ class FeatureCache:
                 f"{mpath} has format version {self.manifest.get('format_version')}, this ballad reads "
                 f"{FORMAT_VERSION}; re-extract with this version"
             )
+        missing = [k for k in MANIFEST_KEYS if k not in self.manifest]
+        if missing:
+            raise BalladError(f"{mpath} lacks '{missing[0]}'; it was edited or cut short: re-extract the cache")
+        try:
+            for split in self.manifest["splits"].values():
+                for entry in split["shards"]:
+                    str(entry["file"]), int(entry["rows"]), str(entry["sha256"])
+            if len(self.manifest["train_class_counts"]) != len(self.manifest["classnames"]):
+                raise ValueError("train_class_counts and classnames differ in length")
+            str(self.manifest["text"]["sha256"]), int(self.manifest["embed_dim"])
+            edited = content_fingerprint(self.manifest) != self.manifest["fingerprint"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BalladError(f"{mpath} is malformed ({exc!s}); re-extract the cache") from None
+        if edited:
+            raise BalladError(f"{mpath} was edited: its fingerprint does not match its content; re-extract the cache")
 
     @property
     def fingerprint(self) -> str:
@@ -274,11 +301,28 @@ class FeatureCache:
             raise BalladError(f"cache {self.path} has no '{split}' split (it has: {', '.join(self.splits)})")
         return list(self.manifest["splits"][split]["shards"])
 
+    def _open_verified(self, path: Path, sha256: str) -> Any:
+        """`path` as an open HDF5 file, read once into memory and hashed against the manifest's `sha256`.
+
+        Raises:
+            BalladError: the file is missing, or its bytes are not the ones the manifest recorded.
+        """
+        if not path.exists():
+            raise BalladError(f"{path} is missing; run `ballad extract-features` again to recreate it")
+        raw = path.read_bytes()
+        if self.verify_reads and hashlib.sha256(raw).hexdigest() != sha256:
+            raise BalladError(
+                f"{path} does not match its sha256 in {MANIFEST} (changed since extraction); "
+                "run `ballad cache verify` and re-extract with --overwrite"
+            )
+        return _h5py().File(io.BytesIO(raw), "r")
+
     def text_embeddings(self, per_template: bool = False) -> torch.Tensor:
-        """Class text embeddings C×D (or C×T×D per template), float32."""
+        """Class text embeddings C×D (or C×T×D per template), float32, from a `text.h5` whose bytes match the
+        manifest."""
         path = self.path / TEXT_FILE
         try:
-            with _h5py().File(path, "r") as f:
+            with self._open_verified(path, self.manifest["text"]["sha256"]) as f:
                 arr = f["template_embeddings" if per_template else "class_embeddings"][()]
                 names = json.loads(f.attrs.get("classnames", "[]"))
         except (OSError, KeyError, ValueError) as exc:
@@ -297,10 +341,8 @@ class FeatureCache:
 
     def _read_shard(self, entry: dict[str, Any], dtype: torch.dtype) -> SplitFeatures:
         path = self.path / entry["file"]
-        if not path.exists():
-            raise BalladError(f"shard {path} is missing; run `ballad extract-features` again to recreate it")
         try:
-            with _h5py().File(path, "r") as f:
+            with self._open_verified(path, entry["sha256"]) as f:
                 feats = f["features"][()]
                 labels = f["labels"][()]
                 index = f["index"][()]

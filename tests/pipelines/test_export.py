@@ -39,9 +39,12 @@ TIMM_NOPROJ = {
 
 
 def _register_timm() -> None:
-    from open_clip.factory import _MODEL_CONFIGS
+    from ballad_cache.models import MODELS, register_model
 
-    _MODEL_CONFIGS.setdefault("test-timm-noproj", TIMM_NOPROJ)
+    if "test-timm-noproj" not in MODELS:
+        register_model(
+            "test-timm-noproj", lambda: TIMM_NOPROJ, help="timm tower without a projection", random_init=True
+        )
 
 
 def _pipeline(root: Path, arch: str) -> dict[str, Path]:

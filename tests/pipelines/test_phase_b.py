@@ -25,7 +25,7 @@ def test_fit_on_cache_writes_the_adapter_fit_adapters_trains(lt_cache, tmp_path)
 
 
 def test_a_sweep_ranks_on_val_keeps_the_best_and_resumes(lt_cache, tmp_path):
-    grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.0, 0.4])
+    grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.05, 0.4])
     result = run_sweep(lt_cache, grid, tmp_path / "s")
     vals = [p["val"]["top1"] for p in result.points]
     assert vals == sorted(vals, reverse=True)
