@@ -38,6 +38,7 @@ class RichProgress:
         self._total: int | None = None
 
     def start(self, description: str, total: int | None) -> None:
+        """Begin a task of `total` units (None: unknown), closing the previous one."""
         self._close()
         self._desc, self._done, self._total = description, 0, total
         if err.is_terminal:
@@ -55,6 +56,7 @@ class RichProgress:
             self._task = self._bar.add_task(escape(description), total=total, info="")
 
     def advance(self, n: int = 1, **fields: Any) -> None:
+        """Count `n` units done; `fields` are shown beside the bar (a line every 5 s when not a terminal)."""
         self._done += n
         info = "  ".join(f"{k}={v}" for k, v in fields.items())
         if self._bar is not None:
@@ -64,6 +66,7 @@ class RichProgress:
             err.print(f"{self._desc}: {self._done}/{self._total or '?'} {info}", highlight=False)
 
     def log(self, message: str) -> None:
+        """One line on stderr, as text."""
         err.print(message, highlight=False)
 
     def _close(self) -> None:

@@ -27,7 +27,9 @@ from ..registry import Registry
 class IndexSampler(Protocol):
     """One fit's sampler: `epoch(e, draws)` returns the image indices of epoch `e` (0-based), in order."""
 
-    def epoch(self, epoch: int, draws: int) -> np.ndarray: ...
+    def epoch(self, epoch: int, draws: int) -> np.ndarray:
+        """The `draws` image indices of 0-based `epoch`, continuing the sampler's state."""
+        ...
 
 
 def _class_lists(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
