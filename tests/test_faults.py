@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from typer.testing import CliRunner
 
+from ballad_cache.errors import BalladError
 from ballad_cache.models.clip import load_model
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
@@ -198,10 +199,12 @@ def test_nan_rows_are_refused_by_fit_adapter_and_evaluate_naming_the_shard(cache
     for split in ("train", "test"):
         with h5py.File(cache / f"{split}-00000.h5", "r+") as f:
             f["features"][2] = np.inf if split == "test" else np.nan
-    r = _fit(cache, tmp_path / "ad2")
-    assert r.exit_code == 1 and "train-00000.h5 holds NaN/Inf" in r.output
+    r = _fit(cache, tmp_path / "ad2")  # the changed bytes are caught first; the NaN check stands behind them
+    assert r.exit_code == 1 and "train-00000.h5 does not match its sha256" in r.output
     r = runner.invoke(app, ["evaluate", "--cache", str(cache), "--adapter", str(tmp_path / "ad")])
-    assert r.exit_code == 1 and "test-00000.h5 holds NaN/Inf" in r.output
+    assert r.exit_code == 1 and "test-00000.h5 does not match its sha256" in r.output
+    with pytest.raises(BalladError, match="train-00000.h5 holds NaN/Inf"):
+        FeatureCache(cache, verify_reads=False).load_split("train")
     r = runner.invoke(app, ["cache", "verify", "--cache", str(cache)])
     assert r.exit_code == 1 and "train-00000.h5" in r.output
 

@@ -137,10 +137,43 @@ def test_fit_adapters_matches_an_independent_official_phase_b_at_every_epoch(lt_
     assert not torch.allclose(init, ref_best, atol=1e-3)  # training moved the weights
 
 
+def test_fit_adapters_own_sampler_drives_the_official_loop_to_the_same_weights(lt_cache):
+    """Catches fit_adapters training on another stream than ballad's class-aware sampler gives (a sampler rebuilt
+    per epoch inside the fit, a reseeded stream): the official loop, fed ballad's own stream, must reach the same
+    weights as fit_adapters left to draw its batches itself."""
+    epochs, batch = 4, 48
+    train, val = lt_cache.load_split("train"), lt_cache.load_split("val")
+    labels = train.labels.numpy()
+    draws = int(len(labels) / batch) * batch
+    stream = index_stream(labels, "class-aware", epochs, seed=0, samples_per_class=4, draws_per_epoch=draws)
+    runs = labels[np.concatenate(stream)].reshape(-1, 4)
+    assert (runs == runs[:, :1]).all()  # the stream is the class-aware one (k draws per class visit)
+    text = lt_cache.text_embeddings()
+    torch.manual_seed(0)
+    init = nn.Linear(32, 32, bias=False).weight.detach().clone()
+    ref_epochs, ref_best, _ = official_phase_b(
+        train.features, train.labels, text, val.features, val.labels, stream, epochs, batch, init
+    )
+    ours: list[torch.Tensor] = []
+    fit_adapters(
+        TrainRows.from_split(train),
+        text,
+        [AdapterConfig(epochs=epochs, batch_size=batch, seed=0)],
+        val=(val.features, val.labels),
+        init=init,
+        on_epoch=lambda e, w: ours.append(w[0].clone()),
+    )
+    for mine, ref in zip(ours, ref_epochs, strict=True):
+        torch.testing.assert_close(mine, ref, atol=1e-5, rtol=0)
+
+
 def test_class_aware_cycles_persist_across_epochs_as_oltrs_do():
+    """Catches a sampler that rebuilds its class cycle each epoch, or its per-class cycles: 768 images in batches
+    of 64 give 192 visits an epoch, not a multiple of the 11 classes, so an epoch ends inside a pass over the
+    classes, and the largest class's pass spans several epochs."""
     import random
 
-    counts = [300, 170, 90, 60, 37, 23, 14, 9, 6, 5, 4]  # 11 classes: an epoch's visits never align with the cycle
+    counts = [350, 170, 90, 60, 37, 23, 14, 9, 6, 5, 4]  # 768 images: 192 visits per epoch, 192 % 11 = 5
     labels = np.repeat(np.arange(len(counts)), counts)
     batch, epochs, k = 64, 10, 4
     draws = len(labels) // batch * batch
@@ -164,7 +197,7 @@ def test_class_aware_cycles_persist_across_epochs_as_oltrs_do():
     ref_draws = np.bincount(labels[np.concatenate(ref)], minlength=len(counts))
     assert np.abs(ours_draws - ref_draws).max() <= k  # the same class-balanced share, up to one visit
     # the largest class over 10 epochs: every draw a new image until its pass ends
-    assert len(np.unique(np.concatenate(ours)[labels[np.concatenate(ours)] == 0])) == min(300, ours_draws[0])
+    assert len(np.unique(np.concatenate(ours)[labels[np.concatenate(ours)] == 0])) == min(350, ours_draws[0])
     again = index_stream(labels, "class-aware", 2, seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(again, index_stream(labels, "class-aware", 2, seed=3), strict=True))
 

@@ -16,7 +16,7 @@ from ballad_cache.heads.adapter import AdapterConfig, load_adapter
 from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.models.clip import load_model, save_local_dir
 from ballad_cache.pipelines.evaluate import EvalConfig, evaluate_cache
-from ballad_cache.pipelines.export import build_classifier, export_classifier
+from ballad_cache.pipelines.export import build_classifier, export_classifier, load_classifier
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features
 from ballad_cache.pipelines.phase_b import fit_on_cache
 from ballad_cache.store.cache import FeatureCache
@@ -230,3 +230,25 @@ def test_export_and_predict_use_a_trained_cosine_head(vit_pipeline, ballad_data,
         expected = adapter.logits(source.encode_image(images), cache.text_embeddings())
         got = 25.0 * F.normalize(exported.eval().encode_image(images), dim=-1) @ weight.T
     assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("head", ["text", "cosine"])
+def test_the_readme_snippet_gives_the_classifier_probabilities(head, vit_pipeline, ballad_data, tmp_path):
+    """Catches a README snippet that hard-codes CLIP's scale 100 (wrong for a cosine head's 25)."""
+    import re
+
+    from PIL import Image
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    snippet = re.search(r"## Use your classifier.*?```python\n(.*?)```", readme, re.S).group(1)
+    cache = FeatureCache(vit_pipeline["cache"])
+    fit_on_cache(cache, AdapterConfig(epochs=3, batch_size=128, head=head, head_scale=30.0), tmp_path / "ad")
+    export_classifier(build_classifier(f"local-dir:{vit_pipeline['model']}", tmp_path / "ad"), tmp_path / "e")
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB")
+    scope: dict = {"img": img}
+    exec(snippet.replace("runs/classifier", str(tmp_path / "e")), scope)  # noqa: S102 - the README's own code
+    classifier = load_classifier(f"local-dir:{tmp_path / 'e'}")
+    with torch.no_grad():
+        expected = classifier.logits(classifier.loaded.preprocess_eval(img)[None]).softmax(-1)
+    torch.testing.assert_close(scope["probs"], expected, atol=1e-5, rtol=1e-4)
+    assert scope["scale"] == (100.0 if head == "text" else 30.0)

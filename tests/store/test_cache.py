@@ -81,12 +81,17 @@ def test_readers_refuse_a_shard_of_another_extraction_and_foreign_class_names(sm
     shard = small_cache.path / small_cache.shard_files("val")[0]["file"]
     with h5py.File(shard, "r+") as h:
         h.attrs["fingerprint"] = "0123456789abcdef"
-    with pytest.raises(BalladError, match="belongs to another extraction"):
+    with pytest.raises(BalladError, match="val-00000.h5 does not match its sha256"):  # the bytes changed
         FeatureCache(small_cache.path).load_split("val")
+    unhashed = FeatureCache(small_cache.path, verify_reads=False)  # the checks behind the hash
+    with pytest.raises(BalladError, match="belongs to another extraction"):
+        unhashed.load_split("val")
     with h5py.File(small_cache.path / "text.h5", "r+") as h:
         h.attrs["classnames"] = json.dumps([f"other {i}" for i in range(10)])
-    with pytest.raises(BalladError, match="other classes"):
+    with pytest.raises(BalladError, match="text.h5 does not match its sha256"):
         FeatureCache(small_cache.path).text_embeddings()
+    with pytest.raises(BalladError, match="other classes"):
+        unhashed.text_embeddings()
 
 
 def test_rerun_skips_complete_shards(small_cache, ballad_data, tmp_path):
@@ -122,8 +127,10 @@ def test_missing_shard_nan_rows_and_other_format_version(small_cache):
 
     with h5py.File(small_cache.path / "val-00000.h5", "r+") as f:
         f["features"][3] = np.nan
-    with pytest.raises(BalladError, match="val-00000.h5 holds NaN"):
+    with pytest.raises(BalladError, match="val-00000.h5 does not match its sha256"):
         FeatureCache(small_cache.path).load_split("val")
+    with pytest.raises(BalladError, match="val-00000.h5 holds NaN"):
+        FeatureCache(small_cache.path, verify_reads=False).load_split("val")
     manifest = json.loads((small_cache.path / "manifest.json").read_text())
     manifest["format_version"] = 99
     (small_cache.path / "manifest.json").write_text(json.dumps(manifest))
