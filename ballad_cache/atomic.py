@@ -101,6 +101,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise BalladError(f"{path} does not exist") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BalladError(f"{path} is not valid JSON ({exc}); delete it and rerun the command that writes it") from exc
+    except OSError as exc:  # a path through a regular file, a directory named like the file, no permission
+        raise BalladError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
 def append_jsonl(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

@@ -89,8 +89,8 @@ PRECISIONS.register("fp32", "float32", help="float32 everywhere")
 PRECISIONS.register(
     "bf16",
     "bfloat16",
-    help="bfloat16 matmuls (autocast) with float32 weights, loss and optimizer state; pays off on GPUs and on CPUs "
-    "with native bfloat16 (AVX-512-BF16, AMX), far slower on others",
+    help="bfloat16 matmuls (autocast), float32 weights (and, when training, loss and optimizer state); pays off on "
+    "GPUs and CPUs with native bfloat16 (AVX-512-BF16, AMX), far slower on others",
 )
 
 SELECTIONS: Registry[str] = Registry("selection")

@@ -59,7 +59,8 @@ def _cast(cls: type, name: str, text: str) -> Any:
         return base(text)
     except ValueError:
         raise typer.BadParameter(
-            f"'{text}' is not a {base.__name__}", param_hint=f"--{name.replace('_', '-')}"
+            f"'{text}' is not {'an' if base.__name__[0] in 'aeiou' else 'a'} {base.__name__}",
+            param_hint=f"--{name.replace('_', '-')}",
         ) from None
 
 

@@ -218,6 +218,7 @@ def predict(
     adapter: Annotated[Path | None, typer.Option(help="Fold this adapter into --model on the fly.")] = None,
     pretrained: Pretrained = None,
     data: Annotated[str | None, typer.Option("--data", help="Classify a dataset split instead (with labels).")] = None,
+    overwrite: Overwrite = False,
     device: Device = "auto",
 ) -> None:
     """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
@@ -226,7 +227,9 @@ def predict(
     if bool(inputs) == bool(data):
         raise typer.BadParameter("give image paths or --data SPEC (one of them)", param_hint="INPUTS / --data")
     with RichProgress() as progress:
-        result = run_predict(model, out_file, config, inputs, data, adapter, pretrained, _device(device), progress)
+        result = run_predict(
+            model, out_file, config, inputs, data, adapter, pretrained, _device(device), progress, overwrite
+        )
     if result.report:
         print_report(
             report_table(f"{len(result.rows)} images ({data} {config.split})", [("classifier", result.report)])

@@ -375,3 +375,27 @@ def test_random_corruptions_give_a_correct_result_or_one_line(cache, tmp_path):
             else:
                 assert r.exit_code == 1 and "Traceback" not in r.output, (victim.name, what, name, r.output)
                 assert len(r.output.strip().splitlines()) <= 3, (victim.name, what, name, r.output)  # one wrapped line
+
+
+def test_odd_paths_and_files_a_new_user_handed_over_are_one_line(cache, tmp_path):
+    """Catches tracebacks and silent results found by trying the CLI by hand: an --adapter that is a file, a
+    manifest that is a JSON list, an infinite imbalance factor, --knn beyond the training rows, a non-cache folder
+    given as --cache, and predict replacing an existing predictions file."""
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["evaluate", "--cache", str(cache), "--adapter", str(tmp_path / "afile")])
+    _one_line_error(r, "afile")
+    r = runner.invoke(app, ["evaluate", "--cache", str(cache), "--knn", "100000"])
+    _one_line_error(r, "--knn 100000 exceeds")
+    assert _fit(cache, tmp_path / "ad").exit_code == 0
+    _one_line_error(runner.invoke(app, ["cache", "info", "--cache", str(tmp_path / "ad")]), "fit-adapter run")
+    r = runner.invoke(app, ["data", "info", "--data", "fmnist-lt:inf"])
+    _one_line_error(r, "imbalance factor must be a finite number")
+    (cache / "manifest.json").write_text("[]")
+    _one_line_error(runner.invoke(app, ["cache", "info", "--cache", str(cache)]), "not a JSON object")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "p.csv").write_text("earlier predictions")
+    r = runner.invoke(
+        app, ["predict", str(tmp_path / "a.png"), "--model", "local-dir:/nowhere", "--out", str(tmp_path / "p.csv")]
+    )
+    _one_line_error(r, "already exists", "--overwrite")
+    assert (tmp_path / "p.csv").read_text() == "earlier predictions"

@@ -13,6 +13,7 @@ A dataset resolves to class names, prompt templates and splits; images decode la
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import pickle
 import struct
@@ -169,6 +170,8 @@ class LTDataset:
 
 def _fmnist(arg: str | None) -> LTDataset:
     imbalance = float(arg) if arg else 100.0
+    if not (math.isfinite(imbalance) and imbalance >= 1):
+        raise ValueError(f"the imbalance factor must be a finite number >= 1, got {arg}")
     return fashion_mnist_lt(imbalance=imbalance)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes, write_json
+from ..errors import BalladError
 from ..heads.adapter import Adapter, adapter_logits
 from ..heads.metrics import classification_report, summary
 from ..inputs.longtail import ShotThresholds, class_log_prior, shot_groups
@@ -54,6 +55,8 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
         from ..heads.knn import knn_scores
 
         train = cache.load_split("train").eval_view()
+        if config.knn > len(train.labels):
+            raise BalladError(f"--knn {config.knn} exceeds the {len(train.labels)} training rows of {cache.path}")
         scores = knn_scores(train.features, train.labels, rows.features, cache.num_classes, config.knn)
         heads[f"knn@{config.knn}"] = classification_report(scores, rows.labels, counts, thresholds)
     return {

@@ -36,9 +36,11 @@ def run_predict(
     pretrained: str | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    overwrite: bool = False,
 ) -> Predictions:
-    """`ballad predict`: check `out` can be written, collect the images (`inputs`, or split `config.split` of dataset
-    `data`), load the classifier, classify and write the predictions.
+    """`ballad predict`: check `out` can be written (an existing file is replaced only with `overwrite`), collect
+    the images (`inputs`, or split `config.split` of dataset `data`), load the classifier, classify and write the
+    predictions.
 
     Raises:
         ValueError: both or neither of `inputs` and `data`.
@@ -51,6 +53,10 @@ def run_predict(
     if bool(inputs) == bool(data):
         raise ValueError("give image paths or a dataset (one of them)")
     check_writable(out)
+    if Path(out).exists() and not overwrite:
+        raise BalladError(f"{out} already exists; pass --overwrite or pick another --out")
+    if Path(out).suffix in (".json", ".jsonl") and config.format == "csv":
+        raise BalladError(f"{out} names JSON lines but --format is csv; pass --format jsonl or a .csv name")
     images = load_dataset(data).split(config.split) if data else collect_images(list(inputs or []))
     classifier = load_classifier(model, adapter, pretrained)
     result = predict_split(classifier, images, config, torch.device(device), progress)

@@ -245,8 +245,14 @@ class FeatureCache:
             raise BalladError(f"cache {self.path} does not exist; create it with `ballad extract-features`")
         mpath = self.path / MANIFEST
         if not mpath.exists():
+            held = self.path / "config.json"
+            command = read_json(held).get("command") if held.is_file() else None
+            if command not in (None, "extract-features"):
+                raise BalladError(f"{self.path} holds a {command} run, not a feature cache; pass the cache folder")
             raise BalladError(f"{self.path} has no {MANIFEST}: the extraction did not finish; rerun extract-features")
         self.manifest: dict[str, Any] = read_json(mpath)
+        if not isinstance(self.manifest, dict):
+            raise BalladError(f"{mpath} is not a ballad feature cache manifest (not a JSON object); re-extract")
         if self.manifest.get("format") != FORMAT_NAME:
             raise BalladError(f"{mpath} is not a ballad feature cache manifest")
         if self.manifest.get("format_version") != FORMAT_VERSION:
