@@ -12,6 +12,7 @@ command that builds a config, and every point of a sweep, gets the same checks.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -72,9 +73,15 @@ def option(
     return field(default=default, metadata=meta)
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A config class's resolved annotations, once per class (resolving them costs far more than checking a value)."""
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, f: Field[Any]) -> tuple[type, bool]:
     """The base type of a config field and whether it may be None (`float | None` -> (float, True))."""
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         base = [a for a in args if a is not type(None)]

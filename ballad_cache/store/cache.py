@@ -393,27 +393,17 @@ class FeatureCache:
         )
 
     def verify(self) -> list[str]:
-        """Re-hash every file against the manifest; returns the files checked.
+        """Re-hash every file against the manifest and parse it, as every read does; returns the files checked.
 
         Raises:
             BalladError: naming the first missing, changed or unreadable file.
         """
-        checked = []
-        entries = [self.manifest["text"]] + [e for s in self.splits for e in self.shard_files(s)]
+        reader = self if self.verify_reads else FeatureCache(self.path)
+        reader.text_embeddings()
+        entries = [e for s in self.splits for e in self.shard_files(s)]
         for entry in entries:
-            path = self.path / entry["file"]
-            if not path.exists():
-                raise BalladError(f"{path} is missing; rerun extract-features to recreate it")
-            if sha256_file(path) != entry["sha256"]:
-                raise BalladError(
-                    f"{path} does not match its sha256 in the manifest (corrupt or changed); "
-                    "rerun extract-features --overwrite"
-                )
-            checked.append(entry["file"])
-        for split in self.splits:
-            for entry in self.shard_files(split):
-                self._read_shard(entry, torch.float16)
-        return checked
+            reader._read_shard(entry, torch.float16)
+        return [TEXT_FILE] + [e["file"] for e in entries]
 
     def describe(self) -> Report:
         """Splits (images, views, rows, shards), model, dataset, dims, fingerprint and size on disk."""
