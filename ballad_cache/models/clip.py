@@ -404,6 +404,48 @@ def save_local_dir(
     return folder
 
 
+def convert_weights_official(model: torch.nn.Module) -> int:
+    """Store `model`'s weights as openai/CLIP's `clip/model.py` `convert_weights` does (BALLAD's `train.py` trains the
+    model `clip.load` returns on CUDA, built by `build_model`, which calls it); returns the entries made float16.
+
+    Float16: every Conv1d, Conv2d and Linear weight and bias, `nn.MultiheadAttention`'s in/q/k/v projection weights,
+    in-projection bias and bias_k/bias_v, and any parameter named `text_projection` or `proj` (the two projections).
+    Float32: everything else: BatchNorm, LayerNorm, embeddings and positional embeddings, the logit scale. The rule
+    is applied by module type, so it reaches timm and Hugging Face towers the same way.
+    """
+    attention = (
+        "in_proj_weight",
+        "q_proj_weight",
+        "k_proj_weight",
+        "v_proj_weight",
+        "in_proj_bias",
+        "bias_k",
+        "bias_v",
+    )
+    converted = 0
+
+    def half(tensor: torch.Tensor | None) -> None:
+        nonlocal converted
+        if tensor is not None and tensor.dtype != torch.float16:
+            tensor.data = tensor.data.half()
+            converted += tensor.numel()
+
+    def convert(module: torch.nn.Module) -> None:
+        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
+            half(module.weight)
+            half(module.bias)
+        if isinstance(module, torch.nn.MultiheadAttention):
+            for name in attention:
+                half(getattr(module, name, None))
+        for name in ("text_projection", "proj"):
+            param = getattr(module, name, None)
+            if isinstance(param, torch.nn.Parameter):
+                half(param)
+
+    model.apply(convert)
+    return converted
+
+
 # ---------------------------------------------------------------------------------------------- class prompts
 
 

@@ -8,21 +8,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..registry import PRECISIONS
+from ..registry import PRECISIONS, Registry
 from .clip import ClipModel
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Autocast to the dtype `PRECISIONS` registers for `precision`, on GPU; a no-op for float32 and on CPU, where bf16
-    autocast of a whole encoder is slow.
+def autocast(
+    device: torch.device, precision: str, registry: Registry[str] = PRECISIONS
+) -> contextlib.AbstractContextManager:
+    """Autocast to the dtype `registry` (default `PRECISIONS`) registers for `precision`: nothing for float32;
+    bfloat16 on GPU only (on CPU, bf16 autocast of a whole encoder is slow); float16 on every device, since it runs
+    models whose weights are stored in float16 (phase A's `fp16-official`).
 
     Raises:
         ValueError: an unknown precision (the message lists the registered ones).
     """
-    dtype = PRECISIONS.get(precision)
-    if dtype != "float32" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=getattr(torch, dtype))
-    return contextlib.nullcontext()
+    dtype = registry.get(precision)
+    if dtype == "float32" or (dtype == "bfloat16" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 class ImageEncoder:

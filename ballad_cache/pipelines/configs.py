@@ -73,10 +73,23 @@ PHASE_A_LOSSES.register(
 )
 
 
+FINETUNE_PRECISIONS: Registry[str] = Registry("precision")  # PRECISIONS, plus the official fp16 weights
+for _name in PRECISIONS:
+    FINETUNE_PRECISIONS.register(_name, PRECISIONS.get(_name), help=PRECISIONS.help(_name))
+FINETUNE_PRECISIONS.register(
+    "fp16-official",
+    "float16",
+    help="the official code's weights: Conv, Linear and attention weights and both projections stored in float16 "
+    "(openai/CLIP convert_weights; BatchNorm, LayerNorm, embeddings float32), float16 autocast, and SGD updating "
+    "them in float16 with no float32 master copy, so updates below half an ulp of a weight are lost",
+)
+
+
 @dataclass
 class FinetuneConfig:
     """Phase-A settings; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_A_rn50.yaml`, `train.py`,
-    `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters)."""
+    `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters:
+    `--precision fp16-official`; bench/fp16_official.py measures the difference)."""
 
     epochs: int = option(50, "Passes over the train split (official 50).", min=0)
     batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
@@ -102,7 +115,9 @@ class FinetuneConfig:
     templates: str | None = option(
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )
-    precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
+    precision: str = option(
+        "fp32", "Weights and matmul precision (official: fp16-official).", choices=FINETUNE_PRECISIONS
+    )
     seed: int = option(0, "Seeds sampling, augmentation and initialisation.", min=0)
     workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)

@@ -30,13 +30,13 @@ from ..inputs.datasets import LTDataset, load_templates
 from ..inputs.longtail import ShotThresholds
 from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..inputs.transforms import train_transform
-from ..models.clip import ClipModel, LoadedModel, PromptBank, save_local_dir
+from ..models.clip import ClipModel, LoadedModel, PromptBank, convert_weights_official, save_local_dir
 from ..models.encoder import autocast
 from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import RunFolder
-from .configs import OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
+from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -127,13 +127,13 @@ def evaluate_model(
     loader = make_loader(
         ImageRows(image_split, rows, loaded.preprocess_eval, max_pixels=max_pixels), batch_size, workers
     )
-    with autocast(device, precision):
+    with autocast(device, precision, FINETUNE_PRECISIONS):
         text = prompts.encode(model).float()
     logits, labels, skipped = [], [], 0
     for batch in loader:
         keep = torch.from_numpy(usable_rows(batch, skip_bad))
         skipped += int((~keep).sum())
-        with autocast(device, precision):
+        with autocast(device, precision, FINETUNE_PRECISIONS):
             feats = model.encode_image(batch["image"][keep].to(device, non_blocking=True))
         logits.append(LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ text.T)
         labels.append(batch["label"][keep])
@@ -213,6 +213,8 @@ def finetune(
         param = getattr(model, name, None)
         if isinstance(param, torch.nn.Parameter):
             param.requires_grad_(False)
+    if config.precision == "fp16-official":  # before DDP and the optimizer, which see the float16 tensors
+        convert_weights_official(model)
     templates = load_templates(config.templates) if config.templates else dataset.templates
     prompts = PromptBank(loaded, dataset.classnames, templates)
     augment = train_transform(config.augment, loaded.preprocess_cfg, loaded.preprocess_train)
@@ -318,7 +320,7 @@ def finetune(
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr_at(config, step, total_steps, epoch)
-            with autocast(device, config.precision):
+            with autocast(device, config.precision, FINETUNE_PRECISIONS):
                 image_feats, text_feats = net(images)
                 loss = phase_a_loss(image_feats.float(), text_feats.float(), labels, config.loss)
             (loss / config.accum_steps).backward()
