@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook  # noqa: E402
 
 from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
 from ballad_cache.models.clip import convert_weights_official, load_model, resolve_device  # noqa: E402
@@ -43,8 +44,8 @@ class MovedEntries:
         self.moved = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params.items()}
         self.before: dict[str, torch.Tensor] = {}
         self.handles = [
-            torch.optim.optimizer.register_optimizer_step_pre_hook(self.pre),
-            torch.optim.optimizer.register_optimizer_step_post_hook(self.post),
+            register_optimizer_step_pre_hook(self.pre),
+            register_optimizer_step_post_hook(self.post),
         ]
 
     def pre(self, *_: Any) -> None:

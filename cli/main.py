@@ -174,9 +174,10 @@ def sweep(
     With no options it fits the one official point. A rerun into the same --out skips finished points; a grid that
     adds points to the folder's grid continues it.
     """
-    from ballad_cache.pipelines.phase_b import expand_grid, point_name, run_grid
+    from ballad_cache.pipelines.phase_b import expand_grid, family_grid, point_name, run_grid
 
-    configs = build(lambda: expand_grid(AdapterConfig(), **grid_axes))
+    family = config.family
+    configs = build(lambda: family_grid(family, grid_axes) if family else expand_grid(AdapterConfig(), **grid_axes))
     with RichProgress() as progress:
         result = run_grid(cache, out_dir, configs, config.metric, _device(device), overwrite, progress)
     rows = [(point_name(p["config"]), p["val"]) for p in result.points[:10]]

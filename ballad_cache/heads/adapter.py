@@ -38,6 +38,7 @@ from ..registry import PRECISIONS
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.cache import FeatureCache, SplitFeatures
 from .config import AdapterConfig
+from .memory import MemoryHead, load_memory_head
 from .terms import HEADS, LOGIT_SCALE, LOSSES, LossContext, LossTerm, cross_entropy
 
 
@@ -499,6 +500,7 @@ class Adapter:
     cache_fingerprint: str
     meta: dict[str, Any]
     head: torch.Tensor | None = None  # a trained cosine head's C×d rows; None: the class text embeddings
+    memory: MemoryHead | None = None  # a head built from the training features (its weight is the identity)
 
     def classes(self, text: torch.Tensor) -> torch.Tensor:
         """The rows logits are taken against: the trained head, else the class text embeddings."""
@@ -506,6 +508,8 @@ class Adapter:
 
     def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """Class logits of cached features (`text`: the cache's class embeddings, used without a trained head)."""
+        if self.memory is not None:
+            return self.memory.logits(features, text)
         return adapter_logits(features, self.weight, self.config.ratio, self.classes(text), self.config.logit_scale)
 
 
@@ -516,14 +520,16 @@ def save_adapter(
     cache: FeatureCache,
     extra: dict[str, Any] | None = None,
     head: torch.Tensor | None = None,
+    memory: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write `adapter.safetensors` (`weight`, and `head` for a cosine head) and `adapter.json` (config, cache
-    fingerprint and model, the prompt templates of the class embeddings, extra metrics)."""
+    """Write `adapter.safetensors` (`weight`, `head` for a cosine head; a memory head's tensors as `memory.NAME`
+    and no weight) and `adapter.json` (config, cache fingerprint and model, the prompt templates of the class
+    embeddings, extra metrics)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"weight": weight.detach().float().contiguous().cpu()}
+    tensors = memory_tensors(memory) if memory is not None else {"weight": weight.detach().float().contiguous().cpu()}
     if head is not None:
         tensors["head"] = head.detach().float().contiguous().cpu()
     with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
@@ -538,7 +544,8 @@ def save_adapter(
         "model": cache.manifest["model"],
         "templates": cache.manifest.get("templates", []),
         "template_set": cache.manifest.get("config", {}).get("templates"),
-        "embed_dim": int(weight.shape[1]),
+        "embed_dim": int(weight.shape[-1]),
+        **({"train_class_counts": cache.train_counts.tolist()} if memory is not None else {}),
         **(extra or {}),
     }
     write_json(folder / ADAPTER_META, meta)
@@ -572,6 +579,10 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not match the sha256 in {ADAPTER_META} (changed); refit")
     try:
         tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+        memory = None
+        if HEADS.get(config.head).memory:
+            memory = _load_memory(folder, config, tensors, cache)
+            tensors["weight"] = torch.eye(int(meta.get("embed_dim", 0)))  # the features pass unchanged
         weight, head = tensors["weight"].float(), tensors.get("head")
     except FileNotFoundError:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not exist; fit the adapter first") from None
@@ -596,6 +607,27 @@ def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapt
             )
         if head is not None and head.shape != (cache.num_classes, cache.manifest["embed_dim"]):
             raise BalladError(f"adapter {folder} has a head of shape {tuple(head.shape)}, not the cache's classes")
-    if HEADS.get(config.head).learnable and head is None:
+    if HEADS.get(config.head).learnable and head is None and memory is None:
         raise BalladError(f"{folder / ADAPTER_WEIGHTS} lacks the cosine head its adapter.json names; refit it")
-    return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head)
+    return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head, memory)
+
+
+def memory_tensors(memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A memory head's tensors as stored: `memory.NAME`, contiguous, on the CPU."""
+    return {f"memory.{k}": v.detach().contiguous().cpu() for k, v in memory.items()}
+
+
+def _load_memory(
+    folder: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], cache: FeatureCache | None
+) -> MemoryHead:
+    """The memory head stored in an adapter file; the prior comes from its cache's training counts."""
+    own = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+    counts = read_json(folder / ADAPTER_META).get("train_class_counts")
+    if cache is not None:
+        counts = cache.train_counts.tolist()
+    if not isinstance(counts, list):
+        raise BalladError(f"{folder / ADAPTER_META} lacks the training counts of its {config.head} head; refit it")
+    try:
+        return load_memory_head(config, own, class_log_prior(counts))
+    except ValueError as exc:
+        raise BalladError(f"{folder / ADAPTER_WEIGHTS}: {exc}; refit it") from None

@@ -8,7 +8,7 @@ from typing import Any
 
 from ..inputs.samplers import SAMPLERS
 from ..options import OptionError, check_options, option
-from ..registry import PRECISIONS, SELECTIONS
+from ..registry import PRECISIONS, SELECTIONS, Registry
 from ..schedules import SCHEDULES
 from .metrics import METRICS
 from .terms import HEADS, LOSSES
@@ -39,20 +39,43 @@ class AdapterConfig:
     la_tau: float = option(1.0, "Logit-adjustment strength of --loss la.")
     head: str = option("text", "Classifier head (--ratio 0 trains a learnable head alone).", choices=HEADS)
     head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
-    head_lr: float | None = option(None, "Learning rate of a learnable head (default: --lr).", min=0.0)
+    head_lr: float | None = option(
+        None, "Learning rate of a learnable head (default: --lr; tip-f: 1e-3 with AdamW).", min=0.0
+    )
+    alpha: float = option(
+        1.0, "Weight of a memory head's term beside the text head (tip: Tip-Adapter's alpha; gda, ncm: blend).", min=0.0
+    )
+    beta: float = option(5.5, "Sharpness of tip's affinities exp(-beta (1 - f.key)) (Tip-Adapter: 5.5).", min=0.0)
+    gamma: float = option(
+        0.0, "tip: keys of class c weigh n_c^-gamma (0: Tip-Adapter; 1: every class's keys weigh the same).", min=0.0
+    )
+    keys_per_class: int = option(0, "tip: at most K keys per class, drawn with --seed (0: every image).", min=0)
+    neighbours: int = option(256, "tip: each query sums over its N nearest keys (0: all, Tip-Adapter exactly).", min=0)
+    key_view: str = option(
+        "mean",
+        "Memory heads: an image's feature is the mean of its cached views, or its eval view.",
+        choices=("mean", "eval"),
+    )
+    shrinkage: float = option(0.1, "gda: shared covariance shrunk to (1 - s) cov + s tr(cov)/d I.", min=0.0, max=1.0)
+    adjust_tau: float = option(0.0, "Memory heads: logit adjustment, logits - tau * log prior (0: none).")
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
-    seed: int = option(0, "Seeds W's init, the index stream and the view draws.", min=0)
+    seed: int = option(0, "Seeds W's init, the index stream, the view draws and tip's key cap.", min=0)
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.ratio == 0 and not HEADS.get(self.head).learnable:
+        if self.ratio == 0 and not HEADS.get(self.head).learnable and not HEADS.get(self.head).memory:
             raise OptionError(
                 "ratio", "0 with a fixed head trains nothing (x' = f); use a ratio above 0 or --head cosine"
             )
 
     def idle_reason(self) -> str | None:
         """Why this configuration would train nothing, or None: a run that changes nothing says so."""
-        learnable_head = HEADS.get(self.head).learnable and (self.head_lr if self.head_lr is not None else self.lr)
+        head = HEADS.get(self.head)
+        if head.memory and not head.learnable:
+            return None  # built in closed form: nothing to train
+        learnable_head = head.learnable and (self.head_lr if self.head_lr is not None else self.lr)
+        if head.memory and self.epochs > 0:
+            return None  # tip-f trains its keys at --head-lr under a per-step cosine
         if self.epochs == 0:
             return "0 epochs: the initial weights are kept"
         if self.lr == 0 and not learnable_head:
@@ -66,7 +89,8 @@ class AdapterConfig:
 
     @property
     def logit_scale(self) -> float:
-        """The scale of this configuration's logits: CLIP's 100 for the text head, `head_scale` for a cosine head."""
+        """The scale of this configuration's logits: CLIP's 100 for the text and memory heads, `head_scale` for a
+        cosine head."""
         return HEADS.get(self.head).scale(self)
 
     def stream_key(self) -> tuple[Any, ...]:
@@ -84,11 +108,50 @@ class AdapterConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+# `sweep --family NAME`: each family's small default grid (README, "Heads that remember"); `all` is their union
+FAMILIES: Registry[dict[str, list[Any]]] = Registry("family")
+FAMILIES.register("ballad", {"head": ["text"], "loss": ["ce"], "ratio": [0.1, 0.2, 0.4]}, help="BALLAD's adapter")
+FAMILIES.register("la", {"head": ["text"], "loss": ["la"], "la_tau": [0.5, 1.0]}, help="logit-adjusted adapter")
+FAMILIES.register("cosine", {"head": ["cosine"], "loss": ["ce", "la"]}, help="LIFT's cosine head")
+FAMILIES.register(
+    "tip",
+    {
+        "head": ["tip"],
+        "alpha": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
+        "beta": [1.0, 2.0, 3.5, 5.5, 8.0, 12.0],
+        "gamma": [0.0, 0.5, 1.0],
+        "keys_per_class": [0, 16],
+        "adjust_tau": [0.0, 0.5, 1.0],
+    },
+    help="training-free cache (648 points)",
+)
+FAMILIES.register("tip-f", {"head": ["tip-f"], "gamma": [0.0, 1.0]}, help="cache with trained keys")
+FAMILIES.register(
+    "gda",
+    {
+        "head": ["gda"],
+        "alpha": [0.01, 0.03, 0.1, 0.3, 1.0],
+        "shrinkage": [0.01, 0.1, 0.5],
+        "adjust_tau": [0.0, 0.5, 1.0],
+    },
+    help="closed-form Gaussian head",
+)
+FAMILIES.register(
+    "ncm", {"head": ["ncm"], "alpha": [0.25, 0.5, 1.0, 2.0, 4.0], "adjust_tau": [0.0, 0.5, 1.0]}, help="class means"
+)
+FAMILIES.register("all", {}, help="every family above, ranked together")
+
+
 @dataclass
 class SweepConfig:
     """How a sweep ranks its points (the points themselves are `AdapterConfig`s)."""
 
     metric: str = option("top1", "Val metric to rank the points by.", choices=METRICS)
+    family: str | None = option(
+        None,
+        "Sweep a family's default grid instead of the given axes (options given one value apply to every point).",
+        choices=FAMILIES,
+    )
 
     def __post_init__(self) -> None:
         check_options(self)

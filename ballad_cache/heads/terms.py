@@ -62,6 +62,8 @@ class HeadTerm:
     learnable: bool  # C×d rows initialised from the class text embeddings and trained with the adapter
     scale: Callable[[Any], float]  # the logit scale of a configuration
     params: tuple[str, ...] = ()  # AdapterConfig fields this head reads
+    memory: bool = False  # built from the cached training features (heads/memory.py), not the adapter step
+    ignores: tuple[str, ...] = ()  # AdapterConfig fields this head does not read (a sweep keeps their defaults)
 
 
 LOSSES: Registry[LossTerm] = Registry("loss")
@@ -111,4 +113,41 @@ HEADS.register(
     "cosine",
     HeadTerm(learnable=True, scale=lambda config: config.head_scale, params=("head_scale", "head_lr")),
     help="a learnable classifier initialised from the text embeddings, rows normalised, scale --head-scale (LIFT)",
+)
+
+# heads built from the training features (heads/memory.py); none of them uses the residual adapter
+_ADAPTER_STEP = ("ratio", "lr", "momentum", "weight_decay", "schedule", "precision")
+_TRAINING = ("sampler", "samples_per_class", "epochs", "batch_size", "select", "loss", "la_tau", "keep_last_batch")
+_TIP = ("alpha", "beta", "gamma", "keys_per_class", "neighbours", "key_view", "adjust_tau")
+HEADS.register(
+    "tip",
+    HeadTerm(False, lambda config: LOGIT_SCALE, _TIP, memory=True, ignores=_ADAPTER_STEP + _TRAINING),
+    help="training-free cache of the training features (Tip-Adapter), balanced by --keys-per-class and --gamma",
+)
+HEADS.register(
+    "tip-f",
+    HeadTerm(True, lambda config: LOGIT_SCALE, (*_TIP, "head_lr"), memory=True, ignores=_ADAPTER_STEP),
+    help="tip with its keys trained (Tip-Adapter-F: AdamW at --head-lr, default 1e-3) with --loss and --sampler",
+)
+HEADS.register(
+    "gda",
+    HeadTerm(
+        False,
+        lambda config: LOGIT_SCALE,
+        ("alpha", "shrinkage", "key_view", "adjust_tau"),
+        memory=True,
+        ignores=_ADAPTER_STEP + _TRAINING,
+    ),
+    help="closed-form Gaussian discriminant (class means, shared shrunk covariance, uniform prior) + text head",
+)
+HEADS.register(
+    "ncm",
+    HeadTerm(
+        False,
+        lambda config: LOGIT_SCALE,
+        ("alpha", "key_view", "adjust_tau"),
+        memory=True,
+        ignores=_ADAPTER_STEP + _TRAINING,
+    ),
+    help="nearest class mean (cosine to the normalised class means) + text head",
 )

@@ -12,6 +12,11 @@ Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
   cosine head) and `log_prior` (C, from the training counts of the cache the adapter was fitted on);
 - `classifier.json`: class names, logit scale, templates, ratio, the source model, adapter and cache fingerprint,
   training counts and shot-group thresholds.
+
+A memory head (`heads/memory.py`: tip, tip-f, gda, ncm) reads the unchanged image features, so nothing is folded:
+`weight` holds the class text embeddings and its own tensors follow as `memory.NAME` (tip: `memory.keys` N×D,
+`memory.values` N class indices, `memory.class_weight` C; gda: `memory.weight` C×D, `memory.bias` C; ncm:
+`memory.prototypes` C×D), with α, β, γ, the neighbour count and τ in `classifier.json`'s `adapter_config`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 
 from ..atomic import atomic_path, read_json, remove_stale_temps, write_json
 from ..errors import BalladError
-from ..heads.adapter import load_adapter
+from ..heads.adapter import AdapterConfig, load_adapter, memory_tensors
+from ..heads.memory import MemoryHead, load_memory_head
 from ..inputs.longtail import ShotThresholds, class_log_prior
 from ..models.clip import ClipModel, LoadedModel, load_model, save_local_dir
 from ..store.cache import FeatureCache
@@ -46,11 +52,16 @@ class Classifier:
     classnames: list[str]
     logit_scale: float
     meta: dict[str, Any]
+    memory: MemoryHead | None = None  # a head built from the training features; `weight` is then the text head
 
     def logits(self, images: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        """Class logits of preprocessed images: `scale * norm(encode_image(x)) · weightᵀ` (`- tau * log_prior`)."""
+        """Class logits of preprocessed images: `scale * norm(encode_image(x)) · weightᵀ`, or a memory head's
+        logits of the normalised features (`- tau * log_prior`)."""
         feats = torch.nn.functional.normalize(self.loaded.model.encode_image(images).float(), dim=-1)
-        logits = self.logit_scale * feats @ self.weight.to(feats.device).T
+        if self.memory is not None:
+            logits = self.memory.logits(feats.cpu(), self.weight).to(feats.device)
+        else:
+            logits = self.logit_scale * feats @ self.weight.to(feats.device).T
         return logits if tau is None else logits - tau * self.log_prior.to(feats.device)
 
 
@@ -169,10 +180,12 @@ def build_classifier(
             f"(weights {str(source.get('checkpoint_sha256'))[:12]}), not {loaded.name} "
             f"(weights {str(loaded.checkpoint_sha256)[:12]}); pass the model its cache was extracted with"
         )
-    folded, cfg = fold_adapter(
-        loaded.model.float().eval(), _model_cfg(loaded), adapter_matrix(fitted.weight, fitted.config.ratio)
-    )
-    loaded.model = folded
+    if fitted.memory is not None:  # the features enter the memory head unchanged: nothing to fold
+        loaded.model, cfg = loaded.model.float().eval(), _model_cfg(loaded)
+    else:
+        loaded.model, cfg = fold_adapter(
+            loaded.model.float().eval(), _model_cfg(loaded), adapter_matrix(fitted.weight, fitted.config.ratio)
+        )
     thresholds = ShotThresholds()
     scale = fitted.config.logit_scale
     return Classifier(
@@ -186,6 +199,7 @@ def build_classifier(
             "classnames": feature_cache.classnames,
             "logit_scale": scale,
             "head": fitted.config.head,
+            "head_family": "memory" if fitted.memory is not None else "adapter",
             "templates": feature_cache.manifest.get("templates", []),
             "ratio": fitted.config.ratio,
             "source_model": {"name": model, "pretrained": pretrained, **loaded.provenance()},
@@ -196,6 +210,7 @@ def build_classifier(
             "shot_thresholds": {"many": thresholds.many, "few": thresholds.few},
             "model_cfg": cfg,
         },
+        memory=fitted.memory,
     )
 
 
@@ -215,7 +230,10 @@ def export_classifier(classifier: Classifier, out: str | Path) -> Path:
     cfg = meta.pop("model_cfg")
     save_local_dir(classifier.loaded, classifier.loaded.model, out, model_cfg=cfg)
     with atomic_path(out / CLASSIFIER_WEIGHTS) as tmp:
-        save_file({"weight": classifier.weight.contiguous(), "log_prior": classifier.log_prior.contiguous()}, str(tmp))
+        tensors = {"weight": classifier.weight.contiguous(), "log_prior": classifier.log_prior.contiguous()}
+        if classifier.memory is not None:
+            tensors.update(memory_tensors(classifier.memory.tensors))
+        save_file(tensors, str(tmp))
     write_json(out / CLASSIFIER_META, meta)  # written last: the export exists only when it does
     return out
 
@@ -253,11 +271,19 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
         )
     if not (torch.isfinite(weight).all() and torch.isfinite(log_prior).all() and math.isfinite(scale) and scale > 0):
         raise BalladError(f"{folder} holds NaN/Inf classifier weights, prior or scale; export again")
+    memory = None
+    own = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
+    if own or "memory" in str(meta.get("head_family", "")):
+        try:
+            config = AdapterConfig.from_dict(meta["adapter_config"])
+            memory = load_memory_head(config, own, log_prior.float())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BalladError(f"{folder}: its memory head does not load ({exc!s}); export again") from None
     loaded = load_model(f"local-dir:{folder}")
     loaded.model.eval()
     if weight.shape[1] != loaded.embed_dim:
         raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} has dim {weight.shape[1]}, the model {loaded.embed_dim}")
-    return Classifier(loaded, weight.float(), log_prior.float(), classnames, scale, meta)
+    return Classifier(loaded, weight.float(), log_prior.float(), classnames, scale, meta, memory)
 
 
 def run_export(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,11 @@ from ..heads.adapter import (
     group_by_stream,
     save_adapter,
 )
+from ..heads.config import FAMILIES
+from ..heads.memory import MemoryHead, build_memory_head, load_memory_head, search_points, train_tip_f
 from ..heads.metrics import METRICS, classification_report, summary
 from ..heads.terms import HEADS, LOSSES
+from ..inputs.longtail import class_log_prior
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
@@ -55,6 +59,12 @@ def fit_on_cache(
     text = cache.text_embeddings()
     split = _val_split(cache)
     val = cache.load_split(split).eval_view() if split else None
+    if HEADS.get(config.head).memory:
+        fitted, record = fit_memory(cache, config, val, progress)
+        if val is not None:
+            record["val"] = _report(fitted.logits(val.features, text), val, cache)
+        save_adapter(out, torch.empty(0, text.shape[1]), config, cache, record, memory=fitted.tensors)
+        return read_json(Path(out) / "adapter.json")
     if config.idle_reason():
         progress.log(f"warning: this fit trains nothing: {config.idle_reason()}")
     if val is None and config.select == "best-val":
@@ -79,6 +89,34 @@ def fit_on_cache(
         extra["val"] = _score(val, weight, head, config, text, cache)
     save_adapter(out, weight, config, cache, extra, head)
     return read_json(Path(out) / "adapter.json")
+
+
+def fit_memory(
+    cache: FeatureCache, config: AdapterConfig, val: SplitFeatures | None, progress: Progress | None = None
+) -> tuple[MemoryHead, dict[str, Any]]:
+    """Build a memory head (tip, gda, ncm) on the cache's train split, or build and train one (tip-f, its best val
+    epoch kept); returns it and what adapter.json records of the fit."""
+    t0 = time.perf_counter()
+    train = cache.load_split("train")
+    head = build_memory_head(train, cache.num_classes, config, class_log_prior(cache.train_counts))
+    extra: dict[str, Any] = {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None}
+    if HEADS.get(config.head).learnable:
+        head, tops, best_epoch, steps = train_tip_f(
+            head,
+            train,
+            cache.text_embeddings(),
+            config,
+            LOSSES.get(config.loss).fn,
+            (val.features, val.labels) if val is not None else None,
+            progress,
+        )
+        extra.update(steps=steps, best_epoch=best_epoch, val_top1_per_epoch=[round(t, 4) for t in tops])
+    extra["train_seconds"] = time.perf_counter() - t0
+    return head, extra
+
+
+def _report(logits: torch.Tensor, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
+    return summary(classification_report(logits, split.labels, cache.train_counts))
 
 
 def _score(
@@ -127,9 +165,10 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     """Every combination of the given axes over `base` (e.g. ratio=[...], lr=[...], loss=[...]), each checked as
     `AdapterConfig` checks it.
 
-    A field that only some losses or heads read (`la_tau` for `la`, `head_scale` for `cosine`) keeps its default
-    at the points that do not read it, and points that are then equal appear once: `--loss ce,la --la-tau 0.5,1`
-    gives one ce point and two la points.
+    A field that only some losses or heads read (`la_tau` for `la`, `head_scale` for `cosine`, `beta` for `tip`)
+    keeps its default at the points that do not read it, as do the fields a head ignores (the adapter's for the
+    memory heads), and points that are then equal appear once: `--loss ce,la --la-tau 0.5,1` gives one ce point
+    and two la points.
     """
     axes = {k: v for k, v in axes.items() if v}
     names = list(axes)
@@ -141,9 +180,31 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     for values in itertools.product(*(axes[n] for n in names)):
         config = AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))})
         unused = {k: defaults[k] for k in _unused_params(config) if getattr(config, k) != defaults[k]}
+        unused.update({k: defaults[k] for k in HEADS.get(config.head).ignores if getattr(config, k) != defaults[k]})
         if unused:
             config = AdapterConfig.from_dict({**config.to_dict(), **unused})
         out.setdefault(point_key(config, ""), config)
+    return list(out.values())
+
+
+def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[AdapterConfig]:
+    """The points of `sweep --family NAME` (`all`: every family), each family's grid (`FAMILIES`) over a base of
+    the single values in `axes`.
+
+    Raises:
+        ValueError: an axis with several values (a family brings its own grid), or an unknown family.
+    """
+    axes = {k: v for k, v in (axes or {}).items() if v}
+    several = [k for k, v in axes.items() if len(v) > 1]
+    if several:
+        flag = "--" + several[0].replace("_", "-")
+        raise ValueError(f"--family sweeps its own grid; give {flag} one value (or sweep without --family)")
+    base = AdapterConfig.from_dict({**AdapterConfig().to_dict(), **{k: v[0] for k, v in axes.items()}})
+    names = [n for n in FAMILIES if n != "all"] if family == "all" else [family]
+    out: dict[str, AdapterConfig] = {}
+    for name in names:
+        for config in expand_grid(base, **FAMILIES.get(name)):
+            out.setdefault(point_key(config, ""), config)
     return list(out.values())
 
 
@@ -212,6 +273,11 @@ def run_sweep(
     idle = [c.idle_reason() for c in configs if c.idle_reason()]
     if idle:
         progress.log(f"warning: {len(idle)} point(s) train nothing: {idle[0]}")
+    memory_points = [i for i in todo if HEADS.get(configs[i].head).memory]
+    todo = [i for i in todo if i not in set(memory_points)]
+    if memory_points:
+        chosen = [configs[i] for i in memory_points]
+        _sweep_memory(cache, chosen, [keys[i] for i in memory_points], val, points_dir, progress)
     if todo:
         rows = TrainRows.from_split(cache.load_split("train"))
         for group in group_by_stream([configs[i] for i in todo]):
@@ -246,35 +312,93 @@ def run_sweep(
     best_cfg = AdapterConfig.from_dict(best["config"])
     from safetensors.torch import load_file
 
-    tensors = load_file(str(points_dir / f"{best['key']}.safetensors"))
-    weight, best_head = tensors["weight"], tensors.get("head")
-    test = None
-    if "test" in cache.splits:
-        t = cache.load_split("test").eval_view()
-        test = _score(t, weight, best_head, best_cfg, text, cache)
-    save_adapter(
-        out / "best",
-        weight,
-        best_cfg,
-        cache,
-        {
-            "val": best["val"],
-            "test": test,
-            "sweep_metric": metric,
-            "steps": best["steps"],
-            "best_epoch": best["best_epoch"],
-        },
-        best_head,
-    )
+    test_split = cache.load_split("test").eval_view() if "test" in cache.splits else None
+    extra = {"val": best["val"], "sweep_metric": metric, "steps": best["steps"], "best_epoch": best["best_epoch"]}
+    if HEADS.get(best_cfg.head).memory:
+        memory = _memory_point(cache, best_cfg, points_dir / f"{best['key']}.safetensors")
+        test = _report(memory.logits(test_split.features, text), test_split, cache) if test_split else None
+        save_adapter(
+            out / "best", torch.empty(0, text.shape[1]), best_cfg, cache, {**extra, "test": test}, None, memory.tensors
+        )
+    else:
+        tensors = load_file(str(points_dir / f"{best['key']}.safetensors"))
+        weight, best_head = tensors["weight"], tensors.get("head")
+        test = _score(test_split, weight, best_head, best_cfg, text, cache) if test_split else None
+        save_adapter(out / "best", weight, best_cfg, cache, {**extra, "test": test}, best_head)
     _write_tables(out, ranked, metric, test, cache)
     _heatmap(out, ranked, metric)
     return SweepResult(ranked, best, test)
 
 
+def _sweep_memory(
+    cache: FeatureCache,
+    configs: list[AdapterConfig],
+    keys: list[str],
+    val: SplitFeatures,
+    points_dir: Path,
+    progress: Progress,
+) -> None:
+    """Score the memory-head points of a sweep on val: the training-free ones in one batched search (their tensors
+    are rebuilt from the cache when one wins, so a point is its JSON alone), tip-f ones trained one by one (their
+    trained keys saved beside the JSON)."""
+    text = cache.text_embeddings()
+    free = [i for i, c in enumerate(configs) if not HEADS.get(c.head).learnable]
+    if free:
+        t0 = time.perf_counter()
+        train = cache.load_split("train")
+        log_prior = class_log_prior(cache.train_counts)
+        reports = search_points(
+            [configs[i] for i in free], train, val.features, text, log_prior, lambda lg: _report(lg, val, cache)
+        )
+        seconds = (time.perf_counter() - t0) / len(free)
+        progress.log(f"sweep: {len(free)} training-free points searched in {seconds * len(free):.1f} s")
+        for i, report in zip(free, reports, strict=True):
+            _save_point(
+                points_dir, keys[i], None, None, configs[i], report, cache.fingerprint, float("nan"), seconds, 0, 0
+            )
+    for i, config in enumerate(configs):
+        if i in set(free):
+            continue
+        head, extra = fit_memory(cache, config, val, progress)
+        report = _report(head.logits(val.features, text), val, cache)
+        _save_point(
+            points_dir,
+            keys[i],
+            None,
+            None,
+            config,
+            report,
+            cache.fingerprint,
+            float("nan"),
+            extra["train_seconds"],
+            extra["steps"],
+            extra["best_epoch"],
+            memory=head.tensors,
+        )
+
+
+def _memory_point(cache: FeatureCache, config: AdapterConfig, weights: Path) -> MemoryHead:
+    """A memory-head point's head: its saved tensors (tip-f), else rebuilt from the cache."""
+    log_prior = class_log_prior(cache.train_counts)
+    if weights.exists():
+        from safetensors.torch import load_file
+
+        own = {k.removeprefix("memory."): v for k, v in load_file(str(weights)).items()}
+        return load_memory_head(config, own, log_prior)
+    return build_memory_head(cache.load_split("train"), cache.num_classes, config, log_prior)
+
+
 def _point_done(folder: Path, key: str, fingerprint: str) -> bool:
     meta, weights = folder / f"{key}.json", folder / f"{key}.safetensors"
-    if not (meta.exists() and weights.exists()):
+    if not meta.exists():
         return False
+    if not weights.exists():  # only a training-free memory head's point is its JSON alone
+        try:
+            config = AdapterConfig.from_dict(read_json(meta).get("config", {}))
+        except (BalladError, TypeError, ValueError):
+            return False
+        if not HEADS.get(config.head).memory or HEADS.get(config.head).learnable:
+            return False
     try:
         return read_json(meta).get("cache_fingerprint") == fingerprint
     except BalladError:
@@ -284,7 +408,7 @@ def _point_done(folder: Path, key: str, fingerprint: str) -> bool:
 def _save_point(
     folder: Path,
     key: str,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     head: torch.Tensor | None,
     config: AdapterConfig,
     val: dict[str, float],
@@ -293,14 +417,21 @@ def _save_point(
     seconds: float,
     steps: int,
     best_epoch: int,
+    memory: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """A sweep point: its tensors (none for a training-free memory head) and then its JSON, which marks it done."""
     from safetensors.torch import save_file
 
-    tensors = {"weight": weight.contiguous()}
+    from ..heads.adapter import memory_tensors
+
+    tensors = memory_tensors(memory) if memory is not None else {}
+    if weight is not None:
+        tensors["weight"] = weight.contiguous()
     if head is not None:
         tensors["head"] = head.contiguous()
-    with atomic_path(folder / f"{key}.safetensors") as tmp:
-        save_file(tensors, str(tmp))
+    if tensors:
+        with atomic_path(folder / f"{key}.safetensors") as tmp:
+            save_file(tensors, str(tmp))
     write_json(
         folder / f"{key}.json",
         {

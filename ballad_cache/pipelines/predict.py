@@ -135,7 +135,10 @@ def predict_split(
         with torch.inference_mode(), autocast(device, config.precision):
             feats = model.encode_image(batch["image"][torch.from_numpy(keep)].to(device, non_blocking=True))
         feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-        logits = classifier.logit_scale * feats @ weight.T
+        if classifier.memory is not None:  # a head built from the training features, on the CPU copy it holds
+            logits = classifier.memory.logits(feats.cpu(), weight.cpu()).to(device)
+        else:
+            logits = classifier.logit_scale * feats @ weight.T
         if config.tau is not None:
             logits = logits - config.tau * log_prior
         probs = logits.softmax(dim=1)

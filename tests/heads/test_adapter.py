@@ -103,6 +103,9 @@ def official_phase_b(features, labels, text, val_x, val_y, stream, epochs, batch
 
 
 def test_fit_adapters_matches_an_independent_official_phase_b_at_every_epoch(lt_cache):
+    """Catches, in phase B: another adapter form (bias, ratio, residual), SGD update (momentum, weight decay),
+    schedule (per-step, the last epoch above 0), epoch length, logit scale or text head, and keeping another epoch
+    than the strictly best on val, against `official_phase_b` written in this file from BALLAD `train.py`."""
     import random
 
     epochs, batch = 6, 48
@@ -234,6 +237,7 @@ def test_per_step_options_match_a_plain_pytorch_loop(lt_cache):
 
 
 def test_official_epoch_needs_one_full_batch(lt_cache):
+    """Catches an official epoch (floor(N/B) full batches) silently training on a partial batch when N < B."""
     rows = TrainRows.from_split(lt_cache.load_split("train"))
     with pytest.raises(BalladError, match="--keep-last-batch"):
         fit_adapters(rows, lt_cache.text_embeddings(), [AdapterConfig(epochs=1, batch_size=10_000)])
@@ -392,3 +396,29 @@ def test_knn_backends_agree(lt_cache):
     assert (by_faiss.sum(1) > 0).all()
     with pytest.raises(ValueError, match="unknown kNN backend"):
         knn_scores(*args, backend="annoy")
+
+
+def test_each_draw_picks_one_of_its_images_augmented_views_uniformly():
+    """Catches phase B drawing the eval view where augmented views exist (the official phase B only sees augmented
+    images), always the same view, a view of another image, or a biased pick: 6 images × (1 eval + 4 augmented
+    views) stored shuffled, 20,000 draws of image 3."""
+    from ballad_cache.store.cache import SplitFeatures
+
+    images, views = 6, 5
+    index = np.repeat(np.arange(images), views)
+    view = np.tile(np.arange(views), images)
+    order = np.random.default_rng(0).permutation(len(index))  # rows in no particular order, as shards may hold them
+    index, view = index[order], view[order]
+    split = SplitFeatures(
+        torch.zeros(len(index), 4),
+        torch.as_tensor(index % 3),
+        torch.as_tensor(index),
+        torch.as_tensor(view),
+    )
+    rows = TrainRows.from_split(split)
+    assert rows.image_labels.tolist() == [i % 3 for i in range(images)]
+    picked = rows.draw(np.full(20_000, 3), np.random.default_rng(1))
+    assert set(index[picked].tolist()) == {3}
+    counts = np.bincount(view[picked], minlength=views)
+    assert counts[0] == 0  # never the eval view
+    assert np.all(np.abs(counts[1:] / 20_000 - 0.25) < 0.015)  # each augmented view a quarter of the draws

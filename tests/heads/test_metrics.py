@@ -9,6 +9,8 @@ from ballad_cache.heads.metrics import METRICS, classification_report, summary
 
 
 def test_groups_are_means_of_per_class_accuracy_and_top5_counts_any_hit():
+    """Catches shot groups scored over images instead of as the mean of per-class accuracies (OLTR `utils.py`
+    `shot_acc`), thresholds other than many > 100 and few < 20, and a top-5 that needs the label first."""
     counts = np.array([500, 150, 50, 30, 5, 2])  # many: 0, 1; medium: 2, 3; few: 4, 5
     labels = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3, 4, 5, 5])
     pred = torch.tensor([0, 0, 0, 1, 1, 2, 0, 3, 0, 5, 0])

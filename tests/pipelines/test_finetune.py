@@ -44,6 +44,9 @@ class StopAfterEpoch(NullProgress):
 
 
 def test_official_phase_a_epochs_rates_and_eval_mode(ballad_data, tmp_path):
+    """Catches, in phase A: ceil(N/B) steps (a kept last partial batch) instead of floor(N/B), a rate that is not
+    CosineAnnealingLR(T_max=epochs) stepped at each epoch start (per-step cosine, stepped after the epoch, a last
+    epoch above 0), and the model in train mode during training or validation."""
     import math
 
     ds = load_dataset("fmnist-lt")
@@ -74,6 +77,9 @@ def test_official_phase_a_epochs_rates_and_eval_mode(ballad_data, tmp_path):
 
 
 def test_official_augmentation_is_ballads_transform():
+    """Catches a train transform other than BALLAD `data/dataloader.py` `get_data_transform('train')`
+    (RandomResizedCrop scale 0.5-1 bicubic, flip, ColorJitter 0.4/0.4/0.4), written here with torchvision:
+    another crop scale, interpolation, jitter or normalisation gives other pixels for the same seed."""
     from PIL import Image
     from torchvision import transforms as T
 

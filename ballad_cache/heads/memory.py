@@ -1,0 +1,359 @@
+"""Heads that remember: classifiers built from the cached training features themselves, beside the text head.
+
+    tip    100 · f·Tᵀ + α · Σ_{k ∈ nearest(f)} exp(−β (1 − f·k)) · w_{y_k} · e_{y_k}  − τ · log prior
+    tip-f  tip with the keys trained (Tip-Adapter-F)
+    gda    100 · f·Tᵀ + α · (f·Wᵀ + b),  W = M Σ⁻¹,  b = −½ diag(M Σ⁻¹ Mᵀ)           − τ · log prior
+    ncm    100 · f·Tᵀ + α · 100 · f·Pᵀ,  P = the normalised class means              − τ · log prior
+
+f is an L2-normalised image feature and T the class text embeddings (the prompt ensemble where the cache has one).
+Tip-Adapter (Zhang et al., ECCV 2022; gaopengcuhk/Tip-Adapter) keeps every training image as a key k with its
+label y_k as value; on long-tailed data its cache term sums n_c kernels for class c, so head classes win by count.
+Two balancing knobs fix that: at most `keys_per_class` keys per class (drawn with the seed), and values of class c
+weighted w_c = n_c^−γ (γ = 1: each class's keys carry the same total weight). The sum runs over each query's
+`neighbours` nearest keys (0: all keys, Tip-Adapter exactly); a bounded neighbour set is what lets a search
+precompute val's top affinities once and score thousands of (α, β, γ, τ) points with a gather each.
+
+GDA (Wang et al., ICLR 2024) is linear discriminant analysis on the features: class means M and one shared
+covariance. Here the covariance is the mean of the per-class covariances (each class weighs the same, so the head
+classes do not set the shape alone; scikit-learn's LDA does the same with uniform priors) shrunk towards its mean
+variance, (1 − s)·Σ + s·tr(Σ)/d·I: with d = 1024 and five images in a tail class the raw estimate is singular in
+the tail's directions, and a fixed s searched on val is simpler and as good as Ledoit-Wolf's estimate here. The
+prior is uniform, so the head is balanced by construction. NCM (nearest class mean, cosine) is its cheapest end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..store.cache import SplitFeatures
+from .config import AdapterConfig
+from .terms import HEADS, LOGIT_SCALE
+
+KEY_VIEWS = ("mean", "eval")
+AFFINITY_BUDGET = 256 << 20  # bytes of query×key affinities held at once
+
+
+def is_memory_head(head: str) -> bool:
+    """Whether `head` is built from the training features (tip, tip-f, gda, ncm)."""
+    return HEADS.get(head).memory
+
+
+def key_features(split: SplitFeatures, key_view: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One L2-normalised feature per training image and its label and image index: the mean of its augmented views
+    (`mean`, Tip-Adapter's average over augmentation epochs; the eval view where the cache has no augmented views)
+    or its eval view (`eval`)."""
+    view = split.view
+    use = view == 0 if key_view == "eval" or not bool((view > 0).any()) else view > 0
+    rows = torch.nonzero(use).flatten()
+    index = split.index[rows]
+    images, inverse = torch.unique(index, return_inverse=True)
+    sums = torch.zeros(len(images), split.features.shape[1]).index_add_(0, inverse, split.features[rows].float())
+    labels = torch.zeros(len(images), dtype=torch.int64).scatter_(0, inverse, split.labels[rows].long())
+    return F.normalize(sums, dim=-1), labels, images
+
+
+def cap_per_class(labels: torch.Tensor, cap: int, seed: int) -> torch.Tensor:
+    """Indices of at most `cap` items per class (all with cap 0), drawn with `seed`, in ascending order."""
+    if cap <= 0:
+        return torch.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    y = labels.numpy()[order]
+    ranks = np.zeros(len(order), dtype=np.int64)
+    seen: dict[int, int] = {}
+    for i, c in enumerate(y.tolist()):
+        ranks[i] = seen.get(c, 0)
+        seen[c] = ranks[i] + 1
+    return torch.from_numpy(np.sort(order[ranks < cap]))
+
+
+def class_weights(values: torch.Tensor, num_classes: int, gamma: float) -> torch.Tensor:
+    """w_c = n_c^−γ for the n_c keys of class c (0 for a class with no key)."""
+    counts = torch.bincount(values, minlength=num_classes).double()
+    weights = torch.where(counts > 0, counts.clamp_min(1.0) ** -gamma, torch.zeros_like(counts))
+    return weights.float()
+
+
+def _chunks(rows: int, width: int, budget: int = AFFINITY_BUDGET) -> Iterator[slice]:
+    step = max(1, budget // (4 * max(width, 1)))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def top_affinities(
+    queries: torch.Tensor, keys: torch.Tensor, k: int, budget: int = AFFINITY_BUDGET
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's `k` largest affinities f·key (sorted, descending) and the keys they belong to (0: all keys);
+    computed in query chunks so that at most `budget` bytes of affinities exist at once."""
+    k = len(keys) if k <= 0 else min(k, len(keys))
+    values, index = [], []
+    for part in _chunks(len(queries), len(keys), budget):
+        affinity = queries[part].float() @ keys.float().T
+        top = affinity.topk(k, dim=1) if k < len(keys) else affinity.sort(dim=1, descending=True)
+        values.append(top.values)
+        index.append(top.indices)
+    return torch.cat(values), torch.cat(index)
+
+
+def cache_term_from(
+    affinity: torch.Tensor, key_labels: torch.Tensor, weights: torch.Tensor, beta: float, num_classes: int
+) -> torch.Tensor:
+    """Σ_k exp(−β(1 − a_k)) · w_{y_k} per class, from each query's affinities `a` (Q×k) to keys of labels `y` (Q×k)."""
+    kernel = torch.exp(-beta * (1.0 - affinity)) * weights[key_labels]
+    return torch.zeros(len(affinity), num_classes, dtype=kernel.dtype).scatter_add_(1, key_labels, kernel)
+
+
+def cache_term(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float,
+    neighbours: int,
+    num_classes: int,
+    budget: int = AFFINITY_BUDGET,
+) -> torch.Tensor:
+    """Tip-Adapter's cache logits of `queries` (Q×d, normalised) over their `neighbours` nearest keys (0: all)."""
+    out = []
+    for part in _chunks(len(queries), len(keys), budget):
+        affinity, index = top_affinities(queries[part], keys, neighbours, budget)
+        out.append(cache_term_from(affinity, values[index], weights, beta, num_classes))
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def gda_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LDA with a uniform prior: class means M, Σ the mean of the per-class (biased) covariances shrunk to
+    (1 − s)·Σ + s·tr(Σ)/d·I; returns W = M Σ⁻¹ (C×d) and b = −½ diag(M Σ⁻¹ Mᵀ) (C), computed in float64."""
+    x, y = features.double(), labels.long()
+    d = x.shape[1]
+    counts = torch.bincount(y, minlength=num_classes).double()
+    means = torch.zeros(num_classes, d, dtype=torch.float64).index_add_(0, y, x) / counts.clamp_min(1).unsqueeze(1)
+    centred = x - means[y]
+    weight = (1.0 / counts.clamp_min(1))[y]  # each class's covariance weighs the same in the mean
+    present = int((counts > 0).sum())
+    cov = (centred * weight.unsqueeze(1)).T @ centred / max(present, 1)
+    cov = (1.0 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
+    w = torch.linalg.solve(cov, means.T).T  # M Σ⁻¹ (Σ is symmetric)
+    b = -0.5 * (w * means).sum(dim=1)
+    return w.float(), b.float()
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The L2-normalised mean feature of each class (zero for a class with no image)."""
+    sums = torch.zeros(num_classes, features.shape[1]).index_add_(0, labels.long(), features.float())
+    return F.normalize(sums, dim=-1)
+
+
+@dataclass
+class MemoryHead:
+    """A fitted head of this family: its tensors and the settings that score with them.
+
+    Tensors by head: tip and tip-f `keys` (N×d), `values` (N, int64 labels), `class_weight` (C); gda `weight`
+    (C×d), `bias` (C); ncm `prototypes` (C×d).
+    """
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    log_prior: torch.Tensor  # C, log of the training class frequencies
+
+    def extra_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The head's own term (before α) for normalised features."""
+        head, t = self.config.head, self.tensors
+        if head in ("tip", "tip-f"):
+            return cache_term(
+                features,
+                t["keys"],
+                t["values"],
+                t["class_weight"],
+                self.config.beta,
+                self.config.neighbours,
+                len(t["class_weight"]),
+            )
+        if head == "gda":
+            return features @ t["weight"].T + t["bias"]
+        return LOGIT_SCALE * features @ t["prototypes"].T
+
+    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Class logits of cached or encoded features: `100 · f·Tᵀ + α · term − τ · log prior`."""
+        f = F.normalize(features.float(), dim=-1)
+        logits = LOGIT_SCALE * f @ F.normalize(text.float(), dim=-1).T + self.config.alpha * self.extra_logits(f)
+        return logits - self.config.adjust_tau * self.log_prior if self.config.adjust_tau else logits
+
+
+def memory_keys(train: SplitFeatures, config: AdapterConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and integer values of a cache head: one key per training image (`key_view`), capped per class."""
+    keys, labels, _ = key_features(train, config.key_view)
+    keep = cap_per_class(labels, config.keys_per_class, config.seed)
+    return keys[keep], labels[keep]
+
+
+def build_memory_head(
+    train: SplitFeatures, num_classes: int, config: AdapterConfig, log_prior: torch.Tensor
+) -> MemoryHead:
+    """Build a training-free head (tip, gda, ncm; tip-f before training) from the cached train split."""
+    keys, values = memory_keys(train, config, num_classes)
+    if config.head in ("tip", "tip-f"):
+        tensors = {"keys": keys, "values": values, "class_weight": class_weights(values, num_classes, config.gamma)}
+    elif config.head == "gda":
+        weight, bias = gda_head(keys, values, num_classes, config.shrinkage)
+        tensors = {"weight": weight, "bias": bias}
+    else:
+        tensors = {"prototypes": class_prototypes(keys, values, num_classes)}
+    return MemoryHead(config, tensors, log_prior)
+
+
+def load_memory_head(config: AdapterConfig, tensors: dict[str, torch.Tensor], log_prior: torch.Tensor) -> MemoryHead:
+    """A head from the tensors an adapter or classifier file holds (`memory.` prefix removed).
+
+    Raises:
+        ValueError: a tensor the head needs is missing or has the wrong shape.
+    """
+    need = {"tip": ("keys", "values", "class_weight"), "gda": ("weight", "bias"), "ncm": ("prototypes",)}
+    names = need["tip" if config.head == "tip-f" else config.head]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise ValueError(f"the {config.head} head lacks its '{missing[0]}' tensor")
+    head = MemoryHead(config, {n: tensors[n] for n in names}, log_prior)
+    num_classes = len(log_prior)
+    t = head.tensors
+    if config.head in ("tip", "tip-f"):
+        t["values"] = t["values"].long()
+        if len(t["keys"]) != len(t["values"]) or len(t["class_weight"]) != num_classes:
+            raise ValueError("keys, values and class weights of the tip head disagree in length")
+        if len(t["values"]) and (int(t["values"].min()) < 0 or int(t["values"].max()) >= num_classes):
+            raise ValueError("the tip head's values name classes the cache does not have")
+    else:
+        rows = t["weight" if config.head == "gda" else "prototypes"]
+        if rows.dim() != 2 or rows.shape[0] != num_classes:
+            raise ValueError(f"the {config.head} head has {tuple(rows.shape)} rows for {num_classes} classes")
+    for name, tensor in t.items():
+        if tensor.is_floating_point():
+            t[name] = tensor.float()
+            if not torch.isfinite(t[name]).all():
+                raise ValueError(f"the {config.head} head's '{name}' holds NaN/Inf")
+    return head
+
+
+def train_tip_f(
+    head: MemoryHead,
+    train: SplitFeatures,
+    text: torch.Tensor,
+    config: AdapterConfig,
+    loss_fn: Any,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
+    progress: Any = None,
+) -> tuple[MemoryHead, list[float], int, int]:
+    """Tip-Adapter-F: the keys trained with AdamW (eps 1e-4, Tip-Adapter-F's) at `head_lr` (default 1e-3) under a
+    per-step cosine, on one cached view per draw from the configured sampler, with the configured loss; the keys
+    are renormalised after every step (Tip-Adapter-F normalises them in its forward). The residual adapter is not
+    used. Returns the head of the best val epoch (or the last), the val top-1 per epoch, that epoch and the steps."""
+    from ..schedules import SCHEDULES
+    from .adapter import TrainRows, batch_schedule
+    from .terms import LossContext
+
+    rows = TrainRows.from_split(train)
+    epochs = batch_schedule(rows, config)
+    keys = torch.nn.Parameter(head.tensors["keys"].clone())
+    values, weights = head.tensors["values"], head.tensors["class_weight"]
+    lr = config.head_lr if config.head_lr is not None else 1e-3
+    optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4)
+    text_n = F.normalize(text.float(), dim=-1)
+    labels_all = train.labels.long()
+    context = LossContext([config], head.log_prior)
+    total = sum(len(e) for e in epochs)
+    best_keys, best_acc, best_epoch, tops, step = keys.detach().clone(), -1.0, 0, [], 0
+    num_classes = len(weights)
+    for epoch, batches in enumerate(epochs, start=1):
+        for rows_idx in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = SCHEDULES.get("step")(lr, step, total, epoch - 1, len(epochs))
+            f = F.normalize(train.features[torch.as_tensor(rows_idx)].float(), dim=-1)
+            k_n = F.normalize(keys, dim=-1)
+            affinity = f @ k_n.T
+            if 0 < config.neighbours < len(keys):
+                affinity, index = affinity.topk(config.neighbours, dim=1)
+            else:
+                index = torch.arange(len(keys)).expand(len(f), -1)
+            term = cache_term_from(affinity, values[index], weights, config.beta, num_classes)
+            logits = LOGIT_SCALE * f @ text_n.T + config.alpha * term
+            loss = loss_fn(logits.unsqueeze(0), labels_all[torch.as_tensor(rows_idx)], context)[0]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if progress is not None:
+                progress.advance(1, loss=f"{float(loss):.3f}")
+        trained = MemoryHead(config, {**head.tensors, "keys": F.normalize(keys.detach(), dim=-1)}, head.log_prior)
+        if val is not None:
+            pred = trained.logits(val[0], text).argmax(dim=1)
+            top1 = 100.0 * float((pred == val[1]).float().mean())
+            tops.append(top1)
+            if top1 > best_acc or config.select == "last":
+                best_acc, best_keys, best_epoch = top1, trained.tensors["keys"], epoch
+        else:
+            best_keys, best_epoch = trained.tensors["keys"], epoch
+    if not epochs:
+        best_keys = F.normalize(keys.detach(), dim=-1)
+    return MemoryHead(config, {**head.tensors, "keys": best_keys}, head.log_prior), tops, best_epoch, step
+
+
+def search_points(
+    configs: Sequence[AdapterConfig],
+    train: SplitFeatures,
+    queries: torch.Tensor,
+    text: torch.Tensor,
+    log_prior: torch.Tensor,
+    score: Any,
+) -> list[Any]:
+    """Score training-free heads (tip, gda, ncm) on `queries` (val) in one pass: configurations that share a key
+    set share its top affinities (computed once, chunked), those that share β, γ and the neighbour count share the
+    cache term, and every α and τ is then one weighted sum. `score(logits)` reports a point; returns the reports
+    in `configs`' order. Each equals the point's `MemoryHead.logits` computed alone."""
+    num_classes = len(log_prior)
+    q = F.normalize(queries.float(), dim=-1)
+    base = LOGIT_SCALE * q @ F.normalize(text.float(), dim=-1).T
+    results: list[Any] = [None] * len(configs)
+
+    def finish(i: int, term: torch.Tensor) -> None:
+        c = configs[i]
+        logits = base + c.alpha * term
+        results[i] = score(logits - c.adjust_tau * log_prior if c.adjust_tau else logits)
+
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(configs):
+        key_set = (c.head, c.key_view, c.keys_per_class if c.head in ("tip", "tip-f") else 0, c.seed)
+        groups.setdefault(key_set, []).append(i)
+    for members in groups.values():
+        first = configs[members[0]]
+        keys, values = memory_keys(train, first, num_classes)
+        if first.head == "tip":
+            widest = max(configs[i].neighbours for i in members)
+            k = len(keys) if any(configs[i].neighbours <= 0 for i in members) else min(widest, len(keys))
+            affinity, index = top_affinities(q, keys, k)
+            labels = values[index]
+            terms: dict[tuple[float, float, int], torch.Tensor] = {}
+            for i in members:
+                c = configs[i]
+                n = len(keys) if c.neighbours <= 0 else min(c.neighbours, len(keys))
+                tkey = (c.beta, c.gamma, n)
+                if tkey not in terms:
+                    weights = class_weights(values, num_classes, c.gamma)
+                    terms[tkey] = cache_term_from(affinity[:, :n], labels[:, :n], weights, c.beta, num_classes)
+                finish(i, terms[tkey])
+        else:
+            by_shrinkage: dict[float, torch.Tensor] = {}
+            for i in members:
+                c = configs[i]
+                s = c.shrinkage if c.head == "gda" else 0.0
+                if s not in by_shrinkage:
+                    by_shrinkage[s] = build_memory_head(train, num_classes, c, log_prior).extra_logits(q)
+                finish(i, by_shrinkage[s])
+    return results
