@@ -8,6 +8,10 @@ alone and combined, on one cache, measured in one run:
   rows do not depend on the prompts, so the cache's features are reused with the ensemble's text embeddings,
   which the phase-A model encodes here (what `extract-features --templates openai-imagenet` would store).
 
+Then the heads that remember (`heads/memory.py`): tip, tip-f, gda and ncm, each family's default grid
+(`FAMILIES`) searched on val as `sweep --family` does, its best point reported on test; seconds are the family's
+whole search (or fit, for tip-f).
+
 Every configuration is ranked on val; the best is reported on test. Then the same grid's wall time on the
 ImageNet-LT-shaped synthetic cache (115,846 × 1024, 1000 classes; one epoch, since 2 CPU cores take a minute per
 adapter epoch there).
@@ -20,17 +24,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
 from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters  # noqa: E402
+from ballad_cache.heads.memory import build_memory_head, search_points  # noqa: E402
 from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
+from ballad_cache.heads.terms import HEADS  # noqa: E402
 from ballad_cache.inputs.datasets import load_templates  # noqa: E402
+from ballad_cache.inputs.longtail import class_log_prior  # noqa: E402
 from ballad_cache.models.clip import PromptBank, load_model  # noqa: E402
-from ballad_cache.store.cache import FeatureCache  # noqa: E402
+from ballad_cache.pipelines.phase_b import family_grid, fit_memory  # noqa: E402
+from ballad_cache.store.cache import FeatureCache, SplitFeatures  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 KEYS = ("top1", "many", "medium", "few")
@@ -44,6 +54,45 @@ def ensemble_text(cache: FeatureCache) -> torch.Tensor:
     bank = PromptBank(loaded, cache.classnames, load_templates("openai-imagenet"))
     with torch.no_grad():
         return bank.encode(loaded.model.eval()).float()
+
+
+def memory_points(cache: FeatureCache, val: SplitFeatures, test: SplitFeatures) -> list[dict[str, Any]]:
+    """The best point on val of each memory-head family's default grid, and its test scores."""
+    text, train = cache.text_embeddings(), cache.load_split("train")
+    log_prior = class_log_prior(cache.train_counts)
+
+    def report(logits: torch.Tensor, split: SplitFeatures) -> dict[str, float]:
+        return summary(classification_report(logits, split.labels, cache.train_counts))
+
+    out = []
+    for family in ("tip", "tip-f", "gda", "ncm"):
+        configs = family_grid(family)
+        t = time.perf_counter()
+        if family == "tip-f":
+            fits = [fit_memory(cache, c, val)[0] for c in configs]
+            scored = [report(h.logits(val.features, text), val) for h in fits]
+        else:
+            scored = search_points(configs, train, val.features, text, log_prior, lambda lg: report(lg, val))
+        seconds = time.perf_counter() - t
+        i = max(range(len(configs)), key=lambda j: scored[j]["top1"])
+        head = build_memory_head(train, cache.num_classes, configs[i], log_prior)
+        if family == "tip-f":
+            head = fits[i]
+        chosen = {k: v for k, v in configs[i].to_dict().items() if k in HEADS.get(family).params}
+        out.append(
+            {
+                "name": f"{family} (best of {len(configs)}: "
+                + ", ".join(
+                    f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}" for k, v in chosen.items() if k != "head_lr"
+                )
+                + ")",
+                "additions": [family, "memory"],
+                "val": scored[i],
+                "test": report(head.logits(test.features, text), test),
+                "seconds": round(seconds, 2),
+            }
+        )
+    return out
 
 
 def main() -> None:
@@ -87,6 +136,7 @@ def main() -> None:
                     "seconds": round(fit.seconds, 2),
                 }
             )
+    points += memory_points(cache, val, test)
     best = max(points, key=lambda q: q["val"]["top1"])
     lines = [
         "| phase B on the demo cache | val top-1 | test top-1 | many | medium | few | seconds |",

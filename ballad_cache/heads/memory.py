@@ -290,7 +290,7 @@ def train_tip_f(
             optimizer.step()
             step += 1
             if progress is not None:
-                progress.advance(1, loss=f"{float(loss):.3f}")
+                progress.advance(1, loss=f"{float(loss.detach()):.3f}")
         trained = MemoryHead(config, {**head.tensors, "keys": F.normalize(keys.detach(), dim=-1)}, head.log_prior)
         if val is not None:
             pred = trained.logits(val[0], text).argmax(dim=1)
@@ -316,7 +316,11 @@ def search_points(
     """Score training-free heads (tip, gda, ncm) on `queries` (val) in one pass: configurations that share a key
     set share its top affinities (computed once, chunked), those that share β, γ and the neighbour count share the
     cache term, and every α and τ is then one weighted sum. `score(logits)` reports a point; returns the reports
-    in `configs`' order. Each equals the point's `MemoryHead.logits` computed alone."""
+    in `configs`' order. Each equals the point's `MemoryHead.logits` computed alone.
+
+    Memory: the keys and queries, the top affinities and their key labels (Q × k · 12 bytes), at most
+    `AFFINITY_BUDGET` bytes of full affinities while they are ranked, and three Q×C float32 matrices (text logits,
+    one cache term, one point's logits); with a neighbour count of 0 the top affinities are all Q × N of them."""
     num_classes = len(log_prior)
     q = F.normalize(queries.float(), dim=-1)
     base = LOGIT_SCALE * q @ F.normalize(text.float(), dim=-1).T
@@ -339,15 +343,16 @@ def search_points(
             k = len(keys) if any(configs[i].neighbours <= 0 for i in members) else min(widest, len(keys))
             affinity, index = top_affinities(q, keys, k)
             labels = values[index]
-            terms: dict[tuple[float, float, int], torch.Tensor] = {}
+            by_term: dict[tuple[float, float, int], list[int]] = {}
             for i in members:
                 c = configs[i]
                 n = len(keys) if c.neighbours <= 0 else min(c.neighbours, len(keys))
-                tkey = (c.beta, c.gamma, n)
-                if tkey not in terms:
-                    weights = class_weights(values, num_classes, c.gamma)
-                    terms[tkey] = cache_term_from(affinity[:, :n], labels[:, :n], weights, c.beta, num_classes)
-                finish(i, terms[tkey])
+                by_term.setdefault((c.beta, c.gamma, n), []).append(i)
+            for (beta, gamma, n), sharing in by_term.items():  # one Q×C term alive at a time
+                weights = class_weights(values, num_classes, gamma)
+                term = cache_term_from(affinity[:, :n], labels[:, :n], weights, beta, num_classes)
+                for i in sharing:
+                    finish(i, term)
         else:
             by_shrinkage: dict[float, torch.Tensor] = {}
             for i in members:

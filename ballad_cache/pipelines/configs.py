@@ -128,6 +128,12 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.precision == "fp16-official" and self.optimizer != "sgd":
+            raise OptionError(
+                "precision",
+                f"fp16-official trains float16 weights with the official SGD; --optimizer {self.optimizer} keeps "
+                "its state in float16 too, where AdamW's eps (1e-8) is 0 and the first step divides by zero",
+            )
 
     def idle_reason(self) -> str | None:
         """Why this phase A would train nothing, or None."""

@@ -337,6 +337,12 @@ def finetune(
             stop = bool(config.max_steps and step >= config.max_steps)
             if window == config.log_every or batch_i == epoch_batches or stop:
                 mean_loss = float(window_loss.item()) / window
+                if not math.isfinite(mean_loss):  # nothing after a NaN step is worth keeping: stop, say where
+                    kept = f"; {out / 'model-last'} holds the last finished epoch" if epoch > start_epoch else ""
+                    raise BalladError(
+                        f"phase A diverged: the loss is {mean_loss} at step {step} (epoch {epoch + 1}){kept}; rerun "
+                        "with a lower --lr" + (" or --precision fp32" if config.precision != "fp32" else "")
+                    )
                 rate = images_done / max(time.perf_counter() - t0, 1e-9)
                 lr = opt.param_groups[0]["lr"]
                 progress.advance(window, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")

@@ -13,7 +13,6 @@ from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.memory import build_memory_head, search_points
 from ballad_cache.inputs.longtail import class_log_prior
 from ballad_cache.pipelines.phase_b import expand_grid, family_grid
-from ballad_cache.store.cache import SplitFeatures
 from cli.main import app
 
 runner = CliRunner()

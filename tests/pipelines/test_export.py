@@ -252,3 +252,40 @@ def test_the_readme_snippet_gives_the_classifier_probabilities(head, vit_pipelin
         expected = classifier.logits(classifier.loaded.preprocess_eval(img)[None]).softmax(-1)
     torch.testing.assert_close(scope["probs"], expected, atol=1e-5, rtol=1e-4)
     assert scope["scale"] == (100.0 if head == "text" else 30.0)
+
+
+@pytest.mark.parametrize("head", ["tip", "tip-f", "gda", "ncm"])
+def test_export_and_predict_reproduce_evaluate_for_memory_heads(head, vit_pipeline, ballad_data, tmp_path):
+    """Catches an exported memory head that predicts otherwise than `evaluate` scores it: missing or reordered
+    `memory.*` tensors, α/β/γ/τ not carried in classifier.json, or a tower that was folded although the head reads
+    the unchanged features. Cached (float16) and freshly encoded features may flip a near-tie: >= 99.5% agree."""
+    cache = FeatureCache(vit_pipeline["cache"])
+    extra = {"epochs": 2, "batch_size": 128} if head == "tip-f" else {}
+    config = AdapterConfig(head=head, alpha=2.0, gamma=0.5, adjust_tau=0.5, **extra)
+    fit_on_cache(cache, config, tmp_path / "ad")
+    adapter = load_adapter(tmp_path / "ad", cache)
+    r = runner.invoke(
+        app,
+        [
+            "export",
+            "--model",
+            f"local-dir:{vit_pipeline['model']}",
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    stored = load_file(str(tmp_path / "e" / "classifier.safetensors"))
+    assert {k for k in stored if k.startswith("memory.")} == {f"memory.{k}" for k in adapter.memory.tensors}
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--model", f"local-dir:{tmp_path / 'e'}", "--data", "fmnist-lt", "--split", "test"]
+    r = runner.invoke(app, [*args, "--out", str(out), "--workers", "0", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = list(csv.DictReader(out.open()))
+    test = cache.load_split("test")
+    cached = adapter.logits(test.features, cache.text_embeddings()).argmax(1).numpy()[np.argsort(test.index.numpy())]
+    assert (np.array([int(row["pred"]) for row in rows]) == cached).mean() >= 0.995
+    zero = evaluate_cache(cache, None, EvalConfig())["heads"]["zero-shot"]
+    assert evaluate_cache(cache, adapter, EvalConfig())["heads"]["adapter"]["per_class"] != zero["per_class"]

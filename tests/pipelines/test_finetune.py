@@ -167,3 +167,20 @@ def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
     start = load_model("ballad-micro").model.state_dict()
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # the steps moved the weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5  # fp32 all-reduce order
+
+
+def test_a_diverged_phase_a_stops_with_one_line_and_fp16_refuses_adamw(ballad_data, tmp_path, monkeypatch):
+    """Catches a phase A that trains on after its loss turned NaN (every later step and the saved model garbage),
+    and `--precision fp16-official` with AdamW, whose eps is 0 in float16."""
+    from ballad_cache.options import OptionError
+    from ballad_cache.pipelines import finetune as finetune_module
+
+    with pytest.raises(OptionError, match="eps"):
+        FinetuneConfig(precision="fp16-official", optimizer="adamw")
+    original = finetune_module.phase_a_loss
+    monkeypatch.setattr(finetune_module, "phase_a_loss", lambda *a: original(*a) * float("nan"))
+    cfg = FinetuneConfig(epochs=2, batch_size=128, lr=0.05, workers=0, log_every=2)
+    with pytest.raises(BalladError, match="diverged: the loss is nan at step 2 ") as info:
+        finetune(load_dataset("fmnist-lt"), load_model(MODEL), tmp_path, cfg, torch.device("cpu"))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "model").exists()
