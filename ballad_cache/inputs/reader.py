@@ -7,7 +7,7 @@ runs in one go, after a crash, or split across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,8 +30,10 @@ class ImageRows(Dataset):
         train_transform: Callable[[Any], torch.Tensor] | None = None,
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        draft: int = 0,
     ) -> None:
         self.split = split
+        self.draft = draft  # decode JPEGs reduced while their shorter side keeps this many pixels (0: full size)
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
         self.eval_transform = eval_transform
         self.train_transform = train_transform or eval_transform
@@ -43,34 +45,90 @@ class ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        index, view = (int(v) for v in self.rows[i])
-        error = ""
+        return self.group([i])[0]
+
+    def group(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        """Rows at `positions`, all of one image, from one decode: each view seeded by (seed, index, view) exactly
+        as a row decoded alone, so the tensors are bitwise those of `self[i]` for each position."""
+        index = int(self.rows[positions[0], 0])
+        views = [int(self.rows[i, 1]) for i in positions]
+        if any(int(self.rows[i, 0]) != index for i in positions):
+            raise ValueError("a row group must hold rows of one image")
+        error, images = "", []
         try:
-            image = self.split.load(index, self.max_pixels)
-            if view == 0:
-                x = self.eval_transform(image)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
-                    x = self.train_transform(image)
-            self._shape = tuple(x.shape)
+            # augmented views crop down to 0.61 of the shorter side (RandomResizedCrop, area 0.5, aspect 3/4) before
+            # they resize: twice the input size keeps every crop at or above it
+            need = self.draft * (2 if any(views) else 1)
+            image = self.split.load(index, self.max_pixels, need)
+            for view in views:
+                if view == 0:
+                    x = self.eval_transform(image)
+                else:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
+                        x = self.train_transform(image)
+                self._shape = tuple(x.shape)
+                images.append(x)
         except BadImageError as exc:
             error = str(exc)
-            x = torch.zeros(self._shape or self._probe_shape())
-        return {
-            "image": x,
-            "label": int(self.split.labels[index]),
-            "index": index,
-            "view": view,
-            "error": error,
-            "path": self.split.paths[index],
-        }
+            images = [torch.zeros(self._shape or self._probe_shape()) for _ in views]
+        label, path = int(self.split.labels[index]), self.split.paths[index]
+        return [
+            {"image": x, "label": label, "index": index, "view": v, "error": error, "path": path}
+            for x, v in zip(images, views, strict=True)
+        ]
 
     def _probe_shape(self) -> tuple[int, ...]:
         from PIL import Image
 
         self._shape = tuple(self.eval_transform(Image.new("RGB", (32, 32))).shape)
         return self._shape
+
+
+class ImageGroups(Dataset):
+    """An `ImageRows` read one image at a time: item g is the rows `groups[g]` (positions of one image's rows), from
+    one decode. Batch with `group_batches` and collate with `collate_groups`, and each batch holds the same rows,
+    in the same order and bitwise the same, as the row-by-row reader's."""
+
+    def __init__(self, rows: ImageRows, groups: Sequence[Sequence[int]]) -> None:
+        self.rows = rows
+        self.groups = [list(g) for g in groups]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, g: int) -> list[dict[str, Any]]:
+        return self.rows.group(self.groups[g])
+
+
+def group_batches(rows: np.ndarray, batches: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Split each batch of row positions into runs of one image; returns (groups of positions, batches of group
+    numbers). An image whose views straddle two batches is decoded once per batch it appears in."""
+    groups: list[list[int]] = []
+    grouped: list[list[int]] = []
+    for batch in batches:
+        mine: list[int] = []
+        for position in batch:
+            if mine and groups[-1] and int(rows[groups[-1][-1], 0]) == int(rows[position, 0]):
+                groups[-1].append(position)
+            else:
+                groups.append([position])
+                mine.append(len(groups) - 1)
+        grouped.append(mine)
+    return groups, grouped
+
+
+def collate_groups(items: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Collate `ImageGroups` items into one batch, as the default collate would the same rows one by one."""
+    rows = [row for item in items for row in item]
+    return {
+        "image": torch.stack([r["image"] for r in rows]),
+        "label": torch.tensor([r["label"] for r in rows]),
+        "index": torch.tensor([r["index"] for r in rows]),
+        "view": torch.tensor([r["view"] for r in rows]),
+        "error": [r["error"] for r in rows],
+        "path": [r["path"] for r in rows],
+    }
 
 
 def usable_rows(batch: dict[str, Any], skip_bad: bool) -> np.ndarray:
@@ -99,6 +157,7 @@ def make_loader(
     sampler: Any = None,
     drop_last: bool = False,
     batch_sampler: Any = None,
+    collate_fn: Any = None,
 ) -> DataLoader:
     """A DataLoader with ballad's defaults: persistent workers off, pinned memory on GPU, prefetch 4 batches.
 
@@ -112,6 +171,7 @@ def make_loader(
             num_workers=workers,
             pin_memory=pin_memory,
             prefetch_factor=4 if workers > 0 else None,
+            collate_fn=collate_fn,
         )
     return DataLoader(
         dataset,

@@ -176,6 +176,12 @@ class ExtractConfig:
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     skip_bad: bool = option(False, "Skip unreadable images (listed in the manifest) instead of stopping.")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
+    draft: bool = option(
+        False,
+        "Decode JPEGs at 1/2 to 1/8 size in the decoder where the shorter side stays at least the model's input "
+        "(twice it for augmented views): several times faster on large photos; pixels differ slightly from a full "
+        "decode, so the cache's fingerprint records it.",
+    )
     overwrite: bool = option(False, OVERWRITE_HELP + " Here: recompute finished shards.")
 
     def __post_init__(self) -> None:

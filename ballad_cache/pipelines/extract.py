@@ -17,7 +17,15 @@ from ..atomic import disk_error, remove_stale_temps, sha256_json
 from ..distributed import DistContext
 from ..errors import BalladError
 from ..inputs.datasets import LTDataset, load_templates
-from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
+from ..inputs.reader import (
+    ImageGroups,
+    ImageRows,
+    collate_groups,
+    group_batches,
+    make_loader,
+    skipped_row,
+    usable_rows,
+)
 from ..inputs.transforms import train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder
@@ -73,8 +81,15 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
             "seed": config.seed,
             "precision": config.precision,
             "skip_bad": config.skip_bad,
+            **({"draft": True} if config.draft else {}),  # absent when off: caches made before it keep their hash
         }
     )[:16]
+
+
+def draft_size(loaded: LoadedModel, config: ExtractConfig) -> int:
+    """The shorter side JPEG decoding may reduce images to (`--draft`): the model's input size; 0 without it."""
+    size = loaded.preprocess_cfg.get("size", 224)
+    return int(max(size) if isinstance(size, (list, tuple)) else size) if config.draft else 0
 
 
 def extract_split(
@@ -112,6 +127,7 @@ def extract_split(
         augment_of(loaded, config),
         seed=config.seed,
         max_pixels=config.max_pixels,
+        draft=draft_size(loaded, config),
     )
     # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
     # bitwise the same) whichever rank computes it and whatever other shards it computes
@@ -121,12 +137,15 @@ def extract_split(
         for begin, end in zip(starts[:-1], starts[1:], strict=True)
         for a in range(int(begin), int(end), config.batch_size)
     ]
+    # each image is decoded once for all its views in a batch (K + 1 rows of a train image from one decode)
+    groups, grouped = group_batches(reader.rows, batches)
     loader = make_loader(
-        reader,
+        ImageGroups(reader, groups),
         config.batch_size,
         config.workers,
         pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda",
-        batch_sampler=batches,
+        batch_sampler=grouped,
+        collate_fn=collate_groups,
     )
     dim = loaded.embed_dim
     progress.start(f"extract {split}", len(reader))

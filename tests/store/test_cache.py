@@ -224,3 +224,72 @@ def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
         oa, ob = torch.argsort(a.index), torch.argsort(b.index)
         assert torch.equal(a.index[oa], b.index[ob]) and torch.equal(a.labels[oa], b.labels[ob])
         assert torch.allclose(a.features[oa], b.features[ob], atol=2e-3)
+
+
+def test_decoding_once_per_image_gives_the_rows_one_decode_per_row_gave(ballad_data, tmp_path):
+    """Catches a decode-once reader whose rows differ in any bit from decoding every (image, view) row on its own:
+    a view seeded otherwise, views reordered, a transform that altered the shared decoded image, rows of an image
+    that straddles a batch or shard boundary lost or doubled. The reference is the row-by-row reader run here in
+    the same batches (3 views per image, shards of 500 and batches of 50 rows cut through images)."""
+    import h5py
+
+    from ballad_cache.pipelines.extract import augment_of
+
+    ds, loaded = load_dataset("fmnist-lt"), load_model("ballad-micro")
+    cfg = ExtractConfig(splits=("train",), shard_size=500, train_views=2, batch_size=50, dtype="float32", workers=0)
+    extract_features(ds, loaded, tmp_path / "cache", cfg, torch.device("cpu"))
+    cache = FeatureCache(tmp_path / "cache")
+    split = ds.split("train")
+    rows = np.stack([np.repeat(np.arange(len(split)), 3), np.tile(np.arange(3), len(split))], axis=1)
+    augment = augment_of(loaded, cfg)
+
+    def one_row(index: int, view: int) -> torch.Tensor:  # the reader before: a decode per (image, view) row
+        image = split.load(index)
+        if view == 0:
+            return loaded.preprocess_eval(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((cfg.seed, index, view)) & 0x7FFF_FFFF)
+            return augment(image)
+
+    model = loaded.model.eval()
+    for s, entry in enumerate(cache.shard_files("train")):
+        path = cache.path / entry["file"]
+        shard = list(range(s * 500, min((s + 1) * 500, len(rows))))
+        expected = []
+        for a in range(0, len(shard), 50):
+            images = torch.stack([one_row(*rows[i]) for i in shard[a : a + 50]])
+            with torch.inference_mode():
+                expected.append(F.normalize(model.encode_image(images).float(), dim=-1))
+        with h5py.File(path) as h:
+            stored = torch.from_numpy(h["features"][()])
+            assert np.array_equal(h["view"][()], rows[shard, 1])
+        assert torch.equal(stored, torch.cat(expected)), path
+
+
+def test_draft_decoding_is_within_its_stated_tolerance_and_leaves_small_images_alone(tmp_path):
+    """Catches `--draft` reducing an image below the model's input (its shorter side must stay >= the size, twice
+    that for augmented views), drifting further from a full decode than stated (eval view of a 500×375 JPEG at
+    32 px: mean |Δ| < 0.03, max |Δ| < 0.15 in normalised units, whose std is about 0.8), or touching an image it
+    cannot reduce (PNGs, JPEGs under twice the size decode bitwise as without it)."""
+    from bench.extract_views import photo_split
+
+    split = photo_split(tmp_path / "jpeg", 3)
+    loaded = load_model("ballad-micro")
+    for i in range(3):
+        full, reduced = split.load(i), split.load(i, draft=32)
+        assert full.size == (500, 375) and min(reduced.size) >= 32 and reduced.size[0] < 500
+        assert min(split.load(i, draft=64).size) >= 64  # augmented views ask twice the input size
+        a, b = loaded.preprocess_eval(full), loaded.preprocess_eval(reduced)
+        assert (a - b).abs().mean() < 0.03 and (a - b).abs().max() < 0.15
+        assert split.load(i, draft=200).size == (500, 375)  # 375 < 2 × 200: no reduction
+    from PIL import Image
+
+    Image.open(split.files[0]).save(tmp_path / "x.png")
+    png = image_split_of(tmp_path / "x.png")
+    assert np.array_equal(np.asarray(png.load(0, draft=32)), np.asarray(png.load(0)))
+
+
+def image_split_of(path: Path):
+    from ballad_cache.inputs.datasets import ImageSplit
+
+    return ImageSplit("x", np.zeros(1, dtype=np.int64), [str(path)], files=[str(path)])
