@@ -109,7 +109,7 @@ class ImageSplit:
                         raise BadImageError(
                             path, index, f"{width}x{height} pixels, over the budget of {max_pixels} (--max-pixels)"
                         )
-                    if draft and img.format == "JPEG" and min(width, height) >= 2 * draft:
+                    if draft and img.format == "JPEG" and min(width, height) > draft:  # draft keeps >= the request
                         scale = min(width, height) / draft
                         img.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
                     img.load()
