@@ -28,7 +28,7 @@ from ballad_cache.models.encoder import ImageEncoder  # noqa: E402
 from ballad_cache.options import default_workers  # noqa: E402
 from ballad_cache.pipelines import extract as extract_module  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
-from bench.common import write  # noqa: E402
+from bench.common import machine, write  # noqa: E402
 
 
 def photo_split(folder: Path, n: int, width: int = 500, height: int = 375, classes: int = 10) -> ImageSplit:
@@ -133,6 +133,23 @@ def main() -> None:
         "after_over_before": round(results["after"] / results["before"], 2),
     }
     write(a.label, record)
+    md = Path(__file__).resolve().parent / "extract_views.md"
+    table = md.read_text().strip().splitlines() if md.exists() else []
+    if not table:
+        table = [
+            "Written by `python bench/extract_views.py`: extraction rows/s at K views per image against the encoder",
+            "alone on the same number of rows, in one run per line.",
+            "",
+            "| model, data | rows | encode only | before: a decode per row | after: a decode per image | + --draft |",
+            "|---|---|---|---|---|---|",
+        ]
+    r, q = record["rows_per_s"], record["ratio_to_encode_only"]
+    table.append(
+        f"| {a.model}, {record['data']}, K = {a.views} ({machine()}) | {rows} | {encode:.0f} "
+        f"| {r['before']:.0f} ({q['before']:.2f}) | {r['after']:.0f} ({q['after']:.2f}) "
+        f"| {r['after+draft']:.0f} ({q['after+draft']:.2f}) |"
+    )
+    md.write_text("\n".join(table) + "\n")
 
 
 if __name__ == "__main__":

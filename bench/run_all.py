@@ -42,7 +42,16 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--only", default="", help="comma-separated labels to run (default: all)")
     p.add_argument("--results", default=str(HERE / "RESULTS.md"))
+    p.add_argument("--sections-only", action="store_true", help="keep RESULTS.md's CPU table, refresh the rest")
     a = p.parse_args()
+    if a.sections_only:
+        kept = Path(a.results).read_text().split("\n## GPU", 1)[0].splitlines()
+        cpu = [line for line in kept if line.startswith("| ") and not line.startswith("| figure")]
+        machine = next((line.split("machine: ", 1)[1].rstrip(".") for line in kept if "machine: " in line), "")
+        rows = [(*(c.strip(" `") for c in line.strip("|").split(" | ")), machine) for line in cpu]
+        write_results(Path(a.results), [r for r in rows if len(r) == 5])  # type: ignore[misc]
+        print(f"wrote {a.results}")
+        return
     only = set(filter(None, a.only.split(",")))
     out = Path(tempfile.mkdtemp(prefix="ballad-bench-out-"))
     env = {**os.environ, "BALLAD_BENCH_OUT": str(out), "TRANSFORMERS_VERBOSITY": "error"}
@@ -71,6 +80,9 @@ SECTIONS = [
     ("fidelity.md", "Phase-B augmentation: cached views against fresh views at every step"),
     ("heads.md", "Beyond BALLAD on the same cache: losses, heads, prompt ensembles"),
     ("lite.md", "ballad-tiny against ballad-lite through the demo recipe"),
+    ("fp16_official.md", "Phase A in the official fp16 weights against fp32 weights"),
+    ("memory_heads.md", "Heads that remember at ImageNet-LT's shape: search and fits against BALLAD's phase B"),
+    ("extract_views.md", "Extraction with K views: a decode per row against a decode per image"),
 ]
 
 
