@@ -5,6 +5,7 @@ Specs:
                        `dataset-fashion-mnist`, `$BALLAD_DATA/fashion-mnist/`, or downloaded to ~/.cache/ballad).
     cifar100-lt:IF     CIFAR-100-LT (LDAM-DRW profile, n_max 500) from `$BALLAD_DATA/cifar-100-{binary,python}`.
     folder:ROOT        ROOT/{train,val,test}/<class>/<image>.
+    wds:DIR            webdataset tar shards DIR/{train,val,test}/*.tar, class names in DIR/classnames.txt.
     PATH.yaml          a description: root, classnames, splits of OLTR-style list files ("rel/path label").
 
 A dataset resolves to class names, prompt templates and splits; images decode lazily, one at a time.
@@ -13,6 +14,7 @@ A dataset resolves to class names, prompt templates and splits; images decode la
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pickle
@@ -64,7 +66,8 @@ class BadImageError(BalladError):
 class ImageSplit:
     """One split: labels, a display path per row, and a way to decode row i to a PIL image.
 
-    Either `files` (absolute paths) or `pixels` (uint8 N×H×W or N×H×W×3) holds the images.
+    `files` (absolute paths), `pixels` (uint8 N×H×W or N×H×W×3) or `members` (tar file, byte offset and size of
+    the image member: webdataset shards, read by seeking) holds the images.
     """
 
     name: str
@@ -72,6 +75,7 @@ class ImageSplit:
     paths: list[str]
     files: list[str] | None = None
     pixels: np.ndarray | None = None
+    members: list[tuple[str, int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -84,6 +88,7 @@ class ImageSplit:
             [self.paths[i] for i in indices],
             files=[self.files[i] for i in indices] if self.files is not None else None,
             pixels=self.pixels[indices] if self.pixels is not None else None,
+            members=[self.members[i] for i in indices] if self.members is not None else None,
         )
 
     def load(self, index: int, max_pixels: int = DEFAULT_MAX_PIXELS, draft: int = 0) -> Any:
@@ -98,12 +103,26 @@ class ImageSplit:
 
         if self.pixels is not None:
             return Image.fromarray(self.pixels[index]).convert("RGB")
-        assert self.files is not None
-        path = self.files[index]
+        source: Any
+        if self.members is not None:
+            path = self.paths[index]
+            tar, offset, size = self.members[index]
+            try:
+                with open(tar, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(size)
+            except OSError as exc:
+                raise BadImageError(path, index, f"cannot read {tar}: {exc.strerror or exc}") from None
+            if len(data) != size:
+                raise BadImageError(path, index, f"{tar} ends inside this member (truncated shard)")
+            source = io.BytesIO(data)
+        else:
+            assert self.files is not None
+            path = source = self.files[index]
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own budget decides
-                with Image.open(path) as img:
+                with Image.open(source) as img:
                     width, height = img.size
                     if width * height > max_pixels:
                         raise BadImageError(
@@ -195,6 +214,19 @@ DATASETS: Registry[Callable[[str | None], LTDataset]] = Registry("dataset")
 DATASETS.register("fmnist-lt", _fmnist, help="fmnist-lt[:IF], Fashion-MNIST made long-tailed (the embedded default)")
 DATASETS.register("cifar100-lt", _cifar, help="cifar100-lt:IF, CIFAR-100-LT from $BALLAD_DATA")
 DATASETS.register("folder", _folder, help="folder:ROOT, ROOT/{train,val,test}/<class>/<image>")
+
+
+def _wds(arg: str | None) -> LTDataset:
+    from .webdataset import webdataset
+
+    if not arg:
+        raise BalladError("wds: needs a folder, e.g. wds:/data/shards (holding {train,val,test}/*.tar)")
+    return webdataset(Path(arg))
+
+
+DATASETS.register(
+    "wds", _wds, help="wds:DIR, webdataset tar shards DIR/{train,val,test}/*.tar (.jpg/.png/.webp + .cls members)"
+)
 
 
 def list_datasets() -> list[str]:

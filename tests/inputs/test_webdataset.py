@@ -1,0 +1,123 @@
+"""`wds:` datasets: webdataset tar shards read by seeking, equal to the folder they were packed from."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ballad_cache.errors import BalladError
+from ballad_cache.inputs.datasets import load_dataset
+from cli.main import app
+
+runner = CliRunner()
+COUNTS = {"train": [24, 12, 6], "val": [3, 3, 3], "test": [3, 3, 3]}
+
+
+def folder_dataset(root: Path) -> Path:
+    """ROOT/{train,val,test}/<class>/<image>.png: 3 classes of small coloured images."""
+    rng = np.random.default_rng(0)
+    for split, counts in COUNTS.items():
+        for c, n in enumerate(counts):
+            (root / split / f"class_{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(rng.normal(80 * c, 40, (24, 20, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"class_{c}" / f"{i:03d}.png")
+    return root
+
+
+def pack(folder: Path, out: Path, shards: int = 4, corrupt: str | None = None) -> Path:
+    """The folder dataset as webdataset tars, samples in the folder dataset's row order, dealt into `shards` tars
+    per split in runs; `corrupt` names a key whose image bytes are replaced by garbage."""
+    ds = load_dataset(f"folder:{folder}")
+    out.mkdir(parents=True)
+    (out / "classnames.txt").write_text("\n".join(ds.classnames) + "\n")
+    for name, split in ds.splits.items():
+        (out / name).mkdir()
+        n = len(split)
+        bounds = np.linspace(0, n, shards + 1).astype(int)
+        for s in range(shards):
+            with tarfile.open(out / name / f"{name}-{s:03d}.tar", "w") as tar:
+                for i in range(bounds[s], bounds[s + 1]):
+                    key = f"{name}/{i:06d}"
+                    image = Path(split.files[i]).read_bytes()
+                    if key == corrupt:
+                        image = b"not an image at all" * 10
+                    for ext, data in (("png", image), ("cls", str(int(split.labels[i])).encode())):
+                        info = tarfile.TarInfo(f"{key}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+    return out
+
+
+def rows(cache: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    manifest = json.loads((cache / "manifest.json").read_text())
+    feats, labels, views = [], [], []
+    for entry in manifest["splits"][split]["shards"]:
+        with h5py.File(cache / entry["file"]) as h:
+            feats.append(h["features"][()])
+            labels.append(h["labels"][()])
+            views.append(h["view"][()])
+    return np.concatenate(feats), np.concatenate(labels), np.concatenate(views)
+
+
+def extract(data: str, out: Path, *extra: str):
+    args = ["extract-features", "--data", data, "--model", "ballad-micro", "--pretrained", "none", "--out", str(out)]
+    return runner.invoke(app, [*args, "--train-views", "2", "--batch-size", "16", "--workers", "0", *extra])
+
+
+def test_wds_shards_give_the_folders_rows_bitwise_and_a_bad_member_is_skipped(tmp_path):
+    """Catches a wds: reader whose samples come out of order, lose or double a sample at a tar boundary, read the
+    wrong bytes (offsets), mislabel one (.cls), or seed its views otherwise than a folder's: the features of the
+    same images packed into four tars per split equal the folder's bit for bit. Then a member that is not an image
+    is skipped and listed with --skip-bad, and stops the run without it."""
+    folder = folder_dataset(tmp_path / "folder")
+    shards = pack(folder, tmp_path / "wds")
+    a = extract(f"folder:{folder}", tmp_path / "cache-folder")
+    assert a.exit_code == 0, a.output
+    b = extract(f"wds:{shards}", tmp_path / "cache-wds")
+    assert b.exit_code == 0, b.output
+    for split in ("train", "val", "test"):
+        fa, la, va = rows(tmp_path / "cache-folder", split)
+        fb, lb, vb = rows(tmp_path / "cache-wds", split)
+        assert len(fa) == (sum(COUNTS[split]) * (3 if split == "train" else 1))
+        assert np.array_equal(la, lb) and np.array_equal(va, vb)
+        assert np.array_equal(fa, fb), split
+    ds = load_dataset(f"wds:{shards}")
+    assert ds.split("train").paths[:2] == ["train/000000", "train/000001"]  # the key is the row's path
+
+    broken = pack(folder, tmp_path / "wds-bad", corrupt="train/000030")
+    stop = extract(f"wds:{broken}", tmp_path / "cache-stop")
+    assert stop.exit_code == 1 and "train/000030" in stop.output and "--skip-bad" in stop.output
+    skip = extract(f"wds:{broken}", tmp_path / "cache-skip", "--skip-bad")
+    assert skip.exit_code == 0, skip.output
+    manifest = json.loads((tmp_path / "cache-skip" / "manifest.json").read_text())
+    assert [(s["split"], s["path"]) for s in manifest["skipped"]] == [("train", "train/000030")]
+
+
+def test_bad_shards_stop_with_one_line_naming_the_file(tmp_path):
+    """Catches a tar with no usable sample, a .cls that is not a class index, counts that differ from sizes.json,
+    or a split folder without tars passing silently (an empty split would give an empty cache)."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+    (shards / "val" / "sizes.json").write_text(json.dumps({"val-000.tar": 99}))
+    with pytest.raises(BalladError, match=r"val-000.tar holds 2 samples, .*sizes.json says 99"):
+        load_dataset(f"wds:{shards}")
+    (shards / "val" / "sizes.json").unlink()
+    with tarfile.open(shards / "test" / "test-001.tar", "w") as tar:
+        info = tarfile.TarInfo("x/readme.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(BalladError, match=r"test-001.tar holds no sample with both an image"):
+        load_dataset(f"wds:{shards}")
+    for tar in (shards / "test").glob("*.tar"):
+        tar.unlink()
+    with pytest.raises(BalladError, match=r"test holds no .tar shards") as info:
+        load_dataset(f"wds:{shards}")
+    assert "\n" not in str(info.value)
