@@ -121,3 +121,25 @@ def test_bad_shards_stop_with_one_line_naming_the_file(tmp_path):
     with pytest.raises(BalladError, match=r"test holds no .tar shards") as info:
         load_dataset(f"wds:{shards}")
     assert "\n" not in str(info.value)
+
+
+def test_finetune_and_predict_read_wds_data(tmp_path):
+    """Catches a command that takes `--data` but cannot read tar shards (finetune's epoch sampler, predict's split
+    reader): both run on `wds:` and predict scores every test sample under its key."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+    data = f"wds:{shards}"
+    common = ["--model", "ballad-micro", "--pretrained", "none", "--workers", "0", "--device", "cpu"]
+    r = runner.invoke(
+        app,
+        ["finetune", "--data", data, *common, "--out", str(tmp_path / "a"), "--epochs", "2", "--batch-size", "8"],
+    )
+    assert r.exit_code == 0, r.output
+    assert extract(data, tmp_path / "cache").exit_code == 0
+    fit = ["fit-adapter", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "ad"), "--batch-size", "8"]
+    assert runner.invoke(app, [*fit, "--epochs", "2"]).exit_code == 0
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--data", data, "--split", "test", *common, "--adapter", str(tmp_path / "ad")]
+    r = runner.invoke(app, [*args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 + 9 and lines[1].startswith("test/000000,")
