@@ -620,10 +620,11 @@ def memory_tensors(memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _load_memory(
     folder: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], cache: FeatureCache | None
 ) -> MemoryHead:
-    """The memory head stored in an adapter file; the prior comes from its cache's training counts."""
+    """The memory head stored in an adapter file; the prior comes from the training counts recorded at the fit (so
+    an adapter handed another cache reaches the fingerprint check and its message)."""
     own = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
-    counts = read_json(folder / ADAPTER_META).get("train_class_counts")
-    if cache is not None:
+    counts = read_json(folder / ADAPTER_META).get("train_class_counts")  # recorded at the fit
+    if counts is None and cache is not None:
         counts = cache.train_counts.tolist()
     if not isinstance(counts, list):
         raise BalladError(f"{folder / ADAPTER_META} lacks the training counts of its {config.head} head; refit it")

@@ -56,7 +56,12 @@ class AdapterConfig:
         "Memory heads: an image's feature is the mean of its cached views, or its eval view.",
         choices=("mean", "eval"),
     )
-    shrinkage: float = option(0.1, "gda: shared covariance shrunk to (1 - s) cov + s tr(cov)/d I.", min=0.0, max=1.0)
+    shrinkage: float = option(
+        0.1,
+        "gda: shared covariance shrunk to (1 - s) cov + s tr(cov)/d I (above 0: the raw one may be singular).",
+        above=0.0,
+        max=1.0,
+    )
     adjust_tau: float = option(0.0, "Memory heads: logit adjustment, logits - tau * log prior (0: none).")
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     seed: int = option(0, "Seeds W's init, the index stream, the view draws and tip's key cap.", min=0)
@@ -74,6 +79,8 @@ class AdapterConfig:
         if head.memory and not head.learnable:
             return None  # built in closed form: nothing to train
         learnable_head = head.learnable and (self.head_lr if self.head_lr is not None else self.lr)
+        if head.memory and self.head_lr == 0:
+            return "--head-lr 0: tip-f's keys keep their values"
         if head.memory and self.epochs > 0:
             return None  # tip-f trains its keys at --head-lr under a per-step cosine
         if self.epochs == 0:

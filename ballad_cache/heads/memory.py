@@ -16,8 +16,8 @@ precompute val's top affinities once and score thousands of (α, β, γ, τ) poi
 GDA (Wang et al., ICLR 2024) is linear discriminant analysis on the features: class means M and one shared
 covariance. Here the covariance is the mean of the per-class covariances (each class weighs the same, so the head
 classes do not set the shape alone; scikit-learn's LDA does the same with uniform priors) shrunk towards its mean
-variance, (1 − s)·Σ + s·tr(Σ)/d·I: with d = 1024 and five images in a tail class the raw estimate is singular in
-the tail's directions, and a fixed s searched on val is simpler and as good as Ledoit-Wolf's estimate here. The
+variance, (1 − s)·Σ + s·tr(Σ)/d·I: in d = 1024 dimensions the estimate is poorly conditioned (its small eigenvalues
+are noise that Σ⁻¹ amplifies), and a fixed s searched on val is simpler than Ledoit-Wolf's estimate. The
 prior is uniform, so the head is balanced by construction. NCM (nearest class mean, cosine) is its cheapest end.
 """
 
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import BalladError
 from ..store.cache import SplitFeatures
 from .config import AdapterConfig
 from .terms import HEADS, LOGIT_SCALE
@@ -141,7 +142,12 @@ def gda_head(
     present = int((counts > 0).sum())
     cov = (centred * weight.unsqueeze(1)).T @ centred / max(present, 1)
     cov = (1.0 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d) * torch.eye(d, dtype=torch.float64)
-    w = torch.linalg.solve(cov, means.T).T  # M Σ⁻¹ (Σ is symmetric)
+    try:
+        w = torch.linalg.solve(cov, means.T).T  # M Σ⁻¹ (Σ is symmetric)
+    except RuntimeError:  # torch.linalg.LinAlgError: a singular covariance (too few images for its dimension)
+        raise BalladError(
+            f"gda: the covariance is singular at shrinkage {shrinkage}; use a larger --shrinkage"
+        ) from None
     b = -0.5 * (w * means).sum(dim=1)
     return w.float(), b.float()
 
@@ -189,8 +195,11 @@ class MemoryHead:
 
 
 def memory_keys(train: SplitFeatures, config: AdapterConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and integer values of a cache head: one key per training image (`key_view`), capped per class."""
+    """One normalised feature per training image (`key_view`) and its label: a tip head's keys and values (capped
+    per class), or what gda and ncm estimate their class means (and covariance) from."""
     keys, labels, _ = key_features(train, config.key_view)
+    if config.head not in ("tip", "tip-f"):  # the class means and covariance use every image
+        return keys, labels
     keep = cap_per_class(labels, config.keys_per_class, config.seed)
     return keys[keep], labels[keep]
 
@@ -252,9 +261,10 @@ def train_tip_f(
     progress: Any = None,
 ) -> tuple[MemoryHead, list[float], int, int]:
     """Tip-Adapter-F: the keys trained with AdamW (eps 1e-4, Tip-Adapter-F's) at `head_lr` (default 1e-3) under a
-    per-step cosine, on one cached view per draw from the configured sampler, with the configured loss; the keys
-    are renormalised after every step (Tip-Adapter-F normalises them in its forward). The residual adapter is not
-    used. Returns the head of the best val epoch (or the last), the val top-1 per epoch, that epoch and the steps."""
+    per-step cosine, on one cached view per draw from the configured sampler, with the configured loss. The keys
+    are L2-normalised inside the forward and stored normalised (Tip-Adapter-F uses its trained keys unnormalised;
+    normalising keeps β on the scale of cosine affinities). The residual adapter is not used. Returns the head of
+    the best val epoch (or the last), the val top-1 per epoch, that epoch and the steps."""
     from ..schedules import SCHEDULES
     from .adapter import TrainRows, batch_schedule
     from .terms import LossContext
@@ -320,7 +330,8 @@ def search_points(
 
     Memory: the keys and queries, the top affinities and their key labels (Q × k · 12 bytes), at most
     `AFFINITY_BUDGET` bytes of full affinities while they are ranked, and three Q×C float32 matrices (text logits,
-    one cache term, one point's logits); with a neighbour count of 0 the top affinities are all Q × N of them."""
+    one cache term, one point's logits). Points over every key (neighbours 0) recompute the affinities in chunks
+    of the same budget for each (β, γ) instead of keeping Q × N of them."""
     num_classes = len(log_prior)
     q = F.normalize(queries.float(), dim=-1)
     base = LOGIT_SCALE * q @ F.normalize(text.float(), dim=-1).T
@@ -339,18 +350,21 @@ def search_points(
         first = configs[members[0]]
         keys, values = memory_keys(train, first, num_classes)
         if first.head == "tip":
-            widest = max(configs[i].neighbours for i in members)
-            k = len(keys) if any(configs[i].neighbours <= 0 for i in members) else min(widest, len(keys))
-            affinity, index = top_affinities(q, keys, k)
-            labels = values[index]
             by_term: dict[tuple[float, float, int], list[int]] = {}
             for i in members:
                 c = configs[i]
                 n = len(keys) if c.neighbours <= 0 else min(c.neighbours, len(keys))
                 by_term.setdefault((c.beta, c.gamma, n), []).append(i)
+            bounded = [n for (_, _, n) in by_term if n < len(keys)]
+            if bounded:  # the widest neighbour set, ranked once; narrower ones are its first columns
+                affinity, index = top_affinities(q, keys, max(bounded))
+                labels = values[index]
             for (beta, gamma, n), sharing in by_term.items():  # one Q×C term alive at a time
                 weights = class_weights(values, num_classes, gamma)
-                term = cache_term_from(affinity[:, :n], labels[:, :n], weights, beta, num_classes)
+                if n < len(keys):
+                    term = cache_term_from(affinity[:, :n], labels[:, :n], weights, beta, num_classes)
+                else:  # every key: no ranking, the affinities recomputed in bounded query chunks
+                    term = cache_term(q, keys, values, weights, beta, 0, num_classes)
                 for i in sharing:
                     finish(i, term)
         else:

@@ -34,7 +34,11 @@ class ImageRows(Dataset):
     ) -> None:
         self.split = split
         self.draft = draft  # decode JPEGs reduced while their shorter side keeps this many pixels (0: full size)
+        # augmented views crop down to 0.61 of the shorter side (RandomResizedCrop, area 0.5, aspect 3/4) before they
+        # resize: twice the input keeps every crop at or above it. Fixed per reader (not per batch), so a row's
+        # pixels never depend on which other rows share its batch
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
+        self._draft_side = draft * (2 if (self.rows[:, 1] > 0).any() else 1)
         self.eval_transform = eval_transform
         self.train_transform = train_transform or eval_transform
         self.seed = seed
@@ -56,10 +60,7 @@ class ImageRows(Dataset):
             raise ValueError("a row group must hold rows of one image")
         error, images = "", []
         try:
-            # augmented views crop down to 0.61 of the shorter side (RandomResizedCrop, area 0.5, aspect 3/4) before
-            # they resize: twice the input size keeps every crop at or above it
-            need = self.draft * (2 if any(views) else 1)
-            image = self.split.load(index, self.max_pixels, need)
+            image = self.split.load(index, self.max_pixels, self._draft_side)
             for view in views:
                 if view == 0:
                     x = self.eval_transform(image)

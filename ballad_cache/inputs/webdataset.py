@@ -75,7 +75,8 @@ def webdataset_split(folder: Path, split: str, num_classes: int) -> ImageSplit:
     """The samples of `folder`'s tars (sorted by name) as an ImageSplit read by seeking.
 
     Raises:
-        BalladError: no tars, a bad tar (see `index_tar`), or counts that differ from `sizes.json`.
+        BalladError: no tars, a bad tar (see `index_tar`), a key in two tars, or counts that differ from
+            `sizes.json`.
     """
     tars = sorted(folder.glob("*.tar"))
     if not tars:
@@ -83,6 +84,7 @@ def webdataset_split(folder: Path, split: str, num_classes: int) -> ImageSplit:
     sizes_file = folder / "sizes.json"
     sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else None
     keys, labels, members = [], [], []
+    seen: dict[str, Path] = {}
     for tar in tars:
         samples = index_tar(tar, num_classes)
         if isinstance(sizes, dict) and tar.name in sizes and int(sizes[tar.name]) != len(samples):
@@ -90,6 +92,11 @@ def webdataset_split(folder: Path, split: str, num_classes: int) -> ImageSplit:
                 f"{tar} holds {len(samples)} samples, {sizes_file} says {sizes[tar.name]}; fix or delete sizes.json"
             )
         for key, label, offset, size in samples:
+            if key in seen:
+                raise BalladError(
+                    f"sample key '{key}' is in both {seen[key]} and {tar}; a key names one row: rename one"
+                )
+            seen[key] = tar
             keys.append(key)
             labels.append(label)
             members.append((str(tar), offset, size))

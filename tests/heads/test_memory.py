@@ -13,6 +13,7 @@ from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.memory import build_memory_head, search_points
 from ballad_cache.inputs.longtail import class_log_prior
 from ballad_cache.pipelines.phase_b import expand_grid, family_grid
+from ballad_cache.store.cache import SplitFeatures
 from cli.main import app
 
 runner = CliRunner()
@@ -221,3 +222,38 @@ def test_family_all_ranks_every_family_together(lt_cache, tmp_path):
         app, ["sweep", "--cache", str(lt_cache.path), "--out", str(tmp_path / "x"), "--family", "tip", "--alpha", "1,2"]
     )
     assert bad.exit_code == 2 and "--alpha" in bad.output
+
+
+def test_keys_are_the_mean_of_each_images_augmented_views_and_gda_logits_blend(lt_cache):
+    """Catches keys built from the eval view (or one view) where augmented views exist, views of another image
+    mixed in, `--key-view eval` ignored, and gda logits other than 100·f·Tᵀ + α·(f·Wᵀ + b) − τ·log prior."""
+    rng = np.random.default_rng(0)
+    images, views, dim = 12, 4, 8
+    index = np.repeat(np.arange(images), views)
+    view = np.tile(np.arange(views), images)
+    feats = unit(rng.normal(size=(len(index), dim)))
+    order = rng.permutation(len(index))
+    split = SplitFeatures(
+        torch.as_tensor(feats[order]).float(),
+        torch.as_tensor(index[order] % 3),
+        torch.as_tensor(index[order]),
+        torch.as_tensor(view[order]),
+    )
+    config = AdapterConfig(head="tip")
+    head = build_memory_head(split, 3, config, class_log_prior([4, 4, 4]))
+    expected = unit(np.stack([feats[(index == i) & (view > 0)].mean(axis=0) for i in range(images)]))
+    np.testing.assert_allclose(head.tensors["keys"].numpy(), expected, atol=1e-6)
+    assert head.tensors["values"].tolist() == [i % 3 for i in range(images)]
+    eval_keys = build_memory_head(split, 3, AdapterConfig(head="tip", key_view="eval"), class_log_prior([4, 4, 4]))
+    np.testing.assert_allclose(eval_keys.tensors["keys"].numpy(), feats[view == 0], atol=1e-6)
+
+    train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
+    gda = build_memory_head(train, 10, AdapterConfig(head="gda", alpha=0.3, adjust_tau=0.8), prior(lt_cache))
+    f, t = unit(test.features.double().numpy()), lt_cache.text_embeddings().double().numpy()
+    w, b = gda.tensors["weight"].double().numpy(), gda.tensors["bias"].double().numpy()
+    expected = 100 * f @ t.T + 0.3 * (f @ w.T + b) - 0.8 * prior(lt_cache).double().numpy()
+    np.testing.assert_allclose(
+        gda.logits(test.features, lt_cache.text_embeddings()).numpy(), expected, rtol=1e-4, atol=1e-2
+    )
+    with pytest.raises(Exception, match="shrinkage"):
+        AdapterConfig(head="gda", shrinkage=0.0)

@@ -143,3 +143,16 @@ def test_finetune_and_predict_read_wds_data(tmp_path):
     assert r.exit_code == 0, r.output
     lines = out.read_text().splitlines()
     assert len(lines) == 1 + 9 and lines[1].startswith("test/000000,")
+
+
+def test_a_key_in_two_tars_is_refused(tmp_path):
+    """Catches two samples under one key (a key is a row's id in the cache: resume and --skip-bad name rows by it)."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+    with tarfile.open(shards / "val" / "val-000.tar") as tar:
+        first = tar.getmembers()[:2]
+        data = [tar.extractfile(m).read() for m in first]
+    with tarfile.open(shards / "val" / "val-003.tar", "a") as tar:
+        for member, payload in zip(first, data, strict=True):
+            tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(BalladError, match=r"key 'val/000000' is in both .*val-000.tar and .*val-003.tar"):
+        load_dataset(f"wds:{shards}")

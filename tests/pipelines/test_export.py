@@ -232,9 +232,10 @@ def test_export_and_predict_use_a_trained_cosine_head(vit_pipeline, ballad_data,
     assert (got - expected).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("head", ["text", "cosine"])
+@pytest.mark.parametrize("head", ["text", "cosine", "tip", "gda", "ncm"])
 def test_the_readme_snippet_gives_the_classifier_probabilities(head, vit_pipeline, ballad_data, tmp_path):
-    """Catches a README snippet that hard-codes CLIP's scale 100 (wrong for a cosine head's 25)."""
+    """Catches a README snippet that hard-codes CLIP's scale 100 (wrong for a cosine head's 25) or leaves out a
+    memory head's term (tip with 7 neighbours, γ and τ; gda; ncm)."""
     import re
 
     from PIL import Image
@@ -242,7 +243,9 @@ def test_the_readme_snippet_gives_the_classifier_probabilities(head, vit_pipelin
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     snippet = re.search(r"## Use your classifier.*?```python\n(.*?)```", readme, re.S).group(1)
     cache = FeatureCache(vit_pipeline["cache"])
-    fit_on_cache(cache, AdapterConfig(epochs=3, batch_size=128, head=head, head_scale=30.0), tmp_path / "ad")
+    memory = {"alpha": 2.0, "gamma": 0.5, "neighbours": 7, "adjust_tau": 0.5} if head in ("tip", "gda", "ncm") else {}
+    config = AdapterConfig(epochs=3, batch_size=128, head=head, head_scale=30.0, **memory)
+    fit_on_cache(cache, config, tmp_path / "ad")
     export_classifier(build_classifier(f"local-dir:{vit_pipeline['model']}", tmp_path / "ad"), tmp_path / "e")
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB")
     scope: dict = {"img": img}
@@ -251,7 +254,7 @@ def test_the_readme_snippet_gives_the_classifier_probabilities(head, vit_pipelin
     with torch.no_grad():
         expected = classifier.logits(classifier.loaded.preprocess_eval(img)[None]).softmax(-1)
     torch.testing.assert_close(scope["probs"], expected, atol=1e-5, rtol=1e-4)
-    assert scope["scale"] == (100.0 if head == "text" else 30.0)
+    assert scope["scale"] == (30.0 if head == "cosine" else 100.0)
 
 
 @pytest.mark.parametrize("head", ["tip", "tip-f", "gda", "ncm"])
