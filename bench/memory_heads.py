@@ -67,8 +67,8 @@ def phase(name: str, a: argparse.Namespace) -> dict[str, float]:
         )
         out["points"] = len(configs)
         out["best_val_top1"] = max(r["top1"] for r in reports)
-    elif name == "tip-f":
-        config = AdapterConfig(head="tip-f", epochs=1)
+    elif name == "tip-f":  # 16 keys a class: every step scores its batch against all keys, forward and backward
+        config = AdapterConfig(head="tip-f", epochs=1, keys_per_class=16)
         head = build_memory_head(train, len(counts), config, log_prior)
         train_tip_f(head, train, text, config, LOSSES.get("ce").fn, (val, val_labels))
     else:
@@ -120,7 +120,7 @@ def main() -> None:
         "ballad": "BALLAD phase B (10 epochs, batch 512, val each epoch)",
         "search": f"tip: training-free search of {results.get('search', {}).get('points', 0):.0f} (α, β) points on val",
         "tip": "tip: build the keys and score val",
-        "tip-f": "tip-f: 1 epoch of key training",
+        "tip-f": "tip-f: 1 epoch of key training (16 keys a class)",
         "gda": "gda: means, shared covariance, solve, score val",
         "ncm": "ncm: class means, score val",
     }

@@ -124,27 +124,29 @@ FAMILIES.register(
     "tip",
     {
         "head": ["tip"],
-        "alpha": [0.25, 0.5, 1.0, 2.0, 4.0, 8.0],
-        "beta": [1.0, 2.0, 3.5, 5.5, 8.0, 12.0],
+        "alpha": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
+        "beta": [0.5, 1.0, 2.0, 3.5, 5.5, 8.0],
         "gamma": [0.0, 0.5, 1.0],
         "keys_per_class": [0, 16],
-        "adjust_tau": [0.0, 0.5, 1.0],
+        "adjust_tau": [0.0, 0.5, 1.0, 1.5],
     },
-    help="training-free cache (648 points)",
+    help="training-free cache (1008 points)",
 )
 FAMILIES.register("tip-f", {"head": ["tip-f"], "gamma": [0.0, 1.0]}, help="cache with trained keys")
 FAMILIES.register(
     "gda",
     {
         "head": ["gda"],
-        "alpha": [0.01, 0.03, 0.1, 0.3, 1.0],
-        "shrinkage": [0.01, 0.1, 0.5],
-        "adjust_tau": [0.0, 0.5, 1.0],
+        "alpha": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
+        "shrinkage": [0.001, 0.01, 0.1, 0.5],
+        "adjust_tau": [0.0, 0.5, 1.0, 1.5],
     },
-    help="closed-form Gaussian head",
+    help="closed-form Gaussian head (112 points)",
 )
 FAMILIES.register(
-    "ncm", {"head": ["ncm"], "alpha": [0.25, 0.5, 1.0, 2.0, 4.0], "adjust_tau": [0.0, 0.5, 1.0]}, help="class means"
+    "ncm",
+    {"head": ["ncm"], "alpha": [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0], "adjust_tau": [0.0, 0.5, 1.0, 1.5]},
+    help="class means (28 points)",
 )
 FAMILIES.register("all", {}, help="every family above, ranked together")
 
