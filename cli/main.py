@@ -28,7 +28,9 @@ app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 
 # the options every command spells the same way
-Data = Annotated[str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:IF, folder:ROOT, PATH.yaml.")]
+Data = Annotated[
+    str, typer.Option("--data", help="Dataset spec: fmnist-lt, cifar100-lt:IF, folder:ROOT, wds:DIR, PATH.yaml.")
+]
 Model = Annotated[
     str, typer.Option("--model", help="open_clip name (ViT-B-16), a registered one (ballad-lite), or local-dir:PATH.")
 ]

@@ -43,9 +43,14 @@ class AdapterConfig:
         None, "Learning rate of a learnable head (default: --lr; tip-f: 1e-3 with AdamW).", min=0.0
     )
     alpha: float = option(
-        1.0, "Weight of a memory head's term beside the text head (tip: Tip-Adapter's alpha; gda, ncm: blend).", min=0.0
+        1.0,
+        "Weight of a memory head's term beside the text head (tip: Tip-Adapter's alpha; gda, ncm: blend).",
+        min=0.0,
+        max=1e6,
     )
-    beta: float = option(5.5, "Sharpness of tip's affinities exp(-beta (1 - f.key)) (Tip-Adapter: 5.5).", min=0.0)
+    beta: float = option(
+        5.5, "Sharpness of tip's affinities exp(-beta (1 - f.key)) (Tip-Adapter: 5.5).", min=0.0, max=80.0
+    )
     gamma: float = option(
         0.0, "tip: keys of class c weigh n_c^-gamma (0: Tip-Adapter; 1: every class's keys weigh the same).", min=0.0
     )
@@ -62,7 +67,9 @@ class AdapterConfig:
         above=0.0,
         max=1.0,
     )
-    adjust_tau: float = option(0.0, "Memory heads: logit adjustment, logits - tau * log prior (0: none).")
+    adjust_tau: float = option(
+        0.0, "Memory heads: logit adjustment, logits - tau * log prior (0: none).", min=-1e3, max=1e3
+    )
     precision: str = option("fp32", "Matmul precision.", choices=PRECISIONS)
     seed: int = option(0, "Seeds W's init, the index stream, the view draws and tip's key cap.", min=0)
 

@@ -279,6 +279,8 @@ def train_tip_f(
     labels_all = train.labels.long()
     context = LossContext([config], head.log_prior)
     total = sum(len(e) for e in epochs)
+    if progress is not None:
+        progress.start("fit tip-f keys", total)
     best_keys, best_acc, best_epoch, tops, step = keys.detach().clone(), -1.0, 0, [], 0
     num_classes = len(weights)
     for epoch, batches in enumerate(epochs, start=1):

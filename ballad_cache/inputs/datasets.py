@@ -104,6 +104,7 @@ class ImageSplit:
         if self.pixels is not None:
             return Image.fromarray(self.pixels[index]).convert("RGB")
         source: Any
+        where = ""
         if self.members is not None:
             path = self.paths[index]
             tar, offset, size = self.members[index]
@@ -115,7 +116,7 @@ class ImageSplit:
                 raise BadImageError(path, index, f"cannot read {tar}: {exc.strerror or exc}") from None
             if len(data) != size:
                 raise BadImageError(path, index, f"{tar} ends inside this member (truncated shard)")
-            source = io.BytesIO(data)
+            source, where = io.BytesIO(data), f"member of {tar}: "
         else:
             assert self.files is not None
             path = source = self.files[index]
@@ -138,7 +139,8 @@ class ImageSplit:
         except Image.DecompressionBombError as exc:
             raise BadImageError(path, index, f"{exc} (over --max-pixels)") from None
         except (OSError, SyntaxError, ValueError, MemoryError) as exc:
-            raise BadImageError(path, index, str(exc) or type(exc).__name__) from None
+            reason = str(exc).split(" <_io.BytesIO")[0] if where else str(exc)  # no object address for a member
+            raise BadImageError(path, index, where + (reason or type(exc).__name__)) from None
 
 
 @dataclass

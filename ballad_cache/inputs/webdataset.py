@@ -50,7 +50,9 @@ def index_tar(tar: Path, num_classes: int) -> list[tuple[str, int, int, int]]:
                 key, ext = split_key(member.name)
                 if key not in images and key not in labels:
                     order.append(key)
-                if ext in IMAGE_EXTS and key not in images:
+                if (ext in IMAGE_EXTS and key in images) or (ext == "cls" and key in labels):
+                    raise BalladError(f"{tar}: sample '{key}' has two {ext} members; a key names one sample")
+                if ext in IMAGE_EXTS:
                     images[key] = (member.offset_data, member.size)
                 elif ext == "cls":
                     handle = archive.extractfile(member)

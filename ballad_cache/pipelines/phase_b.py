@@ -111,6 +111,8 @@ def fit_memory(
             progress,
         )
         extra.update(steps=steps, best_epoch=best_epoch, val_top1_per_epoch=[round(t, 4) for t in tops])
+        if not torch.isfinite(head.tensors["keys"]).all():
+            raise BalladError(f"tip-f diverged: its keys hold NaN/Inf after {steps} steps; lower --head-lr")
     extra["train_seconds"] = time.perf_counter() - t0
     return head, extra
 

@@ -257,3 +257,19 @@ def test_keys_are_the_mean_of_each_images_augmented_views_and_gda_logits_blend(l
     )
     with pytest.raises(Exception, match="shrinkage"):
         AdapterConfig(head="gda", shrinkage=0.0)
+
+
+def test_overflowing_settings_and_a_diverged_tip_f_are_refused(lt_cache, tmp_path):
+    """Catches α or β finite in Python but inf in float32 (a head that scores near 0% without a word), and a tip-f
+    whose keys went NaN being written as a finished adapter."""
+    from ballad_cache.errors import BalladError
+    from ballad_cache.options import OptionError
+    from ballad_cache.pipelines.phase_b import fit_on_cache
+
+    for field, value in (("alpha", 1e300), ("beta", 1e4)):
+        with pytest.raises(OptionError, match=field):
+            AdapterConfig(head="tip", **{field: value})
+    config = AdapterConfig(head="tip-f", epochs=2, batch_size=64, head_lr=1e30)
+    with pytest.raises(BalladError, match="tip-f diverged"):
+        fit_on_cache(lt_cache, config, tmp_path / "ad")
+    assert not (tmp_path / "ad" / "adapter.json").exists()

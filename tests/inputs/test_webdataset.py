@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ballad_cache.errors import BalladError
-from ballad_cache.inputs.datasets import load_dataset
+from ballad_cache.inputs.datasets import BadImageError, load_dataset
 from cli.main import app
 
 runner = CliRunner()
@@ -155,4 +155,18 @@ def test_a_key_in_two_tars_is_refused(tmp_path):
         for member, payload in zip(first, data, strict=True):
             tar.addfile(member, io.BytesIO(payload))
     with pytest.raises(BalladError, match=r"key 'val/000000' is in both .*val-000.tar and .*val-003.tar"):
+        load_dataset(f"wds:{shards}")
+
+
+def test_a_key_twice_in_one_tar_and_a_bad_member_name_the_tar(tmp_path):
+    """Catches one tar's repeated key becoming one sample (the first image with the last label), and an
+    undecodable member reported without its tar."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds", corrupt="test/000004")
+    with pytest.raises(BadImageError, match=r"test/000004.*member of .*test-002.tar: cannot identify image file;"):
+        load_dataset(f"wds:{shards}").split("test").load(4)
+    with tarfile.open(shards / "val" / "val-001.tar", "a") as tar:
+        info = tarfile.TarInfo("val/000002.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"0"))
+    with pytest.raises(BalladError, match=r"val-001.tar: sample 'val/000002' has two cls members"):
         load_dataset(f"wds:{shards}")
