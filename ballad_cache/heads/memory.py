@@ -209,6 +209,13 @@ def build_memory_head(
 ) -> MemoryHead:
     """Build a training-free head (tip, gda, ncm; tip-f before training) from the cached train split."""
     keys, values = memory_keys(train, config, num_classes)
+    return head_from_keys(keys, values, num_classes, config, log_prior)
+
+
+def head_from_keys(
+    keys: torch.Tensor, values: torch.Tensor, num_classes: int, config: AdapterConfig, log_prior: torch.Tensor
+) -> MemoryHead:
+    """A memory head from its keys (one normalised feature per image, see `memory_keys`) and their labels."""
     if config.head in ("tip", "tip-f"):
         tensors = {"keys": keys, "values": values, "class_weight": class_weights(values, num_classes, config.gamma)}
     elif config.head == "gda":
@@ -375,6 +382,6 @@ def search_points(
                 c = configs[i]
                 s = c.shrinkage if c.head == "gda" else 0.0
                 if s not in by_shrinkage:
-                    by_shrinkage[s] = build_memory_head(train, num_classes, c, log_prior).extra_logits(q)
+                    by_shrinkage[s] = head_from_keys(keys, values, num_classes, c, log_prior).extra_logits(q)
                 finish(i, by_shrinkage[s])
     return results

@@ -53,14 +53,15 @@ def fit_on_cache(
     Open `out` with `adapter_folder` first (the CLI does): this function writes into it."""
     progress = progress or NullProgress()
     remove_stale_temps(out)
-    rows = TrainRows.from_split(cache.load_split("train"))
+    train = cache.load_split("train")
+    rows = TrainRows.from_split(train)
     if len(rows.image_labels) == 0:
         raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
     text = cache.text_embeddings()
     split = _val_split(cache)
     val = cache.load_split(split).eval_view() if split else None
     if HEADS.get(config.head).memory:
-        fitted, record = fit_memory(cache, config, val, progress)
+        fitted, record = fit_memory(cache, config, val, progress, train)
         if val is not None:
             record["val"] = _report(fitted.logits(val.features, text), val, cache)
         save_adapter(out, torch.empty(0, text.shape[1]), config, cache, record, memory=fitted.tensors)
@@ -92,12 +93,17 @@ def fit_on_cache(
 
 
 def fit_memory(
-    cache: FeatureCache, config: AdapterConfig, val: SplitFeatures | None, progress: Progress | None = None
+    cache: FeatureCache,
+    config: AdapterConfig,
+    val: SplitFeatures | None,
+    progress: Progress | None = None,
+    train: SplitFeatures | None = None,
 ) -> tuple[MemoryHead, dict[str, Any]]:
     """Build a memory head (tip, gda, ncm) on the cache's train split, or build and train one (tip-f, its best val
-    epoch kept); returns it and what adapter.json records of the fit."""
+    epoch kept); returns it and what adapter.json records of the fit. `train`: the cache's train split, when the
+    caller has it loaded already."""
     t0 = time.perf_counter()
-    train = cache.load_split("train")
+    train = train if train is not None else cache.load_split("train")
     head = build_memory_head(train, cache.num_classes, config, class_log_prior(cache.train_counts))
     extra: dict[str, Any] = {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None}
     if HEADS.get(config.head).learnable:
@@ -345,9 +351,9 @@ def _sweep_memory(
     trained keys saved beside the JSON)."""
     text = cache.text_embeddings()
     free = [i for i, c in enumerate(configs) if not HEADS.get(c.head).learnable]
+    train = cache.load_split("train")
     if free:
         t0 = time.perf_counter()
-        train = cache.load_split("train")
         log_prior = class_log_prior(cache.train_counts)
         reports = search_points(
             [configs[i] for i in free], train, val.features, text, log_prior, lambda lg: _report(lg, val, cache)
@@ -361,7 +367,7 @@ def _sweep_memory(
     for i, config in enumerate(configs):
         if i in set(free):
             continue
-        head, extra = fit_memory(cache, config, val, progress)
+        head, extra = fit_memory(cache, config, val, progress, train)
         report = _report(head.logits(val.features, text), val, cache)
         _save_point(
             points_dir,

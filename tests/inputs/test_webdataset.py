@@ -33,6 +33,12 @@ def folder_dataset(root: Path) -> Path:
     return root
 
 
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def pack(folder: Path, out: Path, shards: int = 4, corrupt: str | None = None) -> Path:
     """The folder dataset as webdataset tars, samples in the folder dataset's row order, dealt into `shards` tars
     per split in runs; `corrupt` names a key whose image bytes are replaced by garbage."""
@@ -50,10 +56,8 @@ def pack(folder: Path, out: Path, shards: int = 4, corrupt: str | None = None) -
                     image = Path(split.files[i]).read_bytes()
                     if key == corrupt:
                         image = b"not an image at all" * 10
-                    for ext, data in (("png", image), ("cls", str(int(split.labels[i])).encode())):
-                        info = tarfile.TarInfo(f"{key}.{ext}")
-                        info.size = len(data)
-                        tar.addfile(info, io.BytesIO(data))
+                    add_member(tar, f"{key}.png", image)
+                    add_member(tar, f"{key}.cls", str(int(split.labels[i])).encode())
     return out
 
 
@@ -111,9 +115,7 @@ def test_bad_shards_stop_with_one_line_naming_the_file(tmp_path):
         load_dataset(f"wds:{shards}")
     (shards / "val" / "sizes.json").unlink()
     with tarfile.open(shards / "test" / "test-001.tar", "w") as tar:
-        info = tarfile.TarInfo("x/readme.txt")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"hi"))
+        add_member(tar, "x/readme.txt", b"hi")
     with pytest.raises(BalladError, match=r"test-001.tar holds no sample with both an image"):
         load_dataset(f"wds:{shards}")
     for tar in (shards / "test").glob("*.tar"):
@@ -165,8 +167,6 @@ def test_a_key_twice_in_one_tar_and_a_bad_member_name_the_tar(tmp_path):
     with pytest.raises(BadImageError, match=r"test/000004.*member of .*test-002.tar: cannot identify image file;"):
         load_dataset(f"wds:{shards}").split("test").load(4)
     with tarfile.open(shards / "val" / "val-001.tar", "a") as tar:
-        info = tarfile.TarInfo("val/000002.cls")
-        info.size = 1
-        tar.addfile(info, io.BytesIO(b"0"))
+        add_member(tar, "val/000002.cls", b"0")
     with pytest.raises(BalladError, match=r"val-001.tar: sample 'val/000002' has two cls members"):
         load_dataset(f"wds:{shards}")
