@@ -1,5 +1,6 @@
 """Extraction with K augmented views per image: one decode per (image, view) row (before) against one decode per
-image for all its rows (after), and with `--draft`, each against the encoder alone on the same rows, in one run.
+image for all its rows (after), with `--draft`, and with `--augment-on device` (with and without `--draft`), each
+against the encoder alone on the same rows, in one run.
 
     python bench/extract_views.py                                  # ballad-micro, 64 JPEGs of 500×375, K = 16
     python bench/extract_views.py --model ballad-lite --data fmnist-lt --images 0    # the demo's train split
@@ -50,6 +51,9 @@ def photo_split(folder: Path, n: int, width: int = 500, height: int = 375, class
     return ImageSplit("train", np.arange(n) % classes, files, files=files)
 
 
+MODES = ("before", "after", "after+draft", "after+device", "after+device+draft")
+
+
 def singleton_groups(rows: np.ndarray, batches):  # type: ignore[no-untyped-def]
     """The reader before decode-once: every row its own group, so every row decodes its image."""
     groups = [[p] for batch in batches for p in batch]
@@ -96,7 +100,8 @@ def main() -> None:
             batch_size=a.batch,
             workers=a.workers,
             precision=a.precision,
-            draft=mode == "after+draft",
+            draft="draft" in mode,
+            augment_on="device" if "device" in mode else "worker",
         )
         try:
             t = time.perf_counter()
@@ -118,7 +123,7 @@ def main() -> None:
         return rows / (time.perf_counter() - t)
 
     results = {"encode only": encode_only()}
-    for mode in ("before", "after", "after+draft"):
+    for mode in MODES:
         results[mode] = extract(mode)
     results["encode only (again)"] = encode_only()
     encode = max(results["encode only"], results["encode only (again)"])
@@ -129,26 +134,25 @@ def main() -> None:
         "views": a.views,
         "rows": rows,
         "rows_per_s": {k: round(v, 1) for k, v in results.items()},
-        "ratio_to_encode_only": {k: round(results[k] / encode, 3) for k in ("before", "after", "after+draft")},
+        "ratio_to_encode_only": {k: round(results[k] / encode, 3) for k in MODES},
         "after_over_before": round(results["after"] / results["before"], 2),
     }
     write(a.label, record)
     md = Path(__file__).resolve().parent / "extract_views.md"
+    header = [
+        "Written by `python bench/extract_views.py`: extraction rows/s at K views per image against the encoder",
+        "alone on the same number of rows (ratio in brackets), in one run per line.",
+        "",
+        "| model, data | rows | encode only | before: a decode per row | after: a decode per image | + --draft "
+        "| --augment-on device | device + --draft |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     table = md.read_text().strip().splitlines() if md.exists() else []
-    if not table:
-        table = [
-            "Written by `python bench/extract_views.py`: extraction rows/s at K views per image against the encoder",
-            "alone on the same number of rows, in one run per line.",
-            "",
-            "| model, data | rows | encode only | before: a decode per row | after: a decode per image | + --draft |",
-            "|---|---|---|---|---|---|",
-        ]
+    if table[: len(header)] != header:  # a table of other columns: start again
+        table = header
     r, q = record["rows_per_s"], record["ratio_to_encode_only"]
-    table.append(
-        f"| {a.model}, {record['data']}, K = {a.views} ({machine()}) | {rows} | {encode:.0f} "
-        f"| {r['before']:.0f} ({q['before']:.2f}) | {r['after']:.0f} ({q['after']:.2f}) "
-        f"| {r['after+draft']:.0f} ({q['after+draft']:.2f}) |"
-    )
+    cells = " | ".join(f"{r[m]:.0f} ({q[m]:.2f})" for m in MODES)
+    table.append(f"| {a.model}, {record['data']}, K = {a.views} ({machine()}) | {rows} | {encode:.0f} | {cells} |")
     md.write_text("\n".join(table) + "\n")
 
 

@@ -17,10 +17,16 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import BalladError
 from ..options import DEFAULT_MAX_PIXELS
 from .datasets import BadImageError, ImageSplit
+from .device_augment import DeviceAugment
 
 
 class ImageRows(Dataset):
-    """Rows of a split as model inputs; an unreadable image yields a zero tensor and its error text."""
+    """Rows of a split as model inputs; an unreadable image yields a zero tensor and its error text.
+
+    With `device_views`, augmented views are not made here: their rows carry `image` None and the view's drawn
+    parameters (`params`), and the first row of each image group the decoded image (`source`, uint8 H×W×C), for
+    `device_augment.assemble` to make the pixels on the encoding device (read them with `ImageGroups`).
+    """
 
     def __init__(
         self,
@@ -31,8 +37,10 @@ class ImageRows(Dataset):
         seed: int = 0,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft: int = 0,
+        device_views: DeviceAugment | None = None,
     ) -> None:
         self.split = split
+        self.device_views = device_views
         self.draft = draft  # decode JPEGs reduced while their shorter side keeps this many pixels (0: full size)
         # augmented views crop down to 0.61 of the shorter side (RandomResizedCrop, area 0.5, aspect 3/4) before they
         # resize: twice the input keeps every crop at or above it. Fixed per reader (not per batch), so a row's
@@ -59,25 +67,44 @@ class ImageRows(Dataset):
         if any(int(self.rows[i, 0]) != index for i in positions):
             raise ValueError("a row group must hold rows of one image")
         error, images = "", []
+        params: list[list[float] | None] = []
+        source: torch.Tensor | None = None
         try:
             image = self.split.load(index, self.max_pixels, self._draft_side)
             for view in views:
+                x, p = None, None
                 if view == 0:
                     x = self.eval_transform(image)
+                    self._shape = tuple(x.shape)
                 else:
                     with torch.random.fork_rng(devices=[]):
-                        torch.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
-                        x = self.train_transform(image)
-                self._shape = tuple(x.shape)
+                        # the CPU generator alone: what torch.manual_seed seeds for CPU transforms, bitwise, without
+                        # its per-call bookkeeping for every accelerator (about 1.5 ms a view)
+                        torch.default_generator.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
+                        if self.device_views is None:
+                            x = self.train_transform(image)
+                            self._shape = tuple(x.shape)
+                        else:
+                            p = self.device_views.draw(image)
+                            if source is None:
+                                source = torch.from_numpy(np.array(image, dtype=np.uint8))
                 images.append(x)
+                params.append(p)
         except BadImageError as exc:
-            error = str(exc)
+            error, source = str(exc), None
             images = [torch.zeros(self._shape or self._probe_shape()) for _ in views]
+            params = [None] * len(views)
         label, path = int(self.split.labels[index]), self.split.paths[index]
-        return [
+        rows: list[dict[str, Any]] = [
             {"image": x, "label": label, "index": index, "view": v, "error": error, "path": path}
             for x, v in zip(images, views, strict=True)
         ]
+        for row, p in zip(rows, params, strict=True):
+            if p is not None:
+                row["params"] = p
+        if source is not None:
+            rows[0]["source"] = source
+        return rows
 
     def _probe_shape(self) -> tuple[int, ...]:
         from PIL import Image
@@ -122,13 +149,36 @@ def group_batches(rows: np.ndarray, batches: Sequence[Sequence[int]]) -> tuple[l
 def collate_groups(items: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Collate `ImageGroups` items into one batch, as the default collate would the same rows one by one."""
     rows = [row for item in items for row in item]
-    return {
-        "image": torch.stack([r["image"] for r in rows]),
+    batch = {
         "label": torch.tensor([r["label"] for r in rows]),
         "index": torch.tensor([r["index"] for r in rows]),
         "view": torch.tensor([r["view"] for r in rows]),
         "error": [r["error"] for r in rows],
         "path": [r["path"] for r in rows],
+    }
+    ready = [i for i, r in enumerate(rows) if r["image"] is not None]
+    if len(ready) == len(rows):
+        return {"image": torch.stack([r["image"] for r in rows]), **batch}
+    # views made on the device (ImageRows with device_views): each image group's decoded image once, its views'
+    # parameters, and where the rows go (see device_augment.assemble)
+    sources: list[torch.Tensor] = []
+    source_of: list[int] = []
+    params: list[list[float]] = []
+    for item in items:
+        if "source" in item[0]:
+            sources.append(item[0]["source"])
+        for r in item:
+            if r["image"] is None:
+                source_of.append(len(sources) - 1)
+                params.append(r["params"])
+    return {
+        "image": torch.stack([rows[i]["image"] for i in ready]) if ready else torch.zeros(0),
+        "ready": torch.tensor(ready, dtype=torch.long),
+        "deferred": torch.tensor([i for i, r in enumerate(rows) if r["image"] is None], dtype=torch.long),
+        "sources": sources,
+        "source_of": torch.tensor(source_of, dtype=torch.long),
+        "params": torch.tensor(params, dtype=torch.float64),
+        **batch,
     }
 
 

@@ -38,6 +38,10 @@ def _official(preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], t
     return official_train_transform(int(size), mean, std)
 
 
+# where `extract-features` makes the augmented views: PIL in the DataLoader workers, or batched tensors on the
+# encoding device (`device_augment.py`)
+AUGMENT_ON = ("worker", "device")
+
 AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
 AUGMENTATIONS.register(
     "official", _official, help="BALLAD's RandomResizedCrop(scale 0.5-1) + flip + ColorJitter(0.4, 0.4, 0.4)"

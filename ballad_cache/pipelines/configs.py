@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..heads.terms import LOGIT_SCALE
-from ..inputs.transforms import AUGMENTATIONS
+from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS
 from ..options import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_HELP,
@@ -164,6 +164,13 @@ class ExtractConfig:
         min=0,
     )
     augment: str = option("official", "Transform of the augmented train views.", choices=AUGMENTATIONS)
+    augment_on: str = option(
+        "worker",
+        "Where augmented views are made: 'worker' (PIL in the DataLoader workers) or 'device' (crop, flip and "
+        "jitter batched on the encoding device, from parameters drawn as the worker path draws them; pixels differ "
+        "in rounding, so the fingerprint records it; bench/extract_views.py, bench/fidelity.py).",
+        choices=AUGMENT_ON,
+    )
     templates: str | None = option(
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )

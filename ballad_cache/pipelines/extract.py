@@ -17,6 +17,7 @@ from ..atomic import disk_error, remove_stale_temps, sha256_json
 from ..distributed import DistContext
 from ..errors import BalladError
 from ..inputs.datasets import LTDataset, load_templates
+from ..inputs.device_augment import DeviceAugment, assemble
 from ..inputs.reader import (
     ImageGroups,
     ImageRows,
@@ -81,7 +82,9 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
             "seed": config.seed,
             "precision": config.precision,
             "skip_bad": config.skip_bad,
-            **({"draft": True} if config.draft else {}),  # absent when off: caches made before it keep their hash
+            # absent when off: caches made before these options keep their hash
+            **({"draft": True} if config.draft else {}),
+            **({"augment_on": config.augment_on} if config.augment_on != "worker" else {}),
         }
     )[:16]
 
@@ -90,6 +93,22 @@ def draft_size(loaded: LoadedModel, config: ExtractConfig) -> int:
     """The shorter side JPEG decoding may reduce images to (`--draft`): the model's input size; 0 without it."""
     size = loaded.preprocess_cfg.get("size", 224)
     return int(max(size) if isinstance(size, (list, tuple)) else size) if config.draft else 0
+
+
+def device_views_of(loaded: LoadedModel, config: ExtractConfig) -> DeviceAugment | None:
+    """The augmentation split into draws and device pixels for `--augment-on device`; None for the worker path.
+
+    Raises:
+        BalladError: the augmentation has a step the device path does not run.
+    """
+    if config.augment_on != "device":
+        return None
+    try:
+        return DeviceAugment(augment_of(loaded, config))
+    except ValueError as exc:
+        raise BalladError(
+            f"--augment-on device cannot run --augment {config.augment}: {exc}; use --augment-on worker"
+        ) from None
 
 
 def extract_split(
@@ -128,6 +147,7 @@ def extract_split(
         seed=config.seed,
         max_pixels=config.max_pixels,
         draft=draft_size(loaded, config),
+        device_views=device_views_of(loaded, config) if views else None,
     )
     # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
     # bitwise the same) whichever rank computes it and whatever other shards it computes
@@ -139,11 +159,12 @@ def extract_split(
     ]
     # each image is decoded once for all its views in a batch (K + 1 rows of a train image from one decode)
     groups, grouped = group_batches(reader.rows, batches)
+    device = getattr(encoder, "device", torch.device("cpu"))
     loader = make_loader(
         ImageGroups(reader, groups),
         config.batch_size,
         config.workers,
-        pin_memory=getattr(encoder, "device", torch.device("cpu")).type == "cuda",
+        pin_memory=device.type == "cuda",
         batch_sampler=grouped,
         collate_fn=collate_groups,
     )
@@ -155,7 +176,7 @@ def extract_split(
     try:
         for batch in loader:
             keep = usable_rows(batch, config.skip_bad)
-            feats = encoder(batch["image"])
+            feats = encoder(assemble(batch, reader.device_views, device))
             n, pos = len(feats), 0
             while pos < n:
                 if writer is None:
@@ -213,6 +234,7 @@ def extract_features(
         encoder: replaces `ImageEncoder(loaded.model, device, config.precision)` (benchmarks, tests).
     """
     config = resolve_splits(config, dataset)
+    device_views_of(loaded, config)  # refuse an augmentation the device cannot run before anything is written
     dist = dist or DistContext()
     progress = progress or NullProgress()
     out = Path(out)
