@@ -11,6 +11,10 @@ val epoch, as the official code does. Mean ± std over seeds (the seed draws the
 views), on fmnist-lt with the demo's phase-A ballad-tiny model, measured in one run.
 
     python bench/fidelity.py [--phase-a DIR/model] [--views 0,1,2,4,8,16] [--seeds 3] [--batch 128]
+    python bench/fidelity.py --views 16 --augment-on worker,device    # the device-made views against PIL's
+
+With `--augment-on worker,device`, the largest K is also extracted with `--augment-on device` (views made on the
+encoding device from the same drawn parameters) and compared with the worker path's K on the same seeds.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -81,6 +86,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128, help="phase-B batch (the demo's; 512 gives 2 steps an epoch)")
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--device", default="auto")
+    p.add_argument("--augment-on", default="worker", help="worker, or worker,device: also the device-made views")
     p.add_argument("--label", default="fidelity", help="name of the JSON written to bench/out/")
     a = p.parse_args()
     device = resolve_device(a.device)
@@ -95,7 +101,10 @@ def main() -> None:
             finetune(dataset, load_model("ballad-tiny"), OUT / "finetune", config, device)
     loaded = load_model(f"local-dir:{model_dir}")
     loaded.model.eval()
+    on_device = "device" in a.augment_on.split(",")
     results: dict[str, list[dict[str, float]]] = {"fresh": [], **{f"K={k}": [] for k in views}}
+    if on_device:
+        results[f"K={max(views)} device"] = []
     seconds: dict[str, list[float]] = {k: [] for k in results}
     for seed in range(a.seeds):
         if seed == 0:  # val and test (eval view) are the same for every seed
@@ -129,6 +138,17 @@ def main() -> None:
             # the extraction's share for K views: K + 1 of the max + 1 views encoded per image
             seconds[f"K={k}"].append(fit.seconds + t_extract * (k + 1) / (max(views) + 1))
             results[f"K={k}"].append(test_report(cache, fit.weights[0], cfg.ratio, counts))
+        if on_device:
+            k, name = max(views), f"K={max(views)} device"
+            t = time.perf_counter()
+            dcfg = replace(xcfg, augment_on="device")
+            extract_features(dataset, loaded, OUT / f"cache-train-device-seed{seed}", dcfg, device)
+            t_device = time.perf_counter() - t
+            dtrain = FeatureCache(OUT / f"cache-train-device-seed{seed}").load_split("train")
+            rows = TrainRows.from_split(with_views(dtrain, k))
+            fit = fit_adapters(rows, text, [cfg], device, val=(val.features, val.labels), stream=stream)
+            seconds[name].append(fit.seconds + t_device)
+            results[name].append(test_report(cache, fit.weights[0], cfg.ratio, counts))
         print(f"seed {seed}: fresh top1 {results['fresh'][-1]['top1']:.2f}", file=sys.stderr)
 
     table: dict[str, dict[str, float]] = {}
@@ -148,6 +168,7 @@ def main() -> None:
     for name, row in table.items():
         cells = " | ".join(f"{row[f'{m}_mean']:.2f} ± {row[f'{m}_std']:.2f}" for m in KEYS)
         label = "fresh views every step (official)" if name == "fresh" else f"cache, {name} views"
+        label = label.replace(" device views", " views made on the device")
         lines.append(f"| {label} | {cells} | {row['wall_s']:.1f} |")
     smallest = min(within) if within else None
     lines += [
@@ -156,8 +177,17 @@ def main() -> None:
         "encoding and training, or the cached run's training plus its share of the extraction. Within one std of",
         f"the fresh-view run on mean top-1 and few-shot: K in {within}; smallest: {smallest}.",
     ]
+    device_within = None
+    if on_device:  # the device-made views against the worker path's at the same K
+        ref, dev = table[f"K={max(views)}"], table[f"K={max(views)} device"]
+        device_within = all(abs(dev[f"{m}_mean"] - ref[f"{m}_mean"]) <= ref[f"{m}_std"] for m in ("top1", "few"))
+        lines.append(
+            f"Views made on the device (--augment-on device), K={max(views)}: "
+            f"{'within' if device_within else 'NOT within'} one std of the worker path's on mean top-1 and few-shot."
+        )
     print("\n".join(lines))
-    (Path(__file__).resolve().parent / "fidelity.md").write_text(
+    md = "fidelity_device.md" if on_device else "fidelity.md"  # the K sweep's table stays in fidelity.md
+    (Path(__file__).resolve().parent / md).write_text(
         f"Written by `python bench/fidelity.py` ({machine()}).\n\n" + "\n".join(lines) + "\n"
     )
     write(
@@ -169,6 +199,7 @@ def main() -> None:
             "table": table,
             "views_within_one_std_of_fresh": within,
             "smallest_k_within_one_std": smallest,
+            "device_views_within_one_std_of_worker": device_within,
         },
     )
 

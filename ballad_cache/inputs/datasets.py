@@ -550,6 +550,41 @@ def _expand(value: str, base: Path, origin: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _yaml_templates(desc: dict[str, Any], base: Path, path: Path) -> list[str]:
+    """A description's `templates` (or `template`): a set name, a .txt file, a '{c}' prompt or a list of them."""
+    raw_templates = desc.get("templates", desc.get("template"))
+    if raw_templates is not None and not (
+        isinstance(raw_templates, str)
+        or (isinstance(raw_templates, list) and all(isinstance(t, str) for t in raw_templates))
+    ):
+        raise BalladError(f"{path}: templates must be a set name, a .txt file, a '{{c}}' prompt or a list of them")
+    if isinstance(raw_templates, str) and "{c}" not in raw_templates:
+        raw_templates = str(_expand(raw_templates, base, path))
+    return load_templates(raw_templates) if raw_templates else ["a photo of a {c}."]
+
+
+def _yaml_webdataset(desc: dict[str, Any], path: Path) -> LTDataset:
+    """A `format: webdataset` description: `classnames`, `splits: {train: PATTERN, ...}`, optional `root`."""
+    from .webdataset import webdataset_from_patterns
+
+    missing = [k for k in ("classnames", "splits") if k not in desc]
+    if missing:
+        raise BalladError(f"{path}: missing key(s) {', '.join(missing)}; see data/datasets/webdataset-example.yaml")
+    root = _expand(str(desc.get("root", ".")), path.parent, path)
+    if not root.is_dir():
+        raise BalladError(f"{path}: shard root {root} does not exist")
+    classnames = check_classnames(read_lines(_expand(str(desc["classnames"]), path.parent, path)), str(path))
+    splits = desc["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(v, str) for v in splits.values()):
+        raise BalladError(
+            f"{path}: splits must map train/val/test to shard patterns, e.g. 'train: train/{{000..099}}.tar'"
+        )
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise BalladError(f"{path}: unknown split '{unknown[0]}' (use train, val, test)")
+    return webdataset_from_patterns(path.stem, classnames, splits, root, _yaml_templates(desc, path.parent, path))
+
+
 def read_split_list(list_file: Path, root: Path, num_classes: int) -> ImageSplit:
     """An OLTR-style list (`relative/path label` per line) as an ImageSplit; bad lines name file and line."""
     files, labels = [], []
@@ -566,7 +601,9 @@ def read_split_list(list_file: Path, root: Path, num_classes: int) -> ImageSplit
 
 
 def yaml_dataset(path: Path) -> LTDataset:
-    """A dataset description file: `root`, `classnames`, `splits: {train, val, test}`, optional `template(s)`."""
+    """A dataset description file: `root`, `classnames`, `splits: {train, val, test}` of OLTR-style list files,
+    optional `template(s)`; or, with `format: webdataset`, splits of tar shard patterns (brace ranges, globs)
+    relative to `root` (default: the file's folder)."""
     import yaml
 
     if not path.exists():
@@ -577,6 +614,11 @@ def yaml_dataset(path: Path) -> LTDataset:
         raise BalladError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(desc, dict):
         raise BalladError(f"{path}: the top level must be a mapping (root:, classnames:, splits:), not a list or text")
+    fmt = desc.get("format", "list")
+    if fmt not in ("list", "webdataset"):
+        raise BalladError(f"{path}: unknown format '{fmt}'; use list (OLTR list files) or webdataset (tar shards)")
+    if fmt == "webdataset":
+        return _yaml_webdataset(desc, path)
     missing = [k for k in ("root", "classnames", "splits") if k not in desc]
     if missing:
         raise BalladError(f"{path}: missing key(s) {', '.join(missing)}; see data/datasets/imagenet-lt.yaml")
@@ -597,15 +639,7 @@ def yaml_dataset(path: Path) -> LTDataset:
         splits[split] = s
     if "train" not in splits:
         raise BalladError(f"{path}: splits needs a train list")
-    raw_templates = desc.get("templates", desc.get("template"))
-    if raw_templates is not None and not (
-        isinstance(raw_templates, str)
-        or (isinstance(raw_templates, list) and all(isinstance(t, str) for t in raw_templates))
-    ):
-        raise BalladError(f"{path}: templates must be a set name, a .txt file, a '{{c}}' prompt or a list of them")
-    if isinstance(raw_templates, str) and "{c}" not in raw_templates:
-        raw_templates = str(_expand(raw_templates, base, path))
-    templates = load_templates(raw_templates) if raw_templates else ["a photo of a {c}."]
+    templates = _yaml_templates(desc, base, path)
     counts = np.bincount(splits["train"].labels, minlength=len(classnames))
     if (counts == 0).any():
         c = int(np.flatnonzero(counts == 0)[0])

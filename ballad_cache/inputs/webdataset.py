@@ -1,4 +1,5 @@
-"""webdataset tar shards as a dataset: `wds:DIR`, with `DIR/{train,val,test}/*.tar` and `DIR/classnames.txt`.
+"""webdataset tar shards as a dataset: `wds:DIR`, with `DIR/{train,val,test}/*.tar` and `DIR/classnames.txt`, or a
+YAML description with `format: webdataset` whose splits are shard patterns (`train/shard-{000..099}.tar`, globs).
 
 A sample is the members of one tar that share a key (webdataset's rule: the member path up to the first dot of its
 file name), its image the `.jpg`/`.jpeg`/`.png`/`.webp` member and its label the `.cls` member (an integer, as
@@ -7,18 +8,23 @@ the cache, so resume, `--skip-bad` and 1 rank = N ranks hold as for folders. Ima
 member's bytes (`tarfile` finds the offsets in one pass over the headers), so any rank or DataLoader worker reads any
 sample without streaming the shard: the extraction keeps its image-major rows and shard boundaries.
 
-`DIR/{split}/sizes.json` (`{"shard.tar": samples, ...}`, as webdataset writers emit) is checked when present; a tar
-with no usable sample, or a split with none, stops with one line naming it.
+`sizes.json` beside the tars (`{"shard.tar": samples, ...}`, as webdataset writers emit) is checked when present;
+where it is missing or lacks a tar, the samples counted in the index pass are recorded there (when the folder is
+writable), so later runs check the shards against them. A tar with no usable sample, or a split with none, stops
+with one line naming it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import re
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_json
 from ..errors import BalladError
 from .datasets import SPLITS, ImageSplit, LTDataset, check_classnames, read_lines
 
@@ -32,8 +38,9 @@ def split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
-def index_tar(tar: Path, num_classes: int) -> list[tuple[str, int, int, int]]:
-    """Samples of one tar in member order: (key, label, image offset, image size).
+def index_tar(tar: Path, num_classes: int) -> tuple[list[tuple[str, int, int, int]], int]:
+    """Usable samples of one tar in member order, (key, label, image offset, image size), and the number of samples
+    (keys) it holds, usable or not: what a webdataset writer's sizes.json counts.
 
     Raises:
         BalladError: the tar cannot be read, a `.cls` member is not an integer in range, or no sample has both an
@@ -70,29 +77,92 @@ def index_tar(tar: Path, num_classes: int) -> list[tuple[str, int, int, int]]:
     samples = [(k, labels[k], *images[k]) for k in order if k in images and k in labels]
     if not samples:
         raise BalladError(f"{tar} holds no sample with both an image ({', '.join(IMAGE_EXTS)}) and a .cls label")
-    return samples
+    return samples, len(order)
 
 
-def webdataset_split(folder: Path, split: str, num_classes: int) -> ImageSplit:
-    """The samples of `folder`'s tars (sorted by name) as an ImageSplit read by seeking.
+def expand_braces(pattern: str) -> list[str]:
+    """Brace expansion as webdataset's shard specs use it: `{000..099}` a zero-padded range (either order),
+    `{a,b}` alternatives (which may hold groups of their own); several groups expand left to right.
 
     Raises:
-        BalladError: no tars, a bad tar (see `index_tar`), a key in two tars, or counts that differ from
-            `sizes.json`.
+        BalladError: an unbalanced brace, or a group that is neither a range nor a list.
     """
-    tars = sorted(folder.glob("*.tar"))
-    if not tars:
-        raise BalladError(f"{folder} holds no .tar shards; a wds: split needs DIR/{split}/*.tar")
-    sizes_file = folder / "sizes.json"
-    sizes = json.loads(sizes_file.read_text()) if sizes_file.exists() else None
+    start = pattern.find("{")
+    if start < 0:
+        return [pattern]
+    depth, end, commas = 0, -1, []
+    for i in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[i], 0)
+        if pattern[i] == "," and depth == 1:
+            commas.append(i)
+        if depth == 0:
+            end = i
+            break
+    if end < 0:
+        raise BalladError(f"shard pattern '{pattern}': a '{{' without its '}}'")
+    body = pattern[start + 1 : end]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        a, b = r.groups()
+        width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
+        step = 1 if int(b) >= int(a) else -1
+        items = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif commas:
+        cuts = [start, *commas, end]
+        items = [x for a, b in zip(cuts[:-1], cuts[1:], strict=True) for x in expand_braces(pattern[a + 1 : b])]
+    else:
+        raise BalladError(f"shard pattern '{pattern}': '{{{body}}}' is neither a range {{000..099}} nor a list {{a,b}}")
+    tails = expand_braces(pattern[end + 1 :])
+    return [pattern[:start] + item + tail for item in items for tail in tails]
+
+
+def shard_paths(pattern: str, base: Path) -> list[Path]:
+    """The tars a shard pattern names, relative paths from `base`: brace ranges and lists expanded in their order,
+    glob patterns (`*`, `?`, `[...]`) matched in name order, a folder read as its `*.tar`; each tar once.
+
+    Raises:
+        BalladError: a named tar that does not exist, or a pattern that matches no tar.
+    """
+    found: list[Path] = []
+    for item in expand_braces(pattern):
+        path = Path(item).expanduser()
+        path = path if path.is_absolute() else base / path
+        if glob.has_magic(str(path)):
+            matches = sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+            if not matches:
+                raise BalladError(f"shard pattern '{pattern}': {path} matches no .tar file")
+        elif path.is_dir():
+            matches = sorted(path.glob("*.tar"))
+            if not matches:
+                raise BalladError(f"{path} holds no .tar shards (shard pattern '{pattern}')")
+        elif not path.is_file():
+            raise BalladError(f"shard {path} (from the pattern '{pattern}') does not exist")
+        else:
+            matches = [path]
+        found += [m for m in matches if m not in found]
+    return found
+
+
+def webdataset_split(tars: list[Path], split: str, num_classes: int) -> ImageSplit:
+    """The samples of `tars`, in that order, as an ImageSplit read by seeking; counts are checked against, or
+    recorded in, each folder's sizes.json.
+
+    Raises:
+        BalladError: a bad tar (see `index_tar`), a key in two tars, or counts that differ from `sizes.json`.
+    """
     keys, labels, members = [], [], []
     seen: dict[str, Path] = {}
+    counted: dict[Path, dict[str, int]] = {}
     for tar in tars:
-        samples = index_tar(tar, num_classes)
-        if isinstance(sizes, dict) and tar.name in sizes and int(sizes[tar.name]) != len(samples):
+        samples, total = index_tar(tar, num_classes)
+        sizes_file = tar.parent / "sizes.json"
+        sizes = _read_sizes(sizes_file)
+        if tar.name in sizes and sizes[tar.name] != total:
             raise BalladError(
-                f"{tar} holds {len(samples)} samples, {sizes_file} says {sizes[tar.name]}; fix or delete sizes.json"
+                f"{tar} holds {total} samples, {sizes_file} says {sizes[tar.name]}; fix or delete sizes.json"
             )
+        if tar.name not in sizes:
+            counted.setdefault(tar.parent, {})[tar.name] = total
         for key, label, offset, size in samples:
             if key in seen:
                 raise BalladError(
@@ -102,7 +172,46 @@ def webdataset_split(folder: Path, split: str, num_classes: int) -> ImageSplit:
             keys.append(key)
             labels.append(label)
             members.append((str(tar), offset, size))
+    for folder, new in counted.items():  # counted once, recorded for the next run (a read-only folder: not)
+        try:
+            write_json(folder / "sizes.json", {**_read_sizes(folder / "sizes.json"), **new})
+        except OSError:
+            pass
     return ImageSplit(split, np.asarray(labels, dtype=np.int64), keys, members=members)
+
+
+def _read_sizes(sizes_file: Path) -> dict[str, int]:
+    """A sizes.json as {tar name: samples}; empty when absent.
+
+    Raises:
+        BalladError: a file that is not a JSON object of integer counts.
+    """
+    if not sizes_file.exists():
+        return {}
+    try:
+        sizes = json.loads(sizes_file.read_text())
+        if not isinstance(sizes, dict):
+            raise ValueError("not an object")
+        return {str(k): int(v) for k, v in sizes.items()}
+    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise BalladError(f"{sizes_file} is not a JSON object of sample counts ({exc}); fix or delete it") from None
+
+
+def webdataset_from_patterns(
+    name: str, classnames: list[str], patterns: dict[str, str], base: Path, templates: list[str] | None = None
+) -> LTDataset:
+    """A webdataset from shard patterns per split (see `shard_paths`), relative ones from `base`.
+
+    Raises:
+        BalladError: no train split, a pattern that names no tar, or a bad tar.
+    """
+    if "train" not in patterns:
+        raise BalladError(f"{name}: a webdataset needs train shards (splits: train: PATTERN)")
+    splits = {
+        split: webdataset_split(shard_paths(pattern, base), split, len(classnames))
+        for split, pattern in patterns.items()
+    }
+    return LTDataset(name, classnames, splits, templates=templates or ["a photo of a {c}."], source=str(base))
 
 
 def webdataset(root: Path) -> LTDataset:
@@ -117,9 +226,7 @@ def webdataset(root: Path) -> LTDataset:
     if not names_file.exists():
         raise BalladError(f"{names_file} does not exist; a wds: dataset names its classes there, one a line")
     classnames = check_classnames(read_lines(names_file), str(names_file))
-    splits = {
-        split: webdataset_split(root / split, split, len(classnames)) for split in SPLITS if (root / split).is_dir()
-    }
-    if "train" not in splits:
+    if not (root / "train").is_dir():
         raise BalladError(f"{root / 'train'} does not exist; a wds: dataset needs DIR/train/*.tar")
-    return LTDataset(f"wds:{root}", classnames, splits, source=str(root))
+    patterns = {split: split for split in SPLITS if (root / split).is_dir()}
+    return webdataset_from_patterns(f"wds:{root}", classnames, patterns, root)

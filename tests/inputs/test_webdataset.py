@@ -170,3 +170,57 @@ def test_a_key_twice_in_one_tar_and_a_bad_member_name_the_tar(tmp_path):
         add_member(tar, "val/000002.cls", b"0")
     with pytest.raises(BalladError, match=r"val-001.tar: sample 'val/000002' has two cls members"):
         load_dataset(f"wds:{shards}")
+
+
+def test_brace_ranges_lists_and_globs_expand_as_webdataset_specs_do(tmp_path):
+    """Catches a brace range read as one file name, lost zero padding, a descending range or nested list expanded
+    wrongly, a glob matched out of name order, and a shard named twice read twice."""
+    from ballad_cache.inputs.webdataset import expand_braces, shard_paths
+
+    assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{8..10}") == ["8", "9", "10"] and expand_braces("{2..0}") == ["2", "1", "0"]
+    assert expand_braces("{a,b}/{0..1}") == ["a/0", "a/1", "b/0", "b/1"]
+    assert expand_braces("{x,{y,z}}") == ["x", "y", "z"] and expand_braces("a{,-1}") == ["a", "a-1"]
+    with pytest.raises(BalladError, match="neither a range"):
+        expand_braces("s-{0...3}.tar")
+    with pytest.raises(BalladError, match="without its"):
+        expand_braces("s-{0..3.tar")
+    for name in ("b-1.tar", "a-0.tar", "a-1.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in shard_paths("*", tmp_path)] == ["a-0.tar", "a-1.tar", "b-1.tar"]
+    assert [p.name for p in shard_paths("{b,a}-1.tar", tmp_path)] == ["b-1.tar", "a-1.tar"]
+    assert [p.name for p in shard_paths("{a-*,a-0.tar}", tmp_path)] == ["a-0.tar", "a-1.tar"]
+    with pytest.raises(BalladError, match=r"shard .*a-2.tar \(from the pattern 'a-\{0..2\}.tar'\) does not exist"):
+        shard_paths("a-{0..2}.tar", tmp_path)
+    with pytest.raises(BalladError, match="matches no .tar file"):
+        shard_paths("c-*.tar", tmp_path)
+
+
+def test_a_webdataset_yaml_reads_shard_patterns_and_counts_are_recorded_once(tmp_path):
+    """Catches `format: webdataset` descriptions read as list files, patterns that pick other tars or another order
+    than `wds:DIR`, a missing sizes.json not recorded after the first count, and a later change to a tar not caught
+    against the recorded count."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+    desc = tmp_path / "shards.yaml"
+    desc.write_text(
+        f"format: webdataset\nroot: {shards}\nclassnames: {shards}/classnames.txt\ntemplates: '{{c}}.'\n"
+        "splits:\n  train: train/train-{000..003}.tar\n  val: val/*.tar\n  test: test\n"
+    )
+    assert not (shards / "train" / "sizes.json").exists()
+    from_yaml, from_dir = load_dataset(str(desc)), load_dataset(f"wds:{shards}")
+    assert from_yaml.templates == ["{c}."] and from_yaml.classnames == from_dir.classnames
+    for split in ("train", "val", "test"):
+        a, b = from_yaml.split(split), from_dir.split(split)
+        assert a.paths == b.paths and np.array_equal(a.labels, b.labels) and a.members == b.members
+        sizes = json.loads((shards / split / "sizes.json").read_text())
+        assert sizes == {
+            f"{split}-{s:03d}.tar": n for s, n in enumerate(np.diff(np.linspace(0, len(a), 5).astype(int)))
+        }
+    with tarfile.open(shards / "train" / "train-001.tar", "w") as tar:  # the shard rewritten with one sample
+        add_member(tar, "train/999999.png", (tmp_path / "folder" / "train" / "class_0" / "000.png").read_bytes())
+        add_member(tar, "train/999999.cls", b"0")
+    with pytest.raises(BalladError, match=r"train-001.tar holds 1 samples, .*sizes.json says 11"):
+        load_dataset(str(desc))
+    desc.write_text(desc.read_text().replace("format: webdataset", "format: tfrecord"))
+    with pytest.raises(BalladError, match="unknown format 'tfrecord'"):
+        load_dataset(str(desc))
