@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--label", default="extract_views")
+    p.add_argument("--md", default=str(Path(__file__).resolve().parent / "extract_views.md"), help="table to extend")
     a = p.parse_args()
     device = resolve_device(a.device)
     loaded = load_model(a.model, device=device)
@@ -138,7 +139,7 @@ def main() -> None:
         "after_over_before": round(results["after"] / results["before"], 2),
     }
     write(a.label, record)
-    md = Path(__file__).resolve().parent / "extract_views.md"
+    md = Path(a.md)
     header = [
         "Written by `python bench/extract_views.py`: extraction rows/s at K views per image against the encoder",
         "alone on the same number of rows (ratio in brackets), in one run per line.",

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared performance check for a GPU machine (about 4 minutes on one H100): extraction img/s for ViT-B-16
-# (random weights, synthetic JPEGs) in fp32 and bf16 with decode vs encode rates, phase-A step img/s, fit-adapter
+# (random weights, synthetic JPEGs) in fp32 and bf16 with decode vs encode rates, K = 16 views per 500x375 JPEG
+# before/after decode-once, --draft and --augment-on device (bf16), phase-A step img/s, fit-adapter
 # and a 16-point sweep on the ImageNet-LT-shaped synthetic cache, phase B on the cache vs the encoder every step,
 # and faiss kNN if it imports. Prints a table and writes one JSON per figure plus summary.json.
 #
@@ -48,6 +49,7 @@ fi
 if [ $SMOKE = 1 ]; then
   DEV=cpu
   EXTRACT="--model ballad-micro --images 96 --image-size 32 --batch 32 --repeats 1 --memory-rows 2048"
+  VIEWS="--model ballad-micro --images 8 --views 2 --batch 16"
   STEP="--model ballad-micro --classes cifar100 --batch 8 --steps 2"
   ADAPTER="--scale 0.01 --epochs 1"
   SWEEP="--scale 0.01 --epochs 1"
@@ -58,6 +60,7 @@ if [ $SMOKE = 1 ]; then
 else
   DEV=cuda
   EXTRACT="--model ViT-B-16 --images 4096 --image-size 256 --batch 256 --repeats 3 --memory-rows 16384 --profile"
+  VIEWS="--model ViT-B-16 --images 512 --views 16 --batch 256 --precision bf16"
   STEP="--model ViT-B-16 --classes imagenet --batch 128 --steps 5"
   ADAPTER="--scale 1.0 --epochs 10"
   SWEEP="--scale 1.0 --epochs 1"
@@ -84,6 +87,7 @@ step() {  # step NAME SCRIPT ARGS...: run one bench, note a failure and go on to
 {
   step extract_fp32 bench/extract.py $EXTRACT --device $DEV --precision fp32 --jpeg-dir "$JPEGS" --label extract_fp32
   step extract_bf16 bench/extract.py $EXTRACT --device $DEV --precision bf16 --jpeg-dir "$JPEGS" --label extract_bf16
+  step extract_views bench/extract_views.py $VIEWS --device $DEV --md "$OUTDIR/extract_views.md" --label extract_views
   step finetune_step_fp32 bench/finetune_step.py $STEP --device $DEV --precision fp32 --label finetune_step_fp32
   step finetune_step_bf16 bench/finetune_step.py $STEP --device $DEV --precision bf16 --label finetune_step_bf16
   step adapter bench/adapter.py $ADAPTER --device $DEV --label adapter

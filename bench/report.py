@@ -24,6 +24,13 @@ def _extract(r: dict[str, Any]) -> str:
 # bench name prefix -> (figure, how to read it from the record)
 HEADLINES: dict[str, tuple[str, Any]] = {
     "extract": ("extraction img/s (ballad / bare encode loop; decode-only, encode-only)", lambda r: _extract(r)),
+    "extract_views": (
+        "extraction rows/s at K views / encode only: before, after, +draft, on device, device+draft",
+        lambda r: (
+            ", ".join(f"{v:.2f}" for v in r["ratio_to_encode_only"].values())
+            + f" of {r['rows_per_s']['encode only']:.0f} ({r['model']}, {r['data']}, K = {r['views']})"
+        ),
+    ),
     "finetune_step": (
         "finetune step img/s (ballad / re-tokenize + full context)",
         lambda r: (

@@ -82,7 +82,9 @@ SECTIONS = [
     ("lite.md", "ballad-tiny against ballad-lite through the demo recipe"),
     ("fp16_official.md", "Phase A in the official fp16 weights against fp32 weights"),
     ("memory_heads.md", "Heads that remember at ImageNet-LT's shape: search and fits against BALLAD's phase B"),
-    ("extract_views.md", "Extraction with K views: a decode per row against a decode per image"),
+    ("extract_views.md", "Extraction with K views: a decode per row, per image, and views made on the device"),
+    ("demo_extract.md", "The demo's extraction step before and after decode-once"),
+    ("fidelity_device.md", "Views made on the device against the worker path's, through phase B"),
 ]
 
 

@@ -104,6 +104,14 @@ def test_wds_shards_give_the_folders_rows_bitwise_and_a_bad_member_is_skipped(tm
     assert skip.exit_code == 0, skip.output
     manifest = json.loads((tmp_path / "cache-skip" / "manifest.json").read_text())
     assert [(s["split"], s["path"]) for s in manifest["skipped"]] == [("train", "train/000030")]
+    # views made on the device: the same rows skipped, the other rows where the worker path put them
+    device = extract(f"wds:{broken}", tmp_path / "cache-device", "--skip-bad", "--augment-on", "device")
+    assert device.exit_code == 0, device.output
+    manifest = json.loads((tmp_path / "cache-device" / "manifest.json").read_text())
+    assert [(s["split"], s["path"]) for s in manifest["skipped"]] == [("train", "train/000030")]
+    fs, ls, vs = rows(tmp_path / "cache-skip", "train")
+    fd, ld, vd = rows(tmp_path / "cache-device", "train")
+    assert np.array_equal(ls, ld) and np.array_equal(vs, vd) and np.array_equal(fs[vs == 0], fd[vd == 0])
 
 
 def test_bad_shards_stop_with_one_line_naming_the_file(tmp_path):
