@@ -82,19 +82,24 @@ class DeviceAugment:
         from torchvision.transforms.v2 import functional as TF
 
         n = len(params)
-        out = torch.empty(n, 3, *self.size, device=device)
         if n == 0:
-            return out
-        # 0-255, C×H×W: one copy per decoded image
-        images = [s.to(device, non_blocking=True).permute(2, 0, 1).float() for s in sources]
+            return torch.empty(0, 3, *self.size, device=device)
+        # 0-255, 1×C×H×W: one copy per decoded image
+        images = [s.to(device, non_blocking=True).permute(2, 0, 1)[None].float() for s in sources]
         boxes = params[:, :4].long().tolist()
-        for r, ((top, left, height, width), s) in enumerate(zip(boxes, source_of.tolist(), strict=True)):
-            view = images[s][:, top : top + height, left : left + width]
-            # what TF.resize runs on a float image (bicubic, antialiased), without its per-call dispatch
-            out[r] = torch.nn.functional.interpolate(
-                view[None], size=self.size, mode="bicubic", align_corners=False, antialias=True
-            )[0]
-        out = out.clamp_(0, 255).div_(255)
+        # what TF.resize runs on a float image (bicubic, antialiased), without its per-call dispatch; one kernel a
+        # view (crop boxes differ in size), gathered by one cat
+        views = [
+            torch.nn.functional.interpolate(
+                images[s][:, :, top : top + height, left : left + width],
+                size=self.size,
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )
+            for (top, left, height, width), s in zip(boxes, source_of.tolist(), strict=True)
+        ]
+        out = torch.cat(views).clamp_(0, 255).div_(255)
         p = params.to(device=device, dtype=torch.float32)
         flip = p[:, 4] > 0.5
         if flip.any():
