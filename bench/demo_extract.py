@@ -50,7 +50,7 @@ def main() -> None:
     try:
         seconds = {
             "before": timed_extract(before, tmp / "cache-before", a.workers),
-            "after": timed_extract(ROOT, tmp / "cache-after", a.workers),
+            "after, --augment-on worker": timed_extract(ROOT, tmp / "cache-after", a.workers, "--augment-on", "worker"),
             "after, --augment-on device": timed_extract(
                 ROOT, tmp / "cache-device", a.workers, "--augment-on", "device"
             ),
@@ -59,9 +59,10 @@ def main() -> None:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(before)], check=False)
     manifest = json.loads((tmp / "cache-after" / "manifest.json").read_text())
     rows = sum(s["rows"] for s in manifest["splits"].values())
-    same = json.loads((tmp / "cache-before" / "manifest.json").read_text())["config_fingerprint"] == manifest[
-        "config_fingerprint"
-    ]
+    same = (
+        json.loads((tmp / "cache-before" / "manifest.json").read_text())["config_fingerprint"]
+        == manifest["config_fingerprint"]
+    )
     record = {
         "before_revision": a.before,
         "rows": rows,

@@ -123,6 +123,16 @@ def main() -> None:
             encoder(batch)
         return rows / (time.perf_counter() - t)
 
+    def decode_only(draft: int) -> float:
+        """Rows/s if decoding each image once (one process, no transform) were all the work: the ceiling of any
+        reader with one loader worker."""
+        t = time.perf_counter()
+        for i in range(len(train)):
+            train.load(i, draft=draft)
+        return rows / (time.perf_counter() - t)
+
+    size2 = 2 * size
+    ceilings = {"decode only": decode_only(0), "decode only, draft": decode_only(size2)}
     results = {"encode only": encode_only()}
     for mode in MODES:
         results[mode] = extract(mode)
@@ -137,6 +147,7 @@ def main() -> None:
         "rows_per_s": {k: round(v, 1) for k, v in results.items()},
         "ratio_to_encode_only": {k: round(results[k] / encode, 3) for k in MODES},
         "after_over_before": round(results["after"] / results["before"], 2),
+        "decode_ceiling_rows_per_s": {k: round(v, 1) for k, v in ceilings.items()},
     }
     write(a.label, record)
     md = Path(a.md)
@@ -145,15 +156,18 @@ def main() -> None:
         "alone on the same number of rows (ratio in brackets), in one run per line.",
         "",
         "| model, data | rows | encode only | before: a decode per row | after: a decode per image | + --draft "
-        "| --augment-on device | device + --draft |",
-        "|---|---|---|---|---|---|---|---|",
+        "| --augment-on device | device + --draft | decode only: full / draft |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     table = md.read_text().strip().splitlines() if md.exists() else []
     if table[: len(header)] != header:  # a table of other columns: start again
         table = header
     r, q = record["rows_per_s"], record["ratio_to_encode_only"]
     cells = " | ".join(f"{r[m]:.0f} ({q[m]:.2f})" for m in MODES)
-    table.append(f"| {a.model}, {record['data']}, K = {a.views} ({machine()}) | {rows} | {encode:.0f} | {cells} |")
+    ceiling = " / ".join(f"{v:.0f}" for v in ceilings.values())
+    table.append(
+        f"| {a.model}, {record['data']}, K = {a.views} ({machine()}) | {rows} | {encode:.0f} | {cells} | {ceiling} |"
+    )
     md.write_text("\n".join(table) + "\n")
 
 

@@ -13,7 +13,8 @@ views), on fmnist-lt with the demo's phase-A ballad-tiny model, measured in one 
     python bench/fidelity.py [--phase-a DIR/model] [--views 0,1,2,4,8,16] [--seeds 3] [--batch 128]
     python bench/fidelity.py --views 16 --augment-on worker,device    # the device-made views against PIL's
 
-With `--augment-on worker,device`, the largest K is also extracted with `--augment-on device` (views made on the
+The cached K views are made by PIL in the loader workers (`--augment-on worker`). With `--augment-on worker,device`,
+the largest K is also extracted with `--augment-on device` (views made on the
 encoding device from the same drawn parameters) and compared with the worker path's K on the same seeds.
 """
 
@@ -113,8 +114,13 @@ def main() -> None:
             cache = FeatureCache(OUT / "cache-eval")
             text, val = cache.text_embeddings(), cache.load_split("val")
         t = time.perf_counter()
-        xcfg = ExtractConfig(
-            splits=("train",), train_views=max(views), seed=seed, workers=a.workers, shard_size=1 << 16
+        xcfg = ExtractConfig(  # the K rows: views made by PIL in the workers, as the official transform makes them
+            splits=("train",),
+            train_views=max(views),
+            seed=seed,
+            workers=a.workers,
+            shard_size=1 << 16,
+            augment_on="worker",
         )
         extract_features(dataset, loaded, OUT / f"cache-train-seed{seed}", xcfg, device)
         t_extract = time.perf_counter() - t

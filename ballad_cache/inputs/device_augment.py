@@ -42,20 +42,28 @@ class DeviceAugment:
         self.jitter: Any = None
         self.mean: tuple[float, ...] = ()
         self.std: tuple[float, ...] = ()
+        order: list[int] = []  # the random steps in the order they draw and apply: crop, then flip, then jitter
         for step in steps:
             name = type(step).__name__
             if isinstance(step, T.RandomResizedCrop) and self.crop is None:
-                self.crop = step
-            elif isinstance(step, T.RandomHorizontalFlip):
-                self.flip_p = float(step.p)
-            elif isinstance(step, T.ColorJitter) and step.hue is None:
-                self.jitter = step
+                self.crop, order = step, [*order, 0]
+            elif isinstance(step, T.RandomHorizontalFlip) and not self.flip_p:
+                self.flip_p, order = float(step.p), [*order, 1]
+            elif isinstance(step, T.ColorJitter) and step.hue is None and self.jitter is None:
+                self.jitter, order = step, [*order, 2]
             elif isinstance(step, T.Normalize):
                 self.mean, self.std = tuple(map(float, step.mean)), tuple(map(float, step.std))
-            elif name not in _PASSIVE:
+            elif name not in _PASSIVE and getattr(step, "__name__", "") != "_convert_to_rgb":  # images are RGB
                 raise ValueError(f"the augmentation's step {name} does not run on the device")
         if self.crop is None or not self.mean:
             raise ValueError("an augmentation on the device needs a RandomResizedCrop and a Normalize")
+        if order != sorted(order):
+            raise ValueError("the device runs RandomResizedCrop, then the flip, then ColorJitter; this one differs")
+        modes = {T.InterpolationMode.BICUBIC: "bicubic", T.InterpolationMode.BILINEAR: "bilinear"}
+        if self.crop.interpolation not in modes:
+            raise ValueError(f"the crop's {self.crop.interpolation.value} interpolation does not run on the device")
+        self.mode = modes[self.crop.interpolation]
+        self.antialias = bool(self.crop.antialias)
         size = self.crop.size
         self.size: tuple[int, int] = (int(size[0]), int(size[1]))
 
@@ -87,15 +95,15 @@ class DeviceAugment:
         # 0-255, 1×C×H×W: one copy per decoded image
         images = [s.to(device, non_blocking=True).permute(2, 0, 1)[None].float() for s in sources]
         boxes = params[:, :4].long().tolist()
-        # what TF.resize runs on a float image (bicubic, antialiased), without its per-call dispatch; one kernel a
-        # view (crop boxes differ in size), gathered by one cat
+        # what TF.resize runs on a float image (the crop's interpolation and antialias) without its dispatch: one
+        # kernel a view (crop boxes differ in size), gathered by one cat
         views = [
             torch.nn.functional.interpolate(
                 images[s][:, :, top : top + height, left : left + width],
                 size=self.size,
-                mode="bicubic",
+                mode=self.mode,
                 align_corners=False,
-                antialias=True,
+                antialias=self.antialias,
             )
             for (top, left, height, width), s in zip(boxes, source_of.tolist(), strict=True)
         ]

@@ -71,13 +71,15 @@ class ImageRows(Dataset):
         source: torch.Tensor | None = None
         try:
             image = self.split.load(index, self.max_pixels, self._draft_side)
-            for view in views:
-                x, p = None, None
-                if view == 0:
-                    x = self.eval_transform(image)
-                    self._shape = tuple(x.shape)
-                else:
-                    with torch.random.fork_rng(devices=[]):
+            # one fork of the global generator for the whole group: each view re-seeds it, and the caller's state
+            # comes back after the last
+            with torch.random.fork_rng(devices=[]):
+                for view in views:
+                    x, p = None, None
+                    if view == 0:
+                        x = self.eval_transform(image)
+                        self._shape = tuple(x.shape)
+                    else:
                         # the CPU generator alone: what torch.manual_seed seeds for CPU transforms, bitwise, without
                         # its per-call bookkeeping for every accelerator (about 1.5 ms a view)
                         torch.default_generator.manual_seed(hash((self.seed, index, view)) & 0x7FFF_FFFF)
@@ -88,8 +90,8 @@ class ImageRows(Dataset):
                             p = self.device_views.draw(image)
                             if source is None:
                                 source = torch.from_numpy(np.array(image, dtype=np.uint8))
-                images.append(x)
-                params.append(p)
+                    images.append(x)
+                    params.append(p)
         except BadImageError as exc:
             error, source = str(exc), None
             images = [torch.zeros(self._shape or self._probe_shape()) for _ in views]

@@ -164,11 +164,14 @@ class ExtractConfig:
         min=0,
     )
     augment: str = option("official", "Transform of the augmented train views.", choices=AUGMENTATIONS)
+    # the device path is as accurate through phase B and faster in every measurement (bench/fidelity_device.md,
+    # bench/extract_views.md, bench/demo_extract.md), so it is the default
     augment_on: str = option(
-        "worker",
-        "Where augmented views are made: 'worker' (PIL in the DataLoader workers) or 'device' (crop, flip and "
-        "jitter batched on the encoding device, from parameters drawn as the worker path draws them; pixels differ "
-        "in rounding, so the fingerprint records it; bench/extract_views.py, bench/fidelity.py).",
+        "device",
+        "Where augmented views are made: 'device' (the workers decode and draw each view's crop, flip and jitter "
+        "as PIL's transform would; the pixels are made batched on the encoding device) or 'worker' (PIL in the "
+        "DataLoader workers: the rows of caches made before this option, bitwise). Pixels differ in rounding, so "
+        "the fingerprint records 'device'.",
         choices=AUGMENT_ON,
     )
     templates: str | None = option(

@@ -77,6 +77,11 @@ def test_device_path_refuses_steps_it_does_not_run():
         DeviceAugment(T.Compose([T.RandomResizedCrop(32), T.GaussianBlur(3), T.Normalize([0.5] * 3, [0.5] * 3)]))
     with pytest.raises(ValueError, match="RandomResizedCrop"):
         DeviceAugment(T.Compose([T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)]))
+    norm = T.Normalize([0.5] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match="then the flip"):  # flip first: its draw and its pixels come first
+        DeviceAugment(T.Compose([T.RandomHorizontalFlip(), T.RandomResizedCrop(32), T.ToTensor(), norm]))
+    with pytest.raises(ValueError, match="nearest interpolation"):
+        DeviceAugment(T.Compose([T.RandomResizedCrop(32, interpolation=T.InterpolationMode.NEAREST), norm]))
     loaded = load_model("ballad-micro")
     DeviceAugment(augment_of(loaded, ExtractConfig(augment="open_clip")))  # crop + normalise: runs
 

@@ -236,7 +236,9 @@ def test_decoding_once_per_image_gives_the_rows_one_decode_per_row_gave(ballad_d
     from ballad_cache.pipelines.extract import augment_of
 
     ds, loaded = load_dataset("fmnist-lt"), load_model("ballad-micro")
-    cfg = ExtractConfig(splits=("train",), shard_size=500, train_views=2, batch_size=50, dtype="float32", workers=0)
+    cfg = ExtractConfig(
+        splits=("train",), shard_size=500, train_views=2, batch_size=50, dtype="float32", workers=0, augment_on="worker"
+    )
     extract_features(ds, loaded, tmp_path / "cache", cfg, torch.device("cpu"))
     cache = FeatureCache(tmp_path / "cache")
     split = ds.split("train")
