@@ -23,7 +23,8 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = {r["bench"]: r for r in summary["records"]}
     expected = {"extract_fp32", "extract_bf16", "finetune_step_fp32", "finetune_step_bf16", "adapter", "sweep"}
-    assert expected | {"phase_b", "knn", "predict"} == set(records)
+    assert expected | {"phase_b", "knn", "predict", "extract_views"} == set(records)
+    assert all(v > 0 for v in records["extract_views"]["rows_per_s"].values())
     assert records["predict"]["images_per_s"]["ballad_predict"] > 0
     assert all(records[k]["images_per_s"]["ballad_extract"] > 0 for k in ("extract_fp32", "extract_bf16"))
     assert records["extract_fp32"]["memory"]["growth_4x_rows"] < 2  # memory does not follow the split size
@@ -31,6 +32,7 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     assert records["phase_b"]["speedup_per_epoch"] > 1
     assert records["knn"]["same_prediction"] == 1.0
     assert "16-point sweep" in done.stdout and "machine: CPU" in done.stdout
+    assert "extraction rows/s at K views" in done.stdout
 
 
 def test_imagenet_lt_shaped_cache_has_imagenet_lt_size():

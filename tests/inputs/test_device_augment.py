@@ -108,7 +108,8 @@ def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_i
     and device rows that drift from the worker path's features (cosine > 0.99 on every augmented row)."""
     ds, loaded = _train_only(60), load_model("ballad-micro")
     base = dict(splits=("train",), train_views=3, shard_size=70, batch_size=32, dtype="float32")
-    m_worker = extract_features(ds, loaded, tmp_path / "worker", ExtractConfig(workers=0, **base), CPU)
+    worker = ExtractConfig(workers=0, augment_on="worker", **base)
+    m_worker = extract_features(ds, loaded, tmp_path / "worker", worker, CPU)
     m_device = extract_features(
         ds, loaded, tmp_path / "device", ExtractConfig(workers=0, augment_on="device", **base), CPU
     )
