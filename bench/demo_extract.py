@@ -40,7 +40,9 @@ def timed_extract(code: Path, out: Path, workers: int, *extra: str) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--before", default="2dbdb77", help="a revision before decode-once (default: its parent)")
+    p.add_argument(
+        "--before", default="2dbdb77", help="a revision before decode-once (default: 2dbdb77, the commit before it)"
+    )
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--label", default="demo_extract")
     a = p.parse_args()
@@ -79,7 +81,7 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {k} | {v:.1f} | {record['speedup_over_before'][k]:.2f}x |" for k, v in seconds.items()),
         "",
-        f"'before' is revision {a.before}; its cache and this checkout's have "
+        f"'before' is revision {a.before}; its cache and this checkout's worker-path cache have "
         + ("the same fingerprint." if same else "different fingerprints."),
     ]
     print("\n".join(lines))

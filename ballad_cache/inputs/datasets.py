@@ -582,7 +582,14 @@ def _yaml_webdataset(desc: dict[str, Any], path: Path) -> LTDataset:
     unknown = [s for s in splits if s not in SPLITS]
     if unknown:
         raise BalladError(f"{path}: unknown split '{unknown[0]}' (use train, val, test)")
-    return webdataset_from_patterns(path.stem, classnames, splits, root, _yaml_templates(desc, path.parent, path))
+    if "train" not in splits:
+        raise BalladError(f"{path}: splits needs train shards, e.g. 'train: train/{{000..099}}.tar'")
+    patterns = {}
+    for split, pattern in splits.items():  # environment variables first: ${X} is not a brace group
+        patterns[split] = os.path.expandvars(pattern)
+        if "$" in patterns[split]:
+            raise BalladError(f"{path}: '{pattern}' uses an environment variable that is not set")
+    return webdataset_from_patterns(path.stem, classnames, patterns, root, _yaml_templates(desc, path.parent, path))
 
 
 def read_split_list(list_file: Path, root: Path, num_classes: int) -> ImageSplit:

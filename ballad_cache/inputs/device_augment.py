@@ -13,9 +13,10 @@ its bicubic kernel otherwise), which is why the cache's fingerprint records the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 # one row of view parameters: crop (top, left, height, width), flip, jitter factors (brightness, contrast,
@@ -38,7 +39,7 @@ class DeviceAugment:
 
         steps = list(getattr(transform, "transforms", [transform]))
         self.crop: Any = None
-        self.flip_p = 0.0
+        self.flip_p: float | None = None  # None: no flip step (and no draw for it)
         self.jitter: Any = None
         self.mean: tuple[float, ...] = ()
         self.std: tuple[float, ...] = ()
@@ -47,7 +48,7 @@ class DeviceAugment:
             name = type(step).__name__
             if isinstance(step, T.RandomResizedCrop) and self.crop is None:
                 self.crop, order = step, [*order, 0]
-            elif isinstance(step, T.RandomHorizontalFlip) and not self.flip_p:
+            elif isinstance(step, T.RandomHorizontalFlip) and self.flip_p is None:
                 self.flip_p, order = float(step.p), [*order, 1]
             elif isinstance(step, T.ColorJitter) and step.hue is None and self.jitter is None:
                 self.jitter, order = step, [*order, 2]
@@ -73,7 +74,8 @@ class DeviceAugment:
         from torchvision import transforms as T
 
         top, left, height, width = T.RandomResizedCrop.get_params(image, self.crop.scale, self.crop.ratio)
-        flip = float(bool(torch.rand(1) < self.flip_p)) if self.flip_p > 0 else 0.0
+        # the flip step always draws, whatever its p (RandomHorizontalFlip.forward), so later draws stay in step
+        flip = float(bool(torch.rand(1) < self.flip_p)) if self.flip_p is not None else 0.0
         factors, order = [1.0, 1.0, 1.0], [0.0, 1.0, 2.0, 3.0]
         if self.jitter is not None:
             j = self.jitter
@@ -83,17 +85,29 @@ class DeviceAugment:
         return [float(top), float(left), float(height), float(width), flip, *factors, *order]
 
     def apply(
-        self, sources: Sequence[torch.Tensor], source_of: torch.Tensor, params: torch.Tensor, device: torch.device
+        self,
+        source_data: torch.Tensor,
+        source_shapes: torch.Tensor,
+        source_of: torch.Tensor,
+        params: torch.Tensor,
+        device: torch.device,
     ) -> torch.Tensor:
-        """The views as a normalised float32 batch on `device`: view r crops `sources[source_of[r]]` (uint8 H×W×C,
-        the decoded image) with `params[r]`."""
+        """The views as a normalised float32 batch on `device`: view r crops decoded image `source_of[r]` with
+        `params[r]` (CPU, float64). The decoded images are uint8 H×W×C, flattened one after another in
+        `source_data` (one tensor a batch, so a loader ships and pins one buffer), their shapes in `source_shapes`."""
         from torchvision.transforms.v2 import functional as TF
 
         n = len(params)
         if n == 0:
             return torch.empty(0, 3, *self.size, device=device)
-        # 0-255, 1×C×H×W: one copy per decoded image
-        images = [s.to(device, non_blocking=True).permute(2, 0, 1)[None].float() for s in sources]
+        data = source_data.to(device, non_blocking=True)
+        shapes = source_shapes.tolist()
+        ends = np.cumsum([h * w * c for h, w, c in shapes]).tolist()
+        # 0-255, 1×C×H×W: one conversion per decoded image
+        images = [
+            data[end - h * w * c : end].view(h, w, c).permute(2, 0, 1)[None].float()
+            for (h, w, c), end in zip(shapes, ends, strict=True)
+        ]
         boxes = params[:, :4].long().tolist()
         # what TF.resize runs on a float image (the crop's interpolation and antialias) without its dispatch: one
         # kernel a view (crop boxes differ in size), gathered by one cat
@@ -108,18 +122,19 @@ class DeviceAugment:
             for (top, left, height, width), s in zip(boxes, source_of.tolist(), strict=True)
         ]
         out = torch.cat(views).clamp_(0, 255).div_(255)
-        p = params.to(device=device, dtype=torch.float32)
-        flip = p[:, 4] > 0.5
-        if flip.any():
-            out[flip] = out[flip].flip(-1)
-        order = p[:, 8:].long()
+        # which views flip and which blend runs at each step come from the CPU parameters: no device sync
+        flip = torch.nonzero(params[:, 4] > 0.5).flatten()
+        if len(flip):
+            rows = flip.to(device)
+            out[rows] = out[rows].flip(-1)
+        order = params[:, 8:].long()
         for step in range(4):
             for fn, adjust in enumerate((_brightness, _contrast, _saturation)):
-                mask = order[:, step] == fn
-                factor = p[:, 5 + fn]
-                mask &= factor != 1.0
-                if mask.any():
-                    out[mask] = adjust(out[mask], factor[mask].view(-1, 1, 1, 1))
+                picked = torch.nonzero((order[:, step] == fn) & (params[:, 5 + fn] != 1.0)).flatten()
+                if len(picked):
+                    rows = picked.to(device)
+                    factor = params[picked, 5 + fn].to(device, torch.float32).view(-1, 1, 1, 1)
+                    out[rows] = adjust(out[rows], factor)
         return TF.normalize(out, list(self.mean), list(self.std))
 
 
@@ -134,7 +149,10 @@ def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    # each view's mean summed in float64 (float32 where the device has none): the same value whatever the batch
+    # around it and the thread count, where a float32 reduction's order would change its last bit
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    mean = _gray(x).to(wide).mean(dim=(-3, -2, -1), keepdim=True).to(x.dtype)
     return (f * x + (1 - f) * mean).clamp_(0, 1)
 
 
@@ -152,5 +170,7 @@ def assemble(batch: dict[str, Any], augment: DeviceAugment | None, device: torch
     if len(ready):
         out[ready.to(device)] = batch["image"].to(device, non_blocking=True)
     if len(deferred):
-        out[deferred.to(device)] = augment.apply(batch["sources"], batch["source_of"], batch["params"], device)
+        out[deferred.to(device)] = augment.apply(
+            batch["source_data"], batch["source_shapes"], batch["source_of"], batch["params"], device
+        )
     return out

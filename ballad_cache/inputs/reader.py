@@ -177,7 +177,9 @@ def collate_groups(items: list[list[dict[str, Any]]]) -> dict[str, Any]:
         "image": torch.stack([rows[i]["image"] for i in ready]) if ready else torch.zeros(0),
         "ready": torch.tensor(ready, dtype=torch.long),
         "deferred": torch.tensor([i for i, r in enumerate(rows) if r["image"] is None], dtype=torch.long),
-        "sources": sources,
+        # the decoded images flattened into one buffer: one tensor to ship from a worker and to pin, whatever the count
+        "source_data": torch.cat([x.flatten() for x in sources]) if sources else torch.zeros(0, dtype=torch.uint8),
+        "source_shapes": torch.tensor([list(x.shape) for x in sources], dtype=torch.long).reshape(-1, 3),
         "source_of": torch.tensor(source_of, dtype=torch.long),
         "params": torch.tensor(params, dtype=torch.float64),
         **batch,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import tarfile
 from pathlib import Path
@@ -104,7 +105,9 @@ def expand_braces(pattern: str) -> list[str]:
     r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if r:
         a, b = r.groups()
-        width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
+        # zero padding where an end is written with a leading zero (bash and braceexpand: {0..10} is 0 1 ... 10)
+        padded = any(len(e) > 1 and e.startswith("0") for e in (a, b))
+        width = max(len(a), len(b)) if padded else 0
         step = 1 if int(b) >= int(a) else -1
         items = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
     elif commas:
@@ -124,11 +127,13 @@ def shard_paths(pattern: str, base: Path) -> list[Path]:
         BalladError: a named tar that does not exist, or a pattern that matches no tar.
     """
     found: list[Path] = []
+    seen: set[Path] = set()
     for item in expand_braces(pattern):
         path = Path(item).expanduser()
         path = path if path.is_absolute() else base / path
-        if glob.has_magic(str(path)):
-            matches = sorted(Path(p) for p in glob.glob(str(path)) if p.endswith(".tar"))
+        if glob.has_magic(item):  # the pattern's own wildcards only: base may hold '[' or '*' in its name
+            rooted = item if Path(item).expanduser().is_absolute() else str(Path(glob.escape(str(base))) / item)
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(rooted)) if p.endswith(".tar"))
             if not matches:
                 raise BalladError(f"shard pattern '{pattern}': {path} matches no .tar file")
         elif path.is_dir():
@@ -139,7 +144,10 @@ def shard_paths(pattern: str, base: Path) -> list[Path]:
             raise BalladError(f"shard {path} (from the pattern '{pattern}') does not exist")
         else:
             matches = [path]
-        found += [m for m in matches if m not in found]
+        for m in matches:
+            if m not in seen:
+                seen.add(m)
+                found.append(m)
     return found
 
 
@@ -153,10 +161,13 @@ def webdataset_split(tars: list[Path], split: str, num_classes: int) -> ImageSpl
     keys, labels, members = [], [], []
     seen: dict[str, Path] = {}
     counted: dict[Path, dict[str, int]] = {}
+    recorded: dict[Path, dict[str, int]] = {}  # each folder's sizes.json, read once
     for tar in tars:
         samples, total = index_tar(tar, num_classes)
         sizes_file = tar.parent / "sizes.json"
-        sizes = _read_sizes(sizes_file)
+        if tar.parent not in recorded:
+            recorded[tar.parent] = _read_sizes(sizes_file)
+        sizes = recorded[tar.parent]
         if tar.name in sizes and sizes[tar.name] != total:
             raise BalladError(
                 f"{tar} holds {total} samples, {sizes_file} says {sizes[tar.name]}; fix or delete sizes.json"
@@ -172,10 +183,10 @@ def webdataset_split(tars: list[Path], split: str, num_classes: int) -> ImageSpl
             keys.append(key)
             labels.append(label)
             members.append((str(tar), offset, size))
-    for folder, new in counted.items():  # counted once, recorded for the next run (a read-only folder: not)
+    for folder, new in counted.items():  # counted once, recorded for the next run
         try:
-            write_json(folder / "sizes.json", {**_read_sizes(folder / "sizes.json"), **new})
-        except OSError:
+            write_json(folder / "sizes.json", {**recorded[folder], **new})
+        except (OSError, BalladError):  # a read-only or full folder: the counts are checked next time instead
             pass
     return ImageSplit(split, np.asarray(labels, dtype=np.int64), keys, members=members)
 
@@ -190,10 +201,10 @@ def _read_sizes(sizes_file: Path) -> dict[str, int]:
         return {}
     try:
         sizes = json.loads(sizes_file.read_text())
-        if not isinstance(sizes, dict):
-            raise ValueError("not an object")
+        if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
+            raise ValueError("not an object of whole counts")
         return {str(k): int(v) for k, v in sizes.items()}
-    except (ValueError, TypeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise BalladError(f"{sizes_file} is not a JSON object of sample counts ({exc}); fix or delete it") from None
 
 

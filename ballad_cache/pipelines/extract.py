@@ -31,7 +31,7 @@ from ..inputs.transforms import train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder
 from ..progress import NullProgress, Progress
-from ..store.cache import ShardWriter, read_shard_entry, write_manifest, write_text_embeddings
+from ..store.cache import ShardWriter, read_shard_entry, shard_name, write_manifest, write_text_embeddings
 from ..store.runs import RunFolder
 from .configs import ExtractConfig
 
@@ -84,7 +84,8 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
             "skip_bad": config.skip_bad,
             # absent when off: caches made before these options keep their hash
             **({"draft": True} if config.draft else {}),
-            **({"augment_on": config.augment_on} if config.augment_on != "worker" else {}),
+            # and only where augmented views exist: eval-only caches are the same rows either way
+            **({"augment_on": config.augment_on} if config.augment_on != "worker" and augmented(config) else {}),
         }
     )[:16]
 
@@ -95,13 +96,18 @@ def draft_size(loaded: LoadedModel, config: ExtractConfig) -> int:
     return int(max(size) if isinstance(size, (list, tuple)) else size) if config.draft else 0
 
 
+def augmented(config: ExtractConfig) -> bool:
+    """Whether the cache holds augmented views (train views > 0 and train among the splits)."""
+    return config.train_views > 0 and "train" in config.splits
+
+
 def device_views_of(loaded: LoadedModel, config: ExtractConfig) -> DeviceAugment | None:
     """The augmentation split into draws and device pixels for `--augment-on device`; None for the worker path.
 
     Raises:
         BalladError: the augmentation has a step the device path does not run.
     """
-    if config.augment_on != "device":
+    if config.augment_on != "device" or not augmented(config):
         return None
     try:
         return DeviceAugment(augment_of(loaded, config))
@@ -127,12 +133,18 @@ def extract_split(
     views = config.train_views if split == "train" else 0
     rows = split_rows(len(image_split), views)
     num_shards = max(1, -(-len(rows) // config.shard_size))
-    todo, done = [], 0
+    todo, done, other = [], 0, 0
     for s in range(dist.rank, num_shards, dist.world_size):
         if not config.overwrite and read_shard_entry(out, split, s, fingerprint) is not None:
             done += 1
         else:
             todo.append(s)
+            other += int(not config.overwrite and (out / shard_name(split, s)).exists())
+    if other:  # never replaced silently: an older cache resumed with new defaults says so
+        progress.log(
+            f"{split}: {other} finished shard(s) in {out} were made with other settings and are recomputed (a cache "
+            "made before views were made on the device resumes with --augment-on worker)"
+        )
     if not todo:
         return 0, done
     if len(rows) == 0:  # an empty split still gets its (empty) shard, so the manifest can list it

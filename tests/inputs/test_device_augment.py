@@ -104,8 +104,9 @@ def _rows(cache_dir) -> tuple[np.ndarray, np.ndarray]:
 
 def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_is_run(ballad_data, tmp_path):
     """Catches `--augment-on device` left out of the fingerprint (a worker-path cache would be resumed with device
-    rows), rows that depend on the worker count, on a resumed shard or on which batch an image's views fall in,
-    and device rows that drift from the worker path's features (cosine > 0.99 on every augmented row)."""
+    rows) or put into it where no augmented view exists (eval-only caches would be recomputed for nothing), rows
+    that depend on the worker count or on a resumed shard, device rows that drift from the worker path's features
+    (cosine > 0.99 on every augmented row), and a worker-path cache replaced by device rows without a word."""
     ds, loaded = _train_only(60), load_model("ballad-micro")
     base = dict(splits=("train",), train_views=3, shard_size=70, batch_size=32, dtype="float32")
     worker = ExtractConfig(workers=0, augment_on="worker", **base)
@@ -129,9 +130,61 @@ def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_i
     (tmp_path / "again" / "train-00001.h5").unlink()
     extract_features(ds, loaded, tmp_path / "again", again, CPU)
     assert np.array_equal(_rows(tmp_path / "again")[0], f_device)
-    # the worker path's cache is not resumed as a device one: every shard recomputed
-    extract_features(ds, loaded, tmp_path / "worker", ExtractConfig(workers=0, augment_on="device", **base), CPU)
+    # the worker path's cache is not resumed as a device one: every shard recomputed, and said
+    said = Said()
+    device = ExtractConfig(workers=0, augment_on="device", **base)
+    extract_features(ds, loaded, tmp_path / "worker", device, CPU, progress=said)
     assert np.array_equal(_rows(tmp_path / "worker")[0], f_device)
+    assert any("4 finished shard(s)" in m and "--augment-on worker" in m for m in said.lines), said.lines
+    # without augmented views the two paths are the same rows and the same fingerprint
+    eval_only = {**base, "train_views": 0}
+    a = extract_features(ds, loaded, tmp_path / "k0-w", ExtractConfig(workers=0, augment_on="worker", **eval_only), CPU)
+    b = extract_features(ds, loaded, tmp_path / "k0-d", ExtractConfig(workers=0, augment_on="device", **eval_only), CPU)
+    assert a["config_fingerprint"] == b["config_fingerprint"]
+
+
+class Said:
+    """A progress sink that keeps the lines logged to it."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int = 1, **fields) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_a_flip_that_never_flips_still_draws_as_pils_does(tmp_path):
+    """Catches the flip's draw skipped when p = 0 (RandomHorizontalFlip draws torch.rand(1) whatever p is, so the
+    jitter drawn after it would be another view's): the replayed parameters give the worker path's rows."""
+    from torchvision import transforms as T
+
+    split = photo_split(tmp_path / "jpeg", 2)
+    mean, std = [0.5] * 3, [0.25] * 3
+    augment = T.Compose(
+        [
+            T.RandomResizedCrop(32, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.0),
+            T.ColorJitter(0.4, 0.4, 0.4),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+    evaluate = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize(mean, std)])
+    rows = split_rows(2, 3)
+    worker = ImageRows(split, rows, evaluate, augment)
+    device = ImageRows(split, rows, evaluate, augment, device_views=DeviceAugment(augment))
+    for g in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        made, drawn = worker.group(g), device.group(g)
+        image = split.load(made[0]["index"])
+        for a, b in zip(made[1:], drawn[1:], strict=True):
+            assert b["params"][4] == 0.0
+            assert torch.allclose(replay_in_pil(image, b["params"], 32, mean, std), a["image"], atol=1e-6)
 
 
 def test_device_path_refusal_is_one_line_before_anything_is_written(ballad_data, tmp_path, monkeypatch):

@@ -100,7 +100,7 @@ def test_wds_shards_give_the_folders_rows_bitwise_and_a_bad_member_is_skipped(tm
     broken = pack(folder, tmp_path / "wds-bad", corrupt="train/000030")
     stop = extract(f"wds:{broken}", tmp_path / "cache-stop")
     assert stop.exit_code == 1 and "train/000030" in stop.output and "--skip-bad" in stop.output
-    skip = extract(f"wds:{broken}", tmp_path / "cache-skip", "--skip-bad")
+    skip = extract(f"wds:{broken}", tmp_path / "cache-skip", "--skip-bad", "--augment-on", "worker")
     assert skip.exit_code == 0, skip.output
     manifest = json.loads((tmp_path / "cache-skip" / "manifest.json").read_text())
     assert [(s["split"], s["path"]) for s in manifest["skipped"]] == [("train", "train/000030")]
@@ -186,6 +186,7 @@ def test_brace_ranges_lists_and_globs_expand_as_webdataset_specs_do(tmp_path):
     from ballad_cache.inputs.webdataset import expand_braces, shard_paths
 
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    assert expand_braces("{0..10}")[9:] == ["9", "10"] and expand_braces("{00..10}")[9:] == ["09", "10"]
     assert expand_braces("{8..10}") == ["8", "9", "10"] and expand_braces("{2..0}") == ["2", "1", "0"]
     assert expand_braces("{a,b}/{0..1}") == ["a/0", "a/1", "b/0", "b/1"]
     assert expand_braces("{x,{y,z}}") == ["x", "y", "z"] and expand_braces("a{,-1}") == ["a", "a-1"]
@@ -193,6 +194,8 @@ def test_brace_ranges_lists_and_globs_expand_as_webdataset_specs_do(tmp_path):
         expand_braces("s-{0...3}.tar")
     with pytest.raises(BalladError, match="without its"):
         expand_braces("s-{0..3.tar")
+    tmp_path = tmp_path / "shards[1]*"  # the folder's own name holds glob characters: only the pattern's count
+    tmp_path.mkdir()
     for name in ("b-1.tar", "a-0.tar", "a-1.tar", "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     assert [p.name for p in shard_paths("*", tmp_path)] == ["a-0.tar", "a-1.tar", "b-1.tar"]
@@ -232,3 +235,26 @@ def test_a_webdataset_yaml_reads_shard_patterns_and_counts_are_recorded_once(tmp
     desc.write_text(desc.read_text().replace("format: webdataset", "format: tfrecord"))
     with pytest.raises(BalladError, match="unknown format 'tfrecord'"):
         load_dataset(str(desc))
+
+
+def test_sizes_json_that_cannot_be_written_or_read(tmp_path, monkeypatch):
+    """Catches a read-only shard folder (sizes.json cannot be recorded) stopping the load, and a sizes.json that is
+    a folder or holds fractional counts passing or giving a traceback instead of one line."""
+    from ballad_cache.inputs import webdataset as wds
+
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+
+    def read_only(path, obj):
+        raise BalladError(f"cannot write {path}: Read-only file system; free space or pick another --out")
+
+    monkeypatch.setattr(wds, "write_json", read_only)
+    assert len(load_dataset(f"wds:{shards}").split("train")) == 42
+    assert not (shards / "train" / "sizes.json").exists()
+    monkeypatch.undo()
+    (shards / "val" / "sizes.json").mkdir()
+    with pytest.raises(BalladError, match=r"val/sizes.json is not a JSON object of sample counts"):
+        load_dataset(f"wds:{shards}")
+    (shards / "val" / "sizes.json").rmdir()
+    (shards / "val" / "sizes.json").write_text(json.dumps({"val-000.tar": 2.5}))
+    with pytest.raises(BalladError, match=r"val/sizes.json is not a JSON object of sample counts"):
+        load_dataset(f"wds:{shards}")

@@ -194,11 +194,13 @@ def test_kill_9_then_rerun_recomputes_only_unfinished_shards(ballad_data, tmp_pa
 
 
 def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
+    """Catches rows that depend on the rank count: shards dealt to two ranks, each with its own augmented views
+    made on the device (the default), give one rank's rows."""
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
     common = [
         "extract-features",
         "--train-views",
-        "0",
+        "2",
         "--data",
         "fmnist-lt",
         "--model",
@@ -221,8 +223,9 @@ def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
     for split in ("train", "val"):
         a = FeatureCache(tmp_path / "one").load_split(split)
         b = FeatureCache(tmp_path / "two").load_split(split)
-        oa, ob = torch.argsort(a.index), torch.argsort(b.index)
+        oa, ob = torch.argsort(a.index * 3 + a.view), torch.argsort(b.index * 3 + b.view)
         assert torch.equal(a.index[oa], b.index[ob]) and torch.equal(a.labels[oa], b.labels[ob])
+        assert torch.equal(a.view[oa], b.view[ob]) and (split == "val" or int(a.view.max()) == 2)
         assert torch.allclose(a.features[oa], b.features[ob], atol=2e-3)
 
 
