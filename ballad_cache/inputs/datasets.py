@@ -18,6 +18,7 @@ import io
 import math
 import os
 import pickle
+import re
 import struct
 import urllib.error
 import urllib.request
@@ -587,8 +588,9 @@ def _yaml_webdataset(desc: dict[str, Any], path: Path) -> LTDataset:
     patterns = {}
     for split, pattern in splits.items():  # environment variables first: ${X} is not a brace group
         patterns[split] = os.path.expandvars(pattern)
-        if "$" in patterns[split]:
-            raise BalladError(f"{path}: '{pattern}' uses an environment variable that is not set")
+        unset = re.search(r"\$\{?(\w+)", patterns[split])
+        if unset:
+            raise BalladError(f"{path}: '{pattern}' uses ${unset.group(1)}, which is not set; set it or write the path")
     return webdataset_from_patterns(path.stem, classnames, patterns, root, _yaml_templates(desc, path.parent, path))
 
 

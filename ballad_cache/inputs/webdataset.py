@@ -59,7 +59,8 @@ def index_tar(tar: Path, num_classes: int) -> tuple[list[tuple[str, int, int, in
                 if key not in images and key not in labels:
                     order.append(key)
                 if (ext in IMAGE_EXTS and key in images) or (ext == "cls" and key in labels):
-                    raise BalladError(f"{tar}: sample '{key}' has two {ext} members; a key names one sample")
+                    kind = "image" if ext in IMAGE_EXTS else ".cls"
+                    raise BalladError(f"{tar}: sample '{key}' has two {kind} members; a key names one sample")
                 if ext in IMAGE_EXTS:
                     images[key] = (member.offset_data, member.size)
                 elif ext == "cls":
@@ -78,6 +79,11 @@ def index_tar(tar: Path, num_classes: int) -> tuple[list[tuple[str, int, int, in
     samples = [(k, labels[k], *images[k]) for k in order if k in images and k in labels]
     if not samples:
         raise BalladError(f"{tar} holds no sample with both an image ({', '.join(IMAGE_EXTS)}) and a .cls label")
+    unlabelled = [k for k in order if k in images and k not in labels]
+    if unlabelled:  # an image without a class is a hole in the data, not something to drop without a word
+        raise BalladError(
+            f"{tar}: {len(unlabelled)} image(s) have no .cls label (first: '{unlabelled[0]}'); label or remove them"
+        )
     return samples, len(order)
 
 
@@ -202,7 +208,7 @@ def _read_sizes(sizes_file: Path) -> dict[str, int]:
     try:
         sizes = json.loads(sizes_file.read_text())
         if not isinstance(sizes, dict) or not all(isinstance(v, int) and v >= 0 for v in sizes.values()):
-            raise ValueError("not an object of whole counts")
+            raise ValueError("found another value")
         return {str(k): int(v) for k, v in sizes.items()}
     except (OSError, ValueError, TypeError, UnicodeDecodeError) as exc:
         raise BalladError(f"{sizes_file} is not a JSON object of sample counts ({exc}); fix or delete it") from None

@@ -168,10 +168,11 @@ class ExtractConfig:
     # bench/extract_views.md, bench/demo_extract.md), so it is the default
     augment_on: str = option(
         "device",
-        "Where augmented views are made: 'device' (the workers decode and draw each view's crop, flip and jitter "
-        "as PIL's transform would; the pixels are made batched on the encoding device) or 'worker' (PIL in the "
-        "DataLoader workers: the rows of caches made before this option, bitwise). Pixels differ in rounding, so "
-        "the fingerprint records 'device'.",
+        "Where the augmented train views (--train-views > 0) are made: 'device' (the loader workers decode each "
+        "image once and draw each view's crop, flip and jitter as the PIL transform would; the pixels are made in "
+        "batches on the encoding device) or 'worker' (PIL in the loader workers, as caches made before this option "
+        "were). The two differ in rounding only; the fingerprint tells them apart, so a cache resumes only with the "
+        "value it was made with.",
         choices=AUGMENT_ON,
     )
     templates: str | None = option(

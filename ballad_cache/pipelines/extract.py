@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -117,6 +118,39 @@ def device_views_of(loaded: LoadedModel, config: ExtractConfig) -> DeviceAugment
         ) from None
 
 
+def refuse_other_finished_cache(out: Path, fingerprint: str, config: ExtractConfig) -> None:
+    """A finished cache in `out` made with other settings is recomputed only with `config.overwrite`.
+
+    Raises:
+        BalladError: `out` holds a finished cache of another fingerprint; names the settings that differ.
+    """
+    path = out / "manifest.json"
+    if config.overwrite or not path.exists():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # an unreadable manifest is an unfinished cache: its shards are checked one by one
+    if not isinstance(manifest, dict) or manifest.get("config_fingerprint") == fingerprint:
+        return
+    recorded = manifest.get("config")
+    old: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    new = json.loads(json.dumps(_recorded_config(config)))
+    changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
+    if "augment_on" not in old and config.augment_on != "worker" and augmented(config):
+        changed.append("augment_on worker (made before the option) -> device")
+    what = ", ".join(changed) or "another dataset, model or templates"
+    raise BalladError(
+        f"{out} is a finished cache made with other settings ({what}); pass --overwrite to recompute it, or "
+        "its own settings to keep it"
+    )
+
+
+def _recorded_config(config: ExtractConfig) -> dict[str, Any]:
+    """The settings a manifest records (not how the work was spread: workers, batch size, overwrite)."""
+    return {k: v for k, v in asdict(config).items() if k not in ("workers", "overwrite", "batch_size")}
+
+
 def extract_split(
     dataset: LTDataset,
     split: str,
@@ -140,10 +174,12 @@ def extract_split(
         else:
             todo.append(s)
             other += int(not config.overwrite and (out / shard_name(split, s)).exists())
-    if other:  # never replaced silently: an older cache resumed with new defaults says so
+    if other:  # never replaced silently
+        hint = ""
+        if config.augment_on == "device" and augmented(config):
+            hint = " (shards with views made before they moved to the device resume with --augment-on worker)"
         progress.log(
-            f"{split}: {other} finished shard(s) in {out} were made with other settings and are recomputed (a cache "
-            "made before views were made on the device resumes with --augment-on worker)"
+            f"{split}: {other} finished shard(s) in {out} were made with other settings and are recomputed{hint}"
         )
     if not todo:
         return 0, done
@@ -253,6 +289,7 @@ def extract_features(
     out.mkdir(parents=True, exist_ok=True)
     templates = templates_of(dataset, config)
     fingerprint = config_fingerprint(dataset, loaded, config, templates)
+    refuse_other_finished_cache(out, fingerprint, config)
     if dist.is_main:
         remove_stale_temps(out)
         (out / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until the new manifest lands
@@ -330,7 +367,7 @@ def _finish_manifest(
         "splits": splits,
         "train_class_counts": train_counts.tolist(),
         "skipped": skipped,
-        "config": {k: v for k, v in asdict(config).items() if k not in ("workers", "overwrite", "batch_size")},
+        "config": _recorded_config(config),
         "config_fingerprint": fingerprint,
         "versions": {
             "ballad": __version__,

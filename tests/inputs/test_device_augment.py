@@ -130,9 +130,18 @@ def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_i
     (tmp_path / "again" / "train-00001.h5").unlink()
     extract_features(ds, loaded, tmp_path / "again", again, CPU)
     assert np.array_equal(_rows(tmp_path / "again")[0], f_device)
-    # the worker path's cache is not resumed as a device one: every shard recomputed, and said
-    said = Said()
+    # the worker path's finished cache is neither resumed with device rows nor replaced without --overwrite
     device = ExtractConfig(workers=0, augment_on="device", **base)
+    with pytest.raises(
+        BalladError,
+        match=r"finished cache made with other settings \(augment_on 'worker' -> "
+        r"'device'\); pass --overwrite",
+    ):
+        extract_features(ds, loaded, tmp_path / "worker", device, CPU)
+    assert np.array_equal(_rows(tmp_path / "worker")[0], f_worker)
+    # unfinished (no manifest): its shards of other settings are recomputed, and said
+    (tmp_path / "worker" / "manifest.json").unlink()
+    said = Said()
     extract_features(ds, loaded, tmp_path / "worker", device, CPU, progress=said)
     assert np.array_equal(_rows(tmp_path / "worker")[0], f_device)
     assert any("4 finished shard(s)" in m and "--augment-on worker" in m for m in said.lines), said.lines

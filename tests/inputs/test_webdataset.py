@@ -176,7 +176,7 @@ def test_a_key_twice_in_one_tar_and_a_bad_member_name_the_tar(tmp_path):
         load_dataset(f"wds:{shards}").split("test").load(4)
     with tarfile.open(shards / "val" / "val-001.tar", "a") as tar:
         add_member(tar, "val/000002.cls", b"0")
-    with pytest.raises(BalladError, match=r"val-001.tar: sample 'val/000002' has two cls members"):
+    with pytest.raises(BalladError, match=r"val-001.tar: sample 'val/000002' has two .cls members"):
         load_dataset(f"wds:{shards}")
 
 
@@ -257,4 +257,20 @@ def test_sizes_json_that_cannot_be_written_or_read(tmp_path, monkeypatch):
     (shards / "val" / "sizes.json").rmdir()
     (shards / "val" / "sizes.json").write_text(json.dumps({"val-000.tar": 2.5}))
     with pytest.raises(BalladError, match=r"val/sizes.json is not a JSON object of sample counts"):
+        load_dataset(f"wds:{shards}")
+
+
+def test_an_image_without_a_label_stops_with_one_line(tmp_path):
+    """Catches an image member with no .cls dropped without a word (the split would silently lose it), and a key
+    with two image members reported as two members of one type."""
+    shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
+    png = (tmp_path / "folder" / "val" / "class_0" / "000.png").read_bytes()
+    with tarfile.open(shards / "val" / "val-002.tar", "a") as tar:
+        add_member(tar, "val/extra.png", png)
+    with pytest.raises(BalladError, match=r"val-002.tar: 1 image\(s\) have no .cls label \(first: 'val/extra'\)"):
+        load_dataset(f"wds:{shards}")
+    with tarfile.open(shards / "val" / "val-002.tar", "w") as tar:
+        add_member(tar, "val/x.jpg", png)
+        add_member(tar, "val/x.png", png)
+    with pytest.raises(BalladError, match=r"sample 'val/x' has two image members"):
         load_dataset(f"wds:{shards}")
