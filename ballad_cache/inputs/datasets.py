@@ -543,11 +543,24 @@ def folder_dataset(root: Path) -> LTDataset:
     return LTDataset(f"folder:{root}", classnames, splits, source=str(root))
 
 
-def _expand(value: str, base: Path, origin: Path) -> Path:
+def _expand_vars(value: str, origin: Path) -> str:
+    """`value` with its environment variables filled in.
+
+    Raises:
+        BalladError: a variable that is not set (named, with the file it came from).
+    """
     expanded = os.path.expandvars(value)
-    if "$" in expanded:
-        raise BalladError(f"{origin}: '{value}' uses an environment variable that is not set")
-    p = Path(expanded).expanduser()
+    unset = re.search(r"\$\{?(\w*)", expanded)
+    if unset:
+        raise BalladError(
+            f"{origin}: '{value}' uses an environment variable that is not set (${unset.group(1)}); set it or "
+            "write the path"
+        )
+    return expanded
+
+
+def _expand(value: str, base: Path, origin: Path) -> Path:
+    p = Path(_expand_vars(value, origin)).expanduser()
     return p if p.is_absolute() else base / p
 
 
@@ -585,12 +598,8 @@ def _yaml_webdataset(desc: dict[str, Any], path: Path) -> LTDataset:
         raise BalladError(f"{path}: unknown split '{unknown[0]}' (use train, val, test)")
     if "train" not in splits:
         raise BalladError(f"{path}: splits needs train shards, e.g. 'train: train/{{000..099}}.tar'")
-    patterns = {}
-    for split, pattern in splits.items():  # environment variables first: ${X} is not a brace group
-        patterns[split] = os.path.expandvars(pattern)
-        unset = re.search(r"\$\{?(\w+)", patterns[split])
-        if unset:
-            raise BalladError(f"{path}: '{pattern}' uses ${unset.group(1)}, which is not set; set it or write the path")
+    # environment variables first: ${X} is not a brace group
+    patterns = {split: _expand_vars(pattern, path) for split, pattern in splits.items()}
     return webdataset_from_patterns(path.stem, classnames, patterns, root, _yaml_templates(desc, path.parent, path))
 
 

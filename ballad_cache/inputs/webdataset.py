@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import re
 import tarfile
 from pathlib import Path
@@ -135,11 +134,11 @@ def shard_paths(pattern: str, base: Path) -> list[Path]:
     found: list[Path] = []
     seen: set[Path] = set()
     for item in expand_braces(pattern):
-        path = Path(item).expanduser()
-        path = path if path.is_absolute() else base / path
+        named = Path(item).expanduser()
+        path = named if named.is_absolute() else base / named
         if glob.has_magic(item):  # the pattern's own wildcards only: base may hold '[' or '*' in its name
-            rooted = item if Path(item).expanduser().is_absolute() else str(Path(glob.escape(str(base))) / item)
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(rooted)) if p.endswith(".tar"))
+            rooted = named if named.is_absolute() else Path(glob.escape(str(base))) / named
+            matches = sorted(Path(p) for p in glob.glob(str(rooted)) if p.endswith(".tar"))
             if not matches:
                 raise BalladError(f"shard pattern '{pattern}': {path} matches no .tar file")
         elif path.is_dir():

@@ -161,8 +161,10 @@ def extract_split(
     fingerprint: str,
     dist: DistContext,
     progress: Progress,
+    device_views: DeviceAugment | None = None,
 ) -> tuple[int, int]:
-    """Encode this rank's unfinished shards of `split`; returns (shards computed, shards skipped as done)."""
+    """Encode this rank's unfinished shards of `split` (augmented views made on the device by `device_views` when
+    given, see `device_views_of`); returns (shards computed, shards skipped as done)."""
     image_split = dataset.split(split)
     views = config.train_views if split == "train" else 0
     rows = split_rows(len(image_split), views)
@@ -195,7 +197,7 @@ def extract_split(
         seed=config.seed,
         max_pixels=config.max_pixels,
         draft=draft_size(loaded, config),
-        device_views=device_views_of(loaded, config) if views else None,
+        device_views=device_views if views else None,
     )
     # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
     # bitwise the same) whichever rank computes it and whatever other shards it computes
@@ -282,7 +284,7 @@ def extract_features(
         encoder: replaces `ImageEncoder(loaded.model, device, config.precision)` (benchmarks, tests).
     """
     config = resolve_splits(config, dataset)
-    device_views_of(loaded, config)  # refuse an augmentation the device cannot run before anything is written
+    device_views = device_views_of(loaded, config)  # refuses what the device cannot run before anything is written
     dist = dist or DistContext()
     progress = progress or NullProgress()
     out = Path(out)
@@ -297,7 +299,9 @@ def extract_features(
     encoder = encoder or ImageEncoder(loaded.model, device, config.precision)
     stats = {}
     for split in config.splits:
-        stats[split] = extract_split(dataset, split, encoder, loaded, out, config, fingerprint, dist, progress)
+        stats[split] = extract_split(
+            dataset, split, encoder, loaded, out, config, fingerprint, dist, progress, device_views
+        )
     if dist.is_main:
         bank = PromptBank(loaded, dataset.classnames, templates)
         with torch.inference_mode():
