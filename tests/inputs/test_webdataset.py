@@ -183,7 +183,7 @@ def test_a_key_twice_in_one_tar_and_a_bad_member_name_the_tar(tmp_path):
 def test_brace_ranges_lists_and_globs_expand_as_webdataset_specs_do(tmp_path):
     """Catches a brace range read as one file name, lost zero padding, a descending range or nested list expanded
     wrongly, a glob matched out of name order, and a shard named twice read twice."""
-    from ballad_cache.inputs.webdataset import expand_braces, shard_paths
+    from ballad_cache.inputs.sources.webdataset import expand_braces, shard_paths
 
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
     assert expand_braces("{0..10}")[9:] == ["9", "10"] and expand_braces("{00..10}")[9:] == ["09", "10"]
@@ -240,7 +240,7 @@ def test_a_webdataset_yaml_reads_shard_patterns_and_counts_are_recorded_once(tmp
 def test_sizes_json_that_cannot_be_written_or_read(tmp_path, monkeypatch):
     """Catches a read-only shard folder (sizes.json cannot be recorded) stopping the load, and a sizes.json that is
     a folder or holds fractional counts passing or giving a traceback instead of one line."""
-    from ballad_cache.inputs import webdataset as wds
+    from ballad_cache.inputs.sources import webdataset as wds
 
     shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
 
@@ -260,9 +260,9 @@ def test_sizes_json_that_cannot_be_written_or_read(tmp_path, monkeypatch):
         load_dataset(f"wds:{shards}")
 
 
-def test_an_image_without_a_label_stops_with_one_line(tmp_path):
-    """Catches an image member with no .cls dropped without a word (the split would silently lose it), and a key
-    with two image members reported as two members of one type."""
+def test_an_image_without_a_label_or_a_label_without_an_image_stops_with_one_line(tmp_path):
+    """Catches an image member with no .cls, or a .cls member with no image, dropped without a word (the split would
+    silently lose the sample), and a key with two image members reported as two members of one type."""
     shards = pack(folder_dataset(tmp_path / "folder"), tmp_path / "wds")
     png = (tmp_path / "folder" / "val" / "class_0" / "000.png").read_bytes()
     with tarfile.open(shards / "val" / "val-002.tar", "a") as tar:
@@ -274,3 +274,12 @@ def test_an_image_without_a_label_stops_with_one_line(tmp_path):
         add_member(tar, "val/x.png", png)
     with pytest.raises(BalladError, match=r"sample 'val/x' has two image members"):
         load_dataset(f"wds:{shards}")
+    with tarfile.open(shards / "val" / "val-002.tar", "w") as tar:  # two whole samples, then a label alone
+        for key in ("val/x", "val/y"):
+            add_member(tar, f"{key}.png", png)
+            add_member(tar, f"{key}.cls", b"1")
+        add_member(tar, "val/lost.cls", b"2")
+    with pytest.raises(BalladError) as info:
+        load_dataset(f"wds:{shards}")
+    message = str(info.value)
+    assert "val-002.tar: 1 .cls label(s) have no image member (first: 'val/lost')" in message and "\n" not in message

@@ -1,5 +1,6 @@
-"""webdataset tar shards as a dataset: `wds:DIR`, with `DIR/{train,val,test}/*.tar` and `DIR/classnames.txt`, or a
-YAML description with `format: webdataset` whose splits are shard patterns (`train/shard-{000..099}.tar`, globs).
+"""`wds:DIR` and `format: webdataset`: webdataset tar shards as a dataset, `DIR/{train,val,test}/*.tar` with
+`DIR/classnames.txt`, or a YAML description with `format: webdataset` whose splits are shard patterns
+(`train/shard-{000..099}.tar`, globs) relative to its `root` (default: the description's folder).
 
 A sample is the members of one tar that share a key (webdataset's rule: the member path up to the first dot of its
 file name), its image the `.jpg`/`.jpeg`/`.png`/`.webp` member and its label the `.cls` member (an integer, as
@@ -10,8 +11,8 @@ sample without streaming the shard: the extraction keeps its image-major rows an
 
 `sizes.json` beside the tars (`{"shard.tar": samples, ...}`, as webdataset writers emit) is checked when present;
 where it is missing or lacks a tar, the samples counted in the index pass are recorded there (when the folder is
-writable), so later runs check the shards against them. A tar with no usable sample, or a split with none, stops
-with one line naming it.
+writable), so later runs check the shards against them. A tar with no usable sample, an image without a `.cls`, a
+`.cls` without an image, or a split with no sample stops with one line naming the tar (and the first such key).
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ import json
 import re
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..atomic import write_json
-from ..errors import BalladError
-from .datasets import SPLITS, ImageSplit, LTDataset, check_classnames, read_lines
+from ...atomic import write_json
+from ...errors import BalladError
+from ..splits import (
+    DATASET_FORMATS,
+    DATASETS,
+    SPLITS,
+    ImageSplit,
+    LTDataset,
+    check_classnames,
+    description_path,
+    description_templates,
+    expand_vars,
+    read_lines,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -43,8 +56,8 @@ def index_tar(tar: Path, num_classes: int) -> tuple[list[tuple[str, int, int, in
     (keys) it holds, usable or not: what a webdataset writer's sizes.json counts.
 
     Raises:
-        BalladError: the tar cannot be read, a `.cls` member is not an integer in range, or no sample has both an
-            image and a label.
+        BalladError: the tar cannot be read, a `.cls` member is not an integer in range, no sample has both an
+            image and a label, or a key has one without the other.
     """
     images: dict[str, tuple[int, int]] = {}
     labels: dict[str, int] = {}
@@ -82,6 +95,12 @@ def index_tar(tar: Path, num_classes: int) -> tuple[list[tuple[str, int, int, in
     if unlabelled:  # an image without a class is a hole in the data, not something to drop without a word
         raise BalladError(
             f"{tar}: {len(unlabelled)} image(s) have no .cls label (first: '{unlabelled[0]}'); label or remove them"
+        )
+    imageless = [k for k in order if k in labels and k not in images]
+    if imageless:  # a label whose image is missing: the same hole, seen from the other side
+        raise BalladError(
+            f"{tar}: {len(imageless)} .cls label(s) have no image member (first: '{imageless[0]}'); add the image "
+            "or remove the label"
         )
     return samples, len(order)
 
@@ -246,3 +265,44 @@ def webdataset(root: Path) -> LTDataset:
         raise BalladError(f"{root / 'train'} does not exist; a wds: dataset needs DIR/train/*.tar")
     patterns = {split: split for split in SPLITS if (root / split).is_dir()}
     return webdataset_from_patterns(f"wds:{root}", classnames, patterns, root)
+
+
+def webdataset_description(desc: dict[str, Any], path: Path) -> LTDataset:
+    """A `format: webdataset` description: `classnames`, `splits: {train: PATTERN, ...}`, optional `root`."""
+    missing = [k for k in ("classnames", "splits") if k not in desc]
+    if missing:
+        raise BalladError(f"{path}: missing key(s) {', '.join(missing)}; see data/datasets/webdataset-example.yaml")
+    root = description_path(str(desc.get("root", ".")), path.parent, path)
+    if not root.is_dir():
+        raise BalladError(f"{path}: shard root {root} does not exist")
+    classnames = check_classnames(read_lines(description_path(str(desc["classnames"]), path.parent, path)), str(path))
+    splits = desc["splits"]
+    if not isinstance(splits, dict) or not all(isinstance(v, str) for v in splits.values()):
+        raise BalladError(
+            f"{path}: splits must map train/val/test to shard patterns, e.g. 'train: train/{{000..099}}.tar'"
+        )
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        raise BalladError(f"{path}: unknown split '{unknown[0]}' (use train, val, test)")
+    if "train" not in splits:
+        raise BalladError(f"{path}: splits needs train shards, e.g. 'train: train/{{000..099}}.tar'")
+    # environment variables first: ${X} is not a brace group
+    patterns = {split: expand_vars(pattern, path) for split, pattern in splits.items()}
+    return webdataset_from_patterns(
+        path.stem, classnames, patterns, root, description_templates(desc, path.parent, path)
+    )
+
+
+def _wds_spec(arg: str | None) -> LTDataset:
+    """`wds:DIR`."""
+    if not arg:
+        raise BalladError("wds: needs a folder, e.g. wds:/data/shards (holding {train,val,test}/*.tar)")
+    return webdataset(Path(arg))
+
+
+DATASETS.register(
+    "wds", _wds_spec, help="wds:DIR, webdataset tar shards DIR/{train,val,test}/*.tar (.jpg/.png/.webp + .cls members)"
+)
+
+
+DATASET_FORMATS.register("webdataset", webdataset_description, help="tar shards")
