@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import BalladError
-from . import sources
+from . import sources  # importing the package registers every source, in its order
 from .sources.cifar import cifar100_lt
 from .sources.description import read_split_list, yaml_dataset
 from .sources.fmnist import fashion_mnist_lt, find_fashion_mnist, read_idx
