@@ -19,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from ballad_cache.errors import BalladError
+from ballad_cache.heads.adapter import AdapterHead
+from ballad_cache.heads.config import AdapterConfig
+from ballad_cache.heads.registry import HeadContext
 from ballad_cache.inputs.datasets import BadImageError, ImageSplit, yaml_dataset
 from ballad_cache.models import load_model
 from ballad_cache.pipelines.configs import PredictConfig
@@ -155,8 +158,9 @@ def test_predict_skip_bad_survives_a_batch_of_only_bad_images(tmp_path):
     files = [str(tmp_path / "bad.png"), str(tmp_path / "good.png"), str(tmp_path / "bad.png")]
     split = ImageSplit("x", np.full(3, -1), files, files=files)
     loaded = load_model("ballad-micro")
-    weight = F.normalize(torch.randn(3, loaded.embed_dim), dim=-1)
-    classifier = Classifier(loaded, weight, torch.zeros(3), ["a", "b", "c"], 100.0, {})
+    context = HeadContext(F.normalize(torch.randn(3, loaded.embed_dim), dim=-1), torch.zeros(3), folded=True)
+    head = AdapterHead(AdapterConfig(), context, None)
+    classifier = Classifier(loaded, head, context, ["a", "b", "c"], {})
     result = predict_split(
         classifier, split, PredictConfig(batch_size=1, workers=0, skip_bad=True), torch.device("cpu")
     )
@@ -230,20 +234,21 @@ def _export_like(folder: Path, loaded, classes: int, prior: int) -> None:
 
     save_local_dir(loaded, loaded.model, folder)
     w = F.normalize(torch.randn(classes, loaded.embed_dim), dim=-1)
-    save_file({"weight": w.contiguous(), "log_prior": torch.zeros(prior)}, str(folder / "classifier.safetensors"))
-    (folder / "classifier.json").write_text(json.dumps({"classnames": ["a", "b", "c"], "logit_scale": 100.0}))
+    save_file({"text": w.contiguous(), "log_prior": torch.zeros(prior)}, str(folder / "classifier.safetensors"))
+    meta = {"format": 2, "classnames": ["a", "b", "c"], "adapter_config": AdapterConfig().to_dict()}
+    (folder / "classifier.json").write_text(json.dumps(meta))
 
 
 def test_a_classifier_whose_shapes_or_fields_disagree_is_refused(tmp_path):
     """Catches a log_prior of the wrong length broadcasting silently, and a classifier.json missing a field."""
     loaded = load_model("ballad-micro")
     _export_like(tmp_path / "e", loaded, 3, 3)
-    assert load_classifier(f"local-dir:{tmp_path / 'e'}").weight.shape[0] == 3
+    assert load_classifier(f"local-dir:{tmp_path / 'e'}").context.text.shape[0] == 3
     _export_like(tmp_path / "p", loaded, 3, 2)
     with pytest.raises(BalladError, match="log_prior \\(2,\\)"):
         load_classifier(f"local-dir:{tmp_path / 'p'}")
-    (tmp_path / "e" / "classifier.json").write_text(json.dumps({"classnames": ["a", "b", "c"]}))
-    with pytest.raises(BalladError, match="logit_scale"):
+    (tmp_path / "e" / "classifier.json").write_text(json.dumps({"format": 2, "classnames": ["a", "b", "c"]}))
+    with pytest.raises(BalladError, match="adapter_config"):
         load_classifier(f"local-dir:{tmp_path / 'e'}")
 
 

@@ -22,24 +22,22 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, read_json, sha256_file, sha256_json, write_json
-from ..errors import BalladError
 from ..inputs.longtail import class_log_prior
-from ..inputs.samplers import index_stream
 from ..progress import NullProgress, Progress
 from ..registry import PRECISIONS
-from ..schedules import SCHEDULES, batches_per_epoch
-from ..store.cache import FeatureCache, SplitFeatures
-from .config import AdapterConfig
-from .memory import MemoryHead, load_memory_head
-from .terms import HEADS, LOGIT_SCALE, LOSSES, LossContext, LossTerm, cross_entropy
+from ..schedules import SCHEDULES
+from .batches import TrainRows, batch_schedule
+from .registry import HEADS, LOGIT_SCALE, Head, HeadContext
+from .terms import LOSSES, LossContext, LossTerm, cross_entropy
+
+if TYPE_CHECKING:
+    from .config import AdapterConfig
 
 
 def init_weight(dim: int, seed: int) -> torch.Tensor:
@@ -69,72 +67,6 @@ def adapter_logits(
     """
     x = F.normalize(features.float(), dim=-1) if weight is None else adapt(features.float(), weight, ratio)
     return scale * x @ F.normalize(text.float(), dim=-1).T.to(x.dtype)
-
-
-@dataclass
-class TrainRows:
-    """Training rows for phase B: image labels and, per image, the rows of its views in the feature matrix."""
-
-    features: torch.Tensor  # all cached train rows
-    image_labels: np.ndarray  # label per image (index stream domain)
-    view_rows: np.ndarray  # images × V: the feature rows of each image's views (augmented views when present)
-
-    @classmethod
-    def from_split(cls, split: SplitFeatures) -> TrainRows:
-        """Group a cached split's rows by image; with augmented views, draws use only those (as the official
-        phase B trains on augmented images); otherwise the eval view."""
-        view = split.view.numpy()
-        use = view > 0 if (view > 0).any() else view == 0
-        rows = np.flatnonzero(use)
-        img = split.index.numpy()[rows]
-        order = np.lexsort((view[rows], img))
-        rows, img = rows[order], img[order]
-        _, starts, counts = np.unique(img, return_index=True, return_counts=True)
-        v = int(counts.min()) if len(counts) else 1
-        view_rows = np.stack([rows[starts + j] for j in range(v)], axis=1) if len(counts) else np.empty((0, 1), int)
-        labels = split.labels.numpy()[rows[starts]] if len(counts) else np.empty(0, np.int64)
-        return cls(split.features, labels.astype(np.int64), view_rows)
-
-    def draw(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Feature rows for a batch of image draws, each picking one of the image's views at random."""
-        if self.view_rows.shape[1] == 1:
-            return self.view_rows[images, 0]
-        return self.view_rows[images, rng.integers(0, self.view_rows.shape[1], size=len(images))]
-
-
-def steps_per_epoch(num_images: int, config: AdapterConfig) -> int:
-    """Optimizer steps in one epoch: floor(N/B) full batches (official), or ceil(N/B) with `keep_last_batch`.
-
-    Raises:
-        BalladError: fewer training images than one batch under the official floor(N/B) (no step would run).
-    """
-    return batches_per_epoch(num_images, config.batch_size, config.keep_last_batch, config.epochs)
-
-
-def batch_schedule(
-    rows: TrainRows, config: AdapterConfig, stream: Sequence[np.ndarray] | None = None
-) -> list[list[np.ndarray]]:
-    """The feature rows of every step, epoch by epoch.
-
-    Args:
-        rows: cached training rows.
-        config: sampler, epochs, batch size and seed.
-        stream: per-epoch image indices to use instead of the sampler's (tests, benchmarks); each epoch is cut
-            into batches the same way, its length taking the place of the number of images.
-    """
-    if stream is None:
-        n_steps = steps_per_epoch(len(rows.image_labels), config)
-        draws = len(rows.image_labels) if config.keep_last_batch else n_steps * config.batch_size
-        stream = index_stream(
-            rows.image_labels, config.sampler, config.epochs, config.seed, config.samples_per_class, draws
-        )
-    view_rng = np.random.default_rng(config.seed + 1)
-    epochs = []
-    for images in stream:
-        keep = len(images) if config.keep_last_batch else steps_per_epoch(len(images), config) * config.batch_size
-        picked = rows.draw(np.asarray(images)[:keep], view_rng)
-        epochs.append([picked[i : i + config.batch_size] for i in range(0, len(picked), config.batch_size)])
-    return epochs
 
 
 @dataclass
@@ -220,7 +152,7 @@ def fit_adapters(
     log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes)).to(device)
     # learnable heads (LIFT's cosine): C×d rows initialised from the text embeddings, normalised in the forward
     # pass; fixed heads ride along with a zero learning rate, so one batched step serves both
-    cosine = [HEADS.get(c.head).learnable for c in configs]
+    cosine = [HEADS.get(c.head).trains_rows for c in configs]
     heads = text.unsqueeze(0).repeat(k, 1, 1) if any(cosine) else None
     head_buf = torch.zeros_like(heads) if heads is not None else None
     epochs = batch_schedule(rows, cfg0, stream)
@@ -485,150 +417,71 @@ def group_by_stream(configs: Sequence[AdapterConfig]) -> list[list[int]]:
     return list(groups.values())
 
 
-# ---------------------------------------------------------------------------------------------- adapter files
-
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_META = "adapter.json"
 
 
-@dataclass
-class Adapter:
-    """A trained adapter: its weight, configuration and the cache it was fitted on."""
+class AdapterHead(Head):
+    """BALLAD's residual adapter (or none: zero-shot) scored against the class text embeddings or a trained cosine
+    head's rows: `scale * norm(ratio * W f + (1 - ratio) * f) · norm(rows)ᵀ`.
 
-    weight: torch.Tensor
-    config: AdapterConfig
-    cache_fingerprint: str
-    meta: dict[str, Any]
-    head: torch.Tensor | None = None  # a trained cosine head's C×d rows; None: the class text embeddings
-    memory: MemoryHead | None = None  # a head built from the training features (its weight is the identity)
+    `weight` None scores `norm(f)`: zero-shot, or features whose tower already applies the adapter (`fold`).
+    """
 
-    def classes(self, text: torch.Tensor) -> torch.Tensor:
+    def __init__(
+        self,
+        config: AdapterConfig,
+        context: HeadContext,
+        weight: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
+    ) -> None:
+        self.config = config
+        self.context = context
+        self.weight = None if weight is None else weight.float()
+        self.rows = None if rows is None else F.normalize(rows.float(), dim=-1)
+
+    @property
+    def classes(self) -> torch.Tensor:
         """The rows logits are taken against: the trained head, else the class text embeddings."""
-        return self.head if self.head is not None else text
+        return self.rows if self.rows is not None else self.context.text
 
-    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Class logits of cached features (`text`: the cache's class embeddings, used without a trained head)."""
-        if self.memory is not None:
-            return self.memory.logits(features, text)
-        return adapter_logits(features, self.weight, self.config.ratio, self.classes(text), self.config.logit_scale)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of features (see the class docstring), on the CPU."""
+        features = features.cpu()
+        return adapter_logits(features, self.weight, self.config.ratio, self.classes, self.config.logit_scale)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """`weight` (d×d; absent once folded) and `head` (C×d, a cosine head's rows)."""
+        out = {} if self.weight is None else {"weight": self.weight}
+        return out if self.rows is None else {**out, "head": self.rows}
 
-def save_adapter(
-    folder: str | Path,
-    weight: torch.Tensor,
-    config: AdapterConfig,
-    cache: FeatureCache,
-    extra: dict[str, Any] | None = None,
-    head: torch.Tensor | None = None,
-    memory: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write `adapter.safetensors` (`weight`, `head` for a cosine head; a memory head's tensors as `memory.NAME`
-    and no weight) and `adapter.json` (config, cache fingerprint and model, the prompt templates of the class
-    embeddings, extra metrics)."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = memory_tensors(memory) if memory is not None else {"weight": weight.detach().float().contiguous().cpu()}
-    if head is not None:
-        tensors["head"] = head.detach().float().contiguous().cpu()
-    with atomic_path(folder / ADAPTER_WEIGHTS) as tmp:
-        save_file(tensors, str(tmp))
-    meta = {
-        "kind": "ballad-adapter",
-        "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),  # load_adapter checks the weights against it
-        "config_sha256": sha256_json(config.to_dict()),  # and the config
-        "config": config.to_dict(),
-        "cache_fingerprint": cache.fingerprint,
-        "cache": str(cache.path),
-        "model": cache.manifest["model"],
-        "templates": cache.manifest.get("templates", []),
-        "template_set": cache.manifest.get("config", {}).get("templates"),
-        "embed_dim": int(weight.shape[-1]),
-        **({"train_class_counts": cache.train_counts.tolist()} if memory is not None else {}),
-        **(extra or {}),
-    }
-    write_json(folder / ADAPTER_META, meta)
-    return folder
+    def fold(self) -> tuple[torch.Tensor | None, Head]:
+        """`M = (1 - ratio) I + ratio W` (float64) and this head without its weight."""
+        if self.weight is None:
+            return None, self
+        return adapter_matrix(self.weight, self.config.ratio), AdapterHead(self.config, self.context, None, self.rows)
 
 
-def load_adapter(folder: str | Path, cache: FeatureCache | None = None) -> Adapter:
-    """Read an adapter (safetensors only: nothing is unpickled); refuse one fitted on another cache.
+def adapter_matrix(weight: torch.Tensor, ratio: float) -> torch.Tensor:
+    """`M = (1 - ratio) I + ratio W`: the adapter as one linear map, `x' = M f`."""
+    dim = weight.shape[0]
+    return (1.0 - ratio) * torch.eye(dim, dtype=torch.float64) + ratio * weight.double()
+
+
+def load_adapter_head(config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> AdapterHead:
+    """An adapter head from its saved tensors; checks shapes against the context and that they are finite.
 
     Raises:
-        BalladError: missing or malformed files, or a cache fingerprint that differs from `cache`'s.
+        ValueError: a missing weight (unless `context.folded`), a shape that does not fit, NaN/Inf.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    meta = read_json(folder / ADAPTER_META)
-    try:
-        config = AdapterConfig.from_dict(meta["config"])
-        edited = "config_sha256" in meta and sha256_json(meta["config"]) != meta["config_sha256"]
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise BalladError(f"{folder / ADAPTER_META} has no valid config ({exc!s}); refit the adapter") from None
-    if edited:
-        raise BalladError(f"{folder / ADAPTER_META} was edited: its config does not match its config_sha256; refit")
-    recorded = meta.get("weights_sha256")  # adapters written before it was recorded have none
-    if (
-        recorded is not None
-        and (folder / ADAPTER_WEIGHTS).exists()
-        and sha256_file(folder / ADAPTER_WEIGHTS) != recorded
-    ):
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not match the sha256 in {ADAPTER_META} (changed); refit")
-    try:
-        tensors = load_file(str(folder / ADAPTER_WEIGHTS))
-        memory = None
-        if HEADS.get(config.head).memory:
-            memory = _load_memory(folder, config, tensors, cache)
-            tensors["weight"] = torch.eye(int(meta.get("embed_dim", 0)))  # the features pass unchanged
-        weight, head = tensors["weight"].float(), tensors.get("head")
-    except FileNotFoundError:
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} does not exist; fit the adapter first") from None
-    except (SafetensorError, KeyError, OSError) as exc:
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} is not a valid adapter file ({exc}); refit it") from None
-    dim = weight.shape[0] if weight.dim() == 2 else -1
-    if weight.dim() != 2 or weight.shape[1] != dim or (head is not None and (head.dim() != 2 or head.shape[1] != dim)):
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} holds a weight of shape {tuple(weight.shape)}; refit it")
-    if not torch.isfinite(weight).all() or (head is not None and not torch.isfinite(head).all()):
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} holds NaN/Inf weights (a diverged fit); refit with a lower --lr")
-    if cache is not None:
-        if meta.get("cache_fingerprint") != cache.fingerprint:
-            same_model = meta.get("model") == cache.manifest.get("model")
-            why = "another extraction of the same model" if same_model else "a cache of another model"
-            raise BalladError(
-                f"adapter {folder} was fitted on cache {meta.get('cache_fingerprint')}, not {cache.fingerprint} "
-                f"({why}); refit it on {cache.path}"
-            )
-        if weight.shape != (cache.manifest["embed_dim"],) * 2:
-            raise BalladError(
-                f"adapter {folder} is {tuple(weight.shape)}, the cache has dim {cache.manifest['embed_dim']}"
-            )
-        if head is not None and head.shape != (cache.num_classes, cache.manifest["embed_dim"]):
-            raise BalladError(f"adapter {folder} has a head of shape {tuple(head.shape)}, not the cache's classes")
-    if HEADS.get(config.head).learnable and head is None and memory is None:
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS} lacks the cosine head its adapter.json names; refit it")
-    return Adapter(weight, config, str(meta.get("cache_fingerprint")), meta, head, memory)
-
-
-def memory_tensors(memory: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A memory head's tensors as stored: `memory.NAME`, contiguous, on the CPU."""
-    return {f"memory.{k}": v.detach().contiguous().cpu() for k, v in memory.items()}
-
-
-def _load_memory(
-    folder: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor], cache: FeatureCache | None
-) -> MemoryHead:
-    """The memory head stored in an adapter file; the prior comes from the training counts recorded at the fit (so
-    an adapter handed another cache reaches the fingerprint check and its message)."""
-    own = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
-    counts = read_json(folder / ADAPTER_META).get("train_class_counts")  # recorded at the fit
-    if counts is None and cache is not None:
-        counts = cache.train_counts.tolist()
-    if not isinstance(counts, list):
-        raise BalladError(f"{folder / ADAPTER_META} lacks the training counts of its {config.head} head; refit it")
-    try:
-        return load_memory_head(config, own, class_log_prior(counts))
-    except ValueError as exc:
-        raise BalladError(f"{folder / ADAPTER_WEIGHTS}: {exc}; refit it") from None
+    weight, rows = state.get("weight"), state.get("head")
+    dim = context.dim
+    if weight is None and not context.folded:
+        raise ValueError("it holds no adapter weight")
+    if weight is not None and tuple(weight.shape) != (dim, dim):
+        raise ValueError(f"it holds a weight of shape {tuple(weight.shape)}, the cache has dim {dim}")
+    if rows is not None and tuple(rows.shape) != (context.num_classes, dim):
+        raise ValueError(f"it has a head of shape {tuple(rows.shape)}, not the cache's {context.num_classes} classes")
+    if HEADS.get(config.head).trains_rows and rows is None:
+        raise ValueError(f"it lacks the {config.head} head its config names")
+    if any(t is not None and not torch.isfinite(t).all() for t in (weight, rows)):
+        raise ValueError("it holds NaN/Inf weights (a diverged fit); refit with a lower --lr")
+    return AdapterHead(config, context, weight, rows)

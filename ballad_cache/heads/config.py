@@ -8,10 +8,12 @@ from typing import Any
 
 from ..inputs.samplers import SAMPLERS
 from ..options import OptionError, check_options, option
-from ..registry import PRECISIONS, SELECTIONS, Registry
+from ..registry import PRECISIONS, SELECTIONS
 from ..schedules import SCHEDULES
+from . import families  # noqa: F401  (registers the built-in head families)
 from .metrics import METRICS
-from .terms import HEADS, LOSSES
+from .registry import FAMILIES, HEADS
+from .terms import LOSSES
 
 
 @dataclass
@@ -75,31 +77,13 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.ratio == 0 and not HEADS.get(self.head).learnable and not HEADS.get(self.head).memory:
-            raise OptionError(
-                "ratio", "0 with a fixed head trains nothing (x' = f); use a ratio above 0 or --head cosine"
-            )
+        refused = HEADS.get(self.head).check(self)
+        if refused is not None:
+            raise OptionError(*refused)
 
     def idle_reason(self) -> str | None:
         """Why this configuration would train nothing, or None: a run that changes nothing says so."""
-        head = HEADS.get(self.head)
-        if head.memory and not head.learnable:
-            return None  # built in closed form: nothing to train
-        learnable_head = head.learnable and (self.head_lr if self.head_lr is not None else self.lr)
-        if head.memory and self.head_lr == 0:
-            return "--head-lr 0: tip-f's keys keep their values"
-        if head.memory and self.epochs > 0:
-            return None  # tip-f trains its keys at --head-lr under a per-step cosine
-        if self.epochs == 0:
-            return "0 epochs: the initial weights are kept"
-        if self.lr == 0 and not learnable_head:
-            return "lr 0: the weights keep their initial values"
-        if self.schedule == "epoch" and self.epochs == 1:
-            return (
-                "1 epoch with --schedule epoch runs at lr 0 (the official CosineAnnealingLR is stepped at each epoch "
-                "start): the weights keep their initial values; use --epochs 2 or more, or --schedule step"
-            )
-        return None
+        return HEADS.get(self.head).idle_reason(self)
 
     @property
     def logit_scale(self) -> float:
@@ -120,42 +104,6 @@ class AdapterConfig:
         """From a dict, ignoring unknown keys (older files lack `precision`: fp32)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
-
-
-# `sweep --family NAME`: each family's small default grid (README, "Heads that remember"); `all` is their union
-FAMILIES: Registry[dict[str, list[Any]]] = Registry("family")
-FAMILIES.register("ballad", {"head": ["text"], "loss": ["ce"], "ratio": [0.1, 0.2, 0.4]}, help="BALLAD's adapter")
-FAMILIES.register("la", {"head": ["text"], "loss": ["la"], "la_tau": [0.5, 1.0]}, help="logit-adjusted adapter")
-FAMILIES.register("cosine", {"head": ["cosine"], "loss": ["ce", "la"]}, help="LIFT's cosine head")
-FAMILIES.register(
-    "tip",
-    {
-        "head": ["tip"],
-        "alpha": [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0],
-        "beta": [0.5, 1.0, 2.0, 3.5, 5.5, 8.0],
-        "gamma": [0.0, 0.5, 1.0],
-        "keys_per_class": [0, 16],
-        "adjust_tau": [0.0, 0.5, 1.0, 1.5],
-    },
-    help="training-free cache (1008 points)",
-)
-FAMILIES.register("tip-f", {"head": ["tip-f"], "gamma": [0.0, 1.0]}, help="cache with trained keys")
-FAMILIES.register(
-    "gda",
-    {
-        "head": ["gda"],
-        "alpha": [0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0],
-        "shrinkage": [0.001, 0.01, 0.1, 0.5],
-        "adjust_tau": [0.0, 0.5, 1.0, 1.5],
-    },
-    help="closed-form Gaussian head (112 points)",
-)
-FAMILIES.register(
-    "ncm",
-    {"head": ["ncm"], "alpha": [0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0], "adjust_tau": [0.0, 0.5, 1.0, 1.5]},
-    help="class means (28 points)",
-)
-FAMILIES.register("all", {}, help="every family above, ranked together")
 
 
 @dataclass

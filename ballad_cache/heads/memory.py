@@ -24,25 +24,22 @@ prior is uniform, so the head is balanced by construction. NCM (nearest class me
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import BalladError
-from ..store.cache import SplitFeatures
-from .config import AdapterConfig
-from .terms import HEADS, LOGIT_SCALE
+from .registry import LOGIT_SCALE, Head, HeadContext
+
+if TYPE_CHECKING:
+    from ..progress import Progress
+    from ..store.cache import SplitFeatures
+    from .config import AdapterConfig
 
 KEY_VIEWS = ("mean", "eval")
 AFFINITY_BUDGET = 256 << 20  # bytes of query×key affinities held at once
-
-
-def is_memory_head(head: str) -> bool:
-    """Whether `head` is built from the training features (tip, tip-f, gda, ncm)."""
-    return HEADS.get(head).memory
 
 
 def key_features(split: SplitFeatures, key_view: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,122 +155,172 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return F.normalize(sums, dim=-1)
 
 
-@dataclass
-class MemoryHead:
-    """A fitted head of this family: its tensors and the settings that score with them.
+class MemoryHead(Head):
+    """A head built from the training features: `100 · f·Tᵀ + α · term(f) − τ · log prior`, the term its kind's.
 
-    Tensors by head: tip and tip-f `keys` (N×d), `values` (N, int64 labels), `class_weight` (C); gda `weight`
-    (C×d), `bias` (C); ncm `prototypes` (C×d).
+    Subclasses name their tensors (`names`), compute their term (`extra_logits`) and check their shapes.
     """
 
-    config: AdapterConfig
-    tensors: dict[str, torch.Tensor]
-    log_prior: torch.Tensor  # C, log of the training class frequencies
+    names: tuple[str, ...] = ()
+
+    def __init__(self, config: AdapterConfig, tensors: dict[str, torch.Tensor], context: HeadContext) -> None:
+        self.config = config
+        self.tensors = tensors
+        self.context = context
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        """C, log of the training class frequencies."""
+        return self.context.log_prior
 
     def extra_logits(self, features: torch.Tensor) -> torch.Tensor:
         """The head's own term (before α) for normalised features."""
-        head, t = self.config.head, self.tensors
-        if head in ("tip", "tip-f"):
-            return cache_term(
-                features,
-                t["keys"],
-                t["values"],
-                t["class_weight"],
-                self.config.beta,
-                self.config.neighbours,
-                len(t["class_weight"]),
-            )
-        if head == "gda":
-            return features @ t["weight"].T + t["bias"]
-        return LOGIT_SCALE * features @ t["prototypes"].T
+        raise NotImplementedError
 
-    def logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Class logits of cached or encoded features: `100 · f·Tᵀ + α · term − τ · log prior`."""
-        f = F.normalize(features.float(), dim=-1)
-        logits = LOGIT_SCALE * f @ F.normalize(text.float(), dim=-1).T + self.config.alpha * self.extra_logits(f)
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class logits of cached or encoded features: `100 · f·Tᵀ + α · term − τ · log prior`, on the CPU."""
+        f = F.normalize(features.cpu().float(), dim=-1)
+        logits = LOGIT_SCALE * f @ self.context.text.float().T + self.config.alpha * self.extra_logits(f)
         return logits - self.config.adjust_tau * self.log_prior if self.config.adjust_tau else logits
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """The head's tensors, contiguous on the CPU."""
+        return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}
 
-def memory_keys(train: SplitFeatures, config: AdapterConfig, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One normalised feature per training image (`key_view`) and its label: a tip head's keys and values (capped
-    per class), or what gda and ncm estimate their class means (and covariance) from."""
+    def check(self) -> None:
+        """Shapes against the context (subclasses); every float tensor finite.
+
+        Raises:
+            ValueError: what does not fit.
+        """
+        for name, tensor in self.tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"the {self.config.head} head's '{name}' holds NaN/Inf")
+
+    @classmethod
+    def from_state(cls, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> MemoryHead:
+        """The head from its saved tensors, checked.
+
+        Raises:
+            ValueError: a tensor the head needs is missing, misshapen or not finite.
+        """
+        missing = [n for n in cls.names if n not in state]
+        if missing:
+            raise ValueError(f"the {config.head} head lacks its '{missing[0]}' tensor")
+        tensors = {n: state[n].float() if state[n].is_floating_point() else state[n] for n in cls.names}
+        head = cls(config, tensors, context)
+        head.check()
+        return head
+
+
+class TipHead(MemoryHead):
+    """Tip-Adapter's cache: `keys` (N×d), `values` (N, int64 labels), `class_weight` (C)."""
+
+    names = ("keys", "values", "class_weight")
+
+    def extra_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The cache term over each query's `neighbours` nearest keys."""
+        t = self.tensors
+        return cache_term(
+            features,
+            t["keys"],
+            t["values"],
+            t["class_weight"],
+            self.config.beta,
+            self.config.neighbours,
+            self.context.num_classes,
+        )
+
+    def check(self) -> None:
+        """Keys, values and class weights agree; values name the context's classes."""
+        t = self.tensors
+        t["values"] = t["values"].long()
+        if len(t["keys"]) != len(t["values"]) or len(t["class_weight"]) != self.context.num_classes:
+            raise ValueError("keys, values and class weights of the tip head disagree in length")
+        if len(t["values"]) and (int(t["values"].min()) < 0 or int(t["values"].max()) >= self.context.num_classes):
+            raise ValueError("the tip head's values name classes the cache does not have")
+        super().check()
+
+
+class RowsHead(MemoryHead):
+    """A memory head of one C×d matrix (and maybe a bias) over the classes."""
+
+    rows = ""
+
+    def check(self) -> None:
+        """One row per class."""
+        rows = self.tensors[self.rows]
+        if rows.dim() != 2 or rows.shape[0] != self.context.num_classes:
+            raise ValueError(
+                f"the {self.config.head} head has {tuple(rows.shape)} rows for {self.context.num_classes} classes"
+            )
+        super().check()
+
+
+class GdaHead(RowsHead):
+    """LDA with a uniform prior: `weight` W = M Σ⁻¹ (C×d), `bias` b (C); term `f·Wᵀ + b`."""
+
+    names = ("weight", "bias")
+    rows = "weight"
+
+    def extra_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The discriminant."""
+        return features @ self.tensors["weight"].T + self.tensors["bias"]
+
+
+class NcmHead(RowsHead):
+    """Nearest class mean: `prototypes` (C×d, normalised class means); term `100 · f·Pᵀ`."""
+
+    names = ("prototypes",)
+    rows = "prototypes"
+
+    def extra_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Cosine to the class means at CLIP's scale."""
+        return LOGIT_SCALE * features @ self.tensors["prototypes"].T
+
+
+def image_keys(train: SplitFeatures, config: AdapterConfig, cap: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One normalised feature per training image (`key_view`) and its label; with `cap`, at most
+    `keys_per_class` per class (tip's keys), else every image (what gda and ncm estimate class means from)."""
     keys, labels, _ = key_features(train, config.key_view)
-    if config.head not in ("tip", "tip-f"):  # the class means and covariance use every image
+    if not cap:
         return keys, labels
     keep = cap_per_class(labels, config.keys_per_class, config.seed)
     return keys[keep], labels[keep]
 
 
-def build_memory_head(
-    train: SplitFeatures, num_classes: int, config: AdapterConfig, log_prior: torch.Tensor
-) -> MemoryHead:
-    """Build a training-free head (tip, gda, ncm; tip-f before training) from the cached train split."""
-    keys, values = memory_keys(train, config, num_classes)
-    return head_from_keys(keys, values, num_classes, config, log_prior)
+def tip_head(keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> TipHead:
+    """A tip head over `keys` (normalised, one per image) with labels `values`, class weights n_c^−γ."""
+    weights = class_weights(values, context.num_classes, config.gamma)
+    return TipHead(config, {"keys": keys, "values": values, "class_weight": weights}, context)
 
 
-def head_from_keys(
-    keys: torch.Tensor, values: torch.Tensor, num_classes: int, config: AdapterConfig, log_prior: torch.Tensor
-) -> MemoryHead:
-    """A memory head from its keys (one normalised feature per image, see `memory_keys`) and their labels."""
-    if config.head in ("tip", "tip-f"):
-        tensors = {"keys": keys, "values": values, "class_weight": class_weights(values, num_classes, config.gamma)}
-    elif config.head == "gda":
-        weight, bias = gda_head(keys, values, num_classes, config.shrinkage)
-        tensors = {"weight": weight, "bias": bias}
-    else:
-        tensors = {"prototypes": class_prototypes(keys, values, num_classes)}
-    return MemoryHead(config, tensors, log_prior)
+def gda_from_keys(keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> GdaHead:
+    """The gda head of one feature per image."""
+    weight, bias = gda_head(keys, values, context.num_classes, config.shrinkage)
+    return GdaHead(config, {"weight": weight, "bias": bias}, context)
 
 
-def load_memory_head(config: AdapterConfig, tensors: dict[str, torch.Tensor], log_prior: torch.Tensor) -> MemoryHead:
-    """A head from the tensors an adapter or classifier file holds (`memory.` prefix removed).
-
-    Raises:
-        ValueError: a tensor the head needs is missing or has the wrong shape.
-    """
-    need = {"tip": ("keys", "values", "class_weight"), "gda": ("weight", "bias"), "ncm": ("prototypes",)}
-    names = need["tip" if config.head == "tip-f" else config.head]
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise ValueError(f"the {config.head} head lacks its '{missing[0]}' tensor")
-    head = MemoryHead(config, {n: tensors[n] for n in names}, log_prior)
-    num_classes = len(log_prior)
-    t = head.tensors
-    if config.head in ("tip", "tip-f"):
-        t["values"] = t["values"].long()
-        if len(t["keys"]) != len(t["values"]) or len(t["class_weight"]) != num_classes:
-            raise ValueError("keys, values and class weights of the tip head disagree in length")
-        if len(t["values"]) and (int(t["values"].min()) < 0 or int(t["values"].max()) >= num_classes):
-            raise ValueError("the tip head's values name classes the cache does not have")
-    else:
-        rows = t["weight" if config.head == "gda" else "prototypes"]
-        if rows.dim() != 2 or rows.shape[0] != num_classes:
-            raise ValueError(f"the {config.head} head has {tuple(rows.shape)} rows for {num_classes} classes")
-    for name, tensor in t.items():
-        if tensor.is_floating_point():
-            t[name] = tensor.float()
-            if not torch.isfinite(t[name]).all():
-                raise ValueError(f"the {config.head} head's '{name}' holds NaN/Inf")
-    return head
+def ncm_from_keys(keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> NcmHead:
+    """The ncm head of one feature per image."""
+    return NcmHead(config, {"prototypes": class_prototypes(keys, values, context.num_classes)}, context)
 
 
 def train_tip_f(
-    head: MemoryHead,
+    head: TipHead,
     train: SplitFeatures,
-    text: torch.Tensor,
     config: AdapterConfig,
     loss_fn: Any,
     val: tuple[torch.Tensor, torch.Tensor] | None = None,
-    progress: Any = None,
-) -> tuple[MemoryHead, list[float], int, int]:
+    progress: Progress | None = None,
+) -> tuple[TipHead, list[float], int, int]:
     """Tip-Adapter-F: the keys trained with AdamW (eps 1e-4, Tip-Adapter-F's) at `head_lr` (default 1e-3) under a
     per-step cosine, on one cached view per draw from the configured sampler, with the configured loss. The keys
     are L2-normalised inside the forward and stored normalised (Tip-Adapter-F uses its trained keys unnormalised;
     normalising keeps β on the scale of cosine affinities). The residual adapter is not used. Returns the head of
     the best val epoch (or the last), the val top-1 per epoch, that epoch and the steps."""
     from ..schedules import SCHEDULES
-    from .adapter import TrainRows, batch_schedule
+    from .batches import TrainRows, batch_schedule
     from .terms import LossContext
 
     rows = TrainRows.from_split(train)
@@ -282,7 +329,7 @@ def train_tip_f(
     values, weights = head.tensors["values"], head.tensors["class_weight"]
     lr = config.head_lr if config.head_lr is not None else 1e-3
     optimizer = torch.optim.AdamW([keys], lr=lr, eps=1e-4)
-    text_n = F.normalize(text.float(), dim=-1)
+    text_n = F.normalize(head.context.text.float(), dim=-1)
     labels_all = train.labels.long()
     context = LossContext([config], head.log_prior)
     total = sum(len(e) for e in epochs)
@@ -310,9 +357,9 @@ def train_tip_f(
             step += 1
             if progress is not None:
                 progress.advance(1, loss=f"{float(loss.detach()):.3f}")
-        trained = MemoryHead(config, {**head.tensors, "keys": F.normalize(keys.detach(), dim=-1)}, head.log_prior)
+        trained = TipHead(config, {**head.tensors, "keys": F.normalize(keys.detach(), dim=-1)}, head.context)
         if val is not None:
-            pred = trained.logits(val[0], text).argmax(dim=1)
+            pred = trained.logits(val[0]).argmax(dim=1)
             top1 = 100.0 * float((pred == val[1]).float().mean())
             tops.append(top1)
             if top1 > best_acc or config.select == "last":
@@ -321,67 +368,89 @@ def train_tip_f(
             best_keys, best_epoch = trained.tensors["keys"], epoch
     if not epochs:
         best_keys = F.normalize(keys.detach(), dim=-1)
-    return MemoryHead(config, {**head.tensors, "keys": best_keys}, head.log_prior), tops, best_epoch, step
+    return TipHead(config, {**head.tensors, "keys": best_keys}, head.context), tops, best_epoch, step
 
 
-def search_points(
+def search_tip(
     configs: Sequence[AdapterConfig],
     train: SplitFeatures,
     queries: torch.Tensor,
-    text: torch.Tensor,
-    log_prior: torch.Tensor,
+    context: HeadContext,
     score: Any,
 ) -> list[Any]:
-    """Score training-free heads (tip, gda, ncm) on `queries` (val) in one pass: configurations that share a key
-    set share its top affinities (computed once, chunked), those that share β, γ and the neighbour count share the
-    cache term, and every α and τ is then one weighted sum. `score(logits)` reports a point; returns the reports
-    in `configs`' order. Each equals the point's `MemoryHead.logits` computed alone.
+    """Score tip points on `queries` (val) in one pass: points that share a key set (key view, cap, seed) share
+    its top affinities (computed once, chunked), those that share β, γ and the neighbour count share the cache
+    term, and every α and τ is then one weighted sum. `score(logits)` reports a point; returns the reports in
+    `configs`' order. Each equals the point's `TipHead.logits` computed alone.
 
     Memory: the keys and queries, the top affinities and their key labels (Q × k · 12 bytes), at most
     `AFFINITY_BUDGET` bytes of full affinities while they are ranked, and three Q×C float32 matrices (text logits,
     one cache term, one point's logits). Points over every key (neighbours 0) recompute the affinities in chunks
     of the same budget for each (β, γ) instead of keeping Q × N of them."""
-    num_classes = len(log_prior)
+    q, finish, results = _search_start(configs, queries, context, score)
+    num_classes = context.num_classes
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault((c.key_view, c.keys_per_class, c.seed), []).append(i)
+    for members in groups.values():
+        keys, values = image_keys(train, configs[members[0]], cap=True)
+        by_term: dict[tuple[float, float, int], list[int]] = {}
+        for i in members:
+            c = configs[i]
+            n = len(keys) if c.neighbours <= 0 else min(c.neighbours, len(keys))
+            by_term.setdefault((c.beta, c.gamma, n), []).append(i)
+        bounded = [n for (_, _, n) in by_term if n < len(keys)]
+        if bounded:  # the widest neighbour set, ranked once; narrower ones are its first columns
+            affinity, index = top_affinities(q, keys, max(bounded))
+            labels = values[index]
+        for (beta, gamma, n), sharing in by_term.items():  # one Q×C term alive at a time
+            weights = class_weights(values, num_classes, gamma)
+            if n < len(keys):
+                term = cache_term_from(affinity[:, :n], labels[:, :n], weights, beta, num_classes)
+            else:  # every key: no ranking, the affinities recomputed in bounded query chunks
+                term = cache_term(q, keys, values, weights, beta, 0, num_classes)
+            for i in sharing:
+                finish(i, term)
+    return results
+
+
+def search_class_means(
+    configs: Sequence[AdapterConfig],
+    train: SplitFeatures,
+    queries: torch.Tensor,
+    context: HeadContext,
+    score: Any,
+    build: Any,
+) -> list[Any]:
+    """Score gda or ncm points (`build(keys, values, config, context)` makes one) on `queries` in one pass: the
+    class means come from one feature per image (per key view), each shrinkage's term is computed once, and every
+    α and τ is one weighted sum. Returns the reports in `configs`' order."""
+    q, finish, results = _search_start(configs, queries, context, score)
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(c.key_view, []).append(i)
+    for members in groups.values():
+        keys, values = image_keys(train, configs[members[0]], cap=False)
+        terms: dict[float, torch.Tensor] = {}
+        for i in members:
+            c = configs[i]
+            if c.shrinkage not in terms:
+                terms[c.shrinkage] = build(keys, values, c, context).extra_logits(q)
+            finish(i, terms[c.shrinkage])
+    return results
+
+
+def _search_start(
+    configs: Sequence[AdapterConfig], queries: torch.Tensor, context: HeadContext, score: Any
+) -> tuple[torch.Tensor, Any, list[Any]]:
+    """Normalised queries, a `finish(i, term)` that reports point i from its term, and the reports list."""
     q = F.normalize(queries.float(), dim=-1)
-    base = LOGIT_SCALE * q @ F.normalize(text.float(), dim=-1).T
+    base = LOGIT_SCALE * q @ context.text.float().T
     results: list[Any] = [None] * len(configs)
 
     def finish(i: int, term: torch.Tensor) -> None:
         c = configs[i]
         logits = base + c.alpha * term
-        results[i] = score(logits - c.adjust_tau * log_prior if c.adjust_tau else logits)
+        results[i] = score(logits - c.adjust_tau * context.log_prior if c.adjust_tau else logits)
 
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, c in enumerate(configs):
-        key_set = (c.head, c.key_view, c.keys_per_class if c.head in ("tip", "tip-f") else 0, c.seed)
-        groups.setdefault(key_set, []).append(i)
-    for members in groups.values():
-        first = configs[members[0]]
-        keys, values = memory_keys(train, first, num_classes)
-        if first.head == "tip":
-            by_term: dict[tuple[float, float, int], list[int]] = {}
-            for i in members:
-                c = configs[i]
-                n = len(keys) if c.neighbours <= 0 else min(c.neighbours, len(keys))
-                by_term.setdefault((c.beta, c.gamma, n), []).append(i)
-            bounded = [n for (_, _, n) in by_term if n < len(keys)]
-            if bounded:  # the widest neighbour set, ranked once; narrower ones are its first columns
-                affinity, index = top_affinities(q, keys, max(bounded))
-                labels = values[index]
-            for (beta, gamma, n), sharing in by_term.items():  # one Q×C term alive at a time
-                weights = class_weights(values, num_classes, gamma)
-                if n < len(keys):
-                    term = cache_term_from(affinity[:, :n], labels[:, :n], weights, beta, num_classes)
-                else:  # every key: no ranking, the affinities recomputed in bounded query chunks
-                    term = cache_term(q, keys, values, weights, beta, 0, num_classes)
-                for i in sharing:
-                    finish(i, term)
-        else:
-            by_shrinkage: dict[float, torch.Tensor] = {}
-            for i in members:
-                c = configs[i]
-                s = c.shrinkage if c.head == "gda" else 0.0
-                if s not in by_shrinkage:
-                    by_shrinkage[s] = head_from_keys(keys, values, num_classes, c, log_prior).extra_logits(q)
-                finish(i, by_shrinkage[s])
-    return results
+    return q, finish, results

@@ -1,8 +1,7 @@
-"""The pluggable terms of the phase-B step: losses and classifier heads, each registered by name.
+"""The pluggable losses of phase B, each registered by name (heads are families: `heads/registry.py`).
 
-A loss maps one chunk's logits (k adapters × B images × C classes) and the labels to k losses; a head says which
-rows the adapted features are scored against and at what scale. `fit_adapters` batches any mix of them, so adding a
-loss is one function and one `register_loss` call:
+A loss maps one chunk's logits (k adapters × B images × C classes) and the labels to k losses. `fit_adapters`
+batches any mix of them, so adding a loss is one function and one `register_loss` call:
 
     def balanced_softmax(logits, labels, ctx):
         return cross_entropy(logits + ctx.log_prior, labels, ctx)
@@ -19,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..registry import Registry
+from .registry import LOGIT_SCALE
 
 if TYPE_CHECKING:
     import torch
 
-LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD (phase A and the text head)
+__all__ = ["LOGIT_SCALE", "LOSSES", "LossContext", "LossTerm", "cross_entropy", "logit_adjusted", "register_loss"]
 
 
 @dataclass
@@ -55,19 +55,7 @@ class LossTerm:
     params: tuple[str, ...] = ()  # AdapterConfig fields this loss reads (sweeps vary them only where it is used)
 
 
-@dataclass(frozen=True)
-class HeadTerm:
-    """A registered classifier head of the phase-B step."""
-
-    learnable: bool  # C×d rows initialised from the class text embeddings and trained with the adapter
-    scale: Callable[[Any], float]  # the logit scale of a configuration
-    params: tuple[str, ...] = ()  # AdapterConfig fields this head reads
-    memory: bool = False  # built from the cached training features (heads/memory.py), not the adapter step
-    ignores: tuple[str, ...] = ()  # AdapterConfig fields this head does not read (a sweep keeps their defaults)
-
-
 LOSSES: Registry[LossTerm] = Registry("loss")
-HEADS: Registry[HeadTerm] = Registry("head")
 
 
 def register_loss(name: str, fn: LossFn, *, help: str = "", params: tuple[str, ...] = ()) -> LossFn:
@@ -102,52 +90,4 @@ register_loss(
     logit_adjusted,
     help="logit-adjusted cross-entropy, logits + la_tau * log prior in training (Menon et al.)",
     params=("la_tau",),
-)
-
-HEADS.register(
-    "text",
-    HeadTerm(learnable=False, scale=lambda config: LOGIT_SCALE),
-    help="the fixed class text embeddings at CLIP's scale 100 (BALLAD)",
-)
-HEADS.register(
-    "cosine",
-    HeadTerm(learnable=True, scale=lambda config: config.head_scale, params=("head_scale", "head_lr")),
-    help="a learnable classifier initialised from the text embeddings, rows normalised, scale --head-scale (LIFT)",
-)
-
-# heads built from the training features (heads/memory.py); none of them uses the residual adapter
-_ADAPTER_STEP = ("ratio", "lr", "momentum", "weight_decay", "schedule", "precision")
-_TRAINING = ("sampler", "samples_per_class", "epochs", "batch_size", "select", "loss", "la_tau", "keep_last_batch")
-_TIP = ("alpha", "beta", "gamma", "keys_per_class", "neighbours", "key_view", "adjust_tau")
-HEADS.register(
-    "tip",
-    HeadTerm(False, lambda config: LOGIT_SCALE, _TIP, memory=True, ignores=_ADAPTER_STEP + _TRAINING),
-    help="training-free cache of the training features (Tip-Adapter), balanced by --keys-per-class and --gamma",
-)
-HEADS.register(
-    "tip-f",
-    HeadTerm(True, lambda config: LOGIT_SCALE, (*_TIP, "head_lr"), memory=True, ignores=_ADAPTER_STEP),
-    help="tip with its keys trained (Tip-Adapter-F: AdamW at --head-lr, default 1e-3) with --loss and --sampler",
-)
-HEADS.register(
-    "gda",
-    HeadTerm(
-        False,
-        lambda config: LOGIT_SCALE,
-        ("alpha", "shrinkage", "key_view", "adjust_tau"),
-        memory=True,
-        ignores=_ADAPTER_STEP + _TRAINING,
-    ),
-    help="closed-form Gaussian discriminant (class means, shared shrunk covariance, uniform prior) + text head",
-)
-HEADS.register(
-    "ncm",
-    HeadTerm(
-        False,
-        lambda config: LOGIT_SCALE,
-        ("alpha", "key_view", "adjust_tau"),
-        memory=True,
-        ignores=_ADAPTER_STEP + _TRAINING,
-    ),
-    help="nearest class mean (cosine to the normalised class means) + text head",
 )

@@ -19,7 +19,8 @@ import torch
 
 from ..atomic import read_json, write_json
 from ..errors import BalladError
-from ..heads.adapter import AdapterConfig, load_adapter
+from ..heads.artifacts import load_adapter
+from ..heads.config import AdapterConfig
 from ..heads.metrics import summary
 from ..inputs.datasets import LTDataset, load_dataset
 from ..models.clip import load_model

@@ -13,7 +13,9 @@ import torch
 
 from ..atomic import write_bytes, write_json
 from ..errors import BalladError
-from ..heads.adapter import Adapter, adapter_logits
+from ..heads.adapter import AdapterHead
+from ..heads.artifacts import Adapter, cache_context
+from ..heads.config import AdapterConfig
 from ..heads.metrics import classification_report, summary
 from ..inputs.longtail import ShotThresholds, class_log_prior, shot_groups
 from ..store.cache import FeatureCache
@@ -39,14 +41,13 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
     """
     thresholds = ShotThresholds(config.many, config.few)
     counts = cache.train_counts
-    text = cache.text_embeddings()
     rows = cache.load_split(config.split).eval_view()
     heads: dict[str, dict[str, Any]] = {}
-    zero = adapter_logits(rows.features, None, 0.0, text)
+    zero = AdapterHead(AdapterConfig(), cache_context(cache), None).logits(rows.features)  # norm(f) · textᵀ
     heads["zero-shot"] = classification_report(zero, rows.labels, counts, thresholds)
     best = zero
     if adapter is not None:
-        best = adapter.logits(rows.features, text)
+        best = adapter.logits(rows.features)
         heads["adapter"] = classification_report(best, rows.labels, counts, thresholds)
     if config.tau is not None:
         name = "adapter+LA" if adapter is not None else "zero-shot+LA"
@@ -107,7 +108,7 @@ def run_evaluate(
     files there (listed under `written`)."""
     from contextlib import nullcontext
 
-    from ..heads.adapter import load_adapter
+    from ..heads.artifacts import load_adapter
 
     if config.plot and out is None:
         raise ValueError("plot needs an output folder")

@@ -8,32 +8,32 @@ tower configured without a projection (`timm_proj: none`) gets one appended (`ti
 
 Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
 
-- `classifier.safetensors`: `weight` (C×D, L2-normalised: the class text embeddings, or the adapter's trained
-  cosine head) and `log_prior` (C, from the training counts of the cache the adapter was fitted on);
-- `classifier.json`: class names, logit scale, templates, ratio, the source model, adapter and cache fingerprint,
-  training counts and shot-group thresholds.
+- `classifier.safetensors`: `text` (C×D, the class text embeddings of the adapter's cache, L2-normalised),
+  `log_prior` (C, from the training counts the head was fitted with) and the head's own tensors as `head.NAME`
+  (`Head.state` once folded: nothing for BALLAD's text head, `head.head` for a cosine head's rows, tip's
+  `head.keys`/`head.values`/`head.class_weight`, gda's `head.weight`/`head.bias`, ncm's `head.prototypes`);
+- `classifier.json`: format, class names, the head's name and `adapter_config`, logit scale, templates, ratio, the
+  source model, adapter and cache fingerprint, training counts and shot-group thresholds.
 
-A memory head (`heads/memory.py`: tip, tip-f, gda, ncm) reads the unchanged image features, so nothing is folded:
-`weight` holds the class text embeddings and its own tensors follow as `memory.NAME` (tip: `memory.keys` N×D,
-`memory.values` N class indices, `memory.class_weight` C; gda: `memory.weight` C×D, `memory.bias` C; ncm:
-`memory.prototypes` C×D), with α, β, γ, the neighbour count and τ in `classifier.json`'s `adapter_config`.
+A head whose family folds nothing (the memory heads: they read the unchanged image features) keeps all its tensors.
+`predict` loads the head back through its family, so every registered head exports without a line here.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import atomic_path, read_json, remove_stale_temps, write_json
+from ..atomic import read_json, remove_stale_temps, write_json
 from ..errors import BalladError
-from ..heads.adapter import AdapterConfig, load_adapter, memory_tensors
-from ..heads.memory import MemoryHead, load_memory_head
-from ..inputs.longtail import ShotThresholds, class_log_prior
+from ..heads.artifacts import load_adapter, load_head, read_tensors, save_tensors
+from ..heads.config import AdapterConfig
+from ..heads.registry import Head, HeadContext
+from ..inputs.longtail import ShotThresholds
 from ..models.clip import ClipModel, LoadedModel, load_model, save_local_dir
 from ..store.cache import FeatureCache
 from ..store.runs import RunFolder
@@ -42,33 +42,33 @@ CLASSIFIER_WEIGHTS = "classifier.safetensors"
 CLASSIFIER_META = "classifier.json"
 
 
+CLASSIFIER_FORMAT = 2  # 2: the head's tensors as `head.NAME`, loaded by its family
+
+
 @dataclass
 class Classifier:
-    """An image classifier: an open_clip model whose image tower holds the adapter, and its class embeddings."""
+    """An image classifier: an open_clip model (the head's linear map folded into its image tower) and the head."""
 
     loaded: LoadedModel
-    weight: torch.Tensor  # C×D, L2-normalised class embeddings
-    log_prior: torch.Tensor  # C, log of the training class frequencies
+    head: Head  # scores the tower's features (`HeadContext.folded`)
+    context: HeadContext  # class text embeddings and training prior
     classnames: list[str]
-    logit_scale: float
     meta: dict[str, Any]
-    memory: MemoryHead | None = None  # a head built from the training features; `weight` is then the text head
+
+    @property
+    def log_prior(self) -> torch.Tensor:
+        """C, log of the training class frequencies."""
+        return self.context.log_prior
+
+    def score(self, features: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        """Class logits (CPU) of image features through the head, `- tau * log_prior` with `tau`: the scoring path
+        `evaluate`, `sweep` and `predict` share."""
+        logits = self.head.logits(features)
+        return logits if tau is None else logits - tau * self.context.log_prior
 
     def logits(self, images: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        """Class logits of preprocessed images: `scale * norm(encode_image(x)) · weightᵀ`, or a memory head's
-        logits of the normalised features (`- tau * log_prior`)."""
-        feats = torch.nn.functional.normalize(self.loaded.model.encode_image(images).float(), dim=-1)
-        if self.memory is not None:
-            logits = self.memory.logits(feats.cpu(), self.weight).to(feats.device)
-        else:
-            logits = self.logit_scale * feats @ self.weight.to(feats.device).T
-        return logits if tau is None else logits - tau * self.log_prior.to(feats.device)
-
-
-def adapter_matrix(weight: torch.Tensor, ratio: float) -> torch.Tensor:
-    """`M = (1 - ratio) I + ratio W`: the adapter as one linear map, `x' = M f`."""
-    dim = weight.shape[0]
-    return (1.0 - ratio) * torch.eye(dim, dtype=torch.float64) + ratio * weight.double()
+        """Class logits of preprocessed images."""
+        return self.score(self.loaded.model.encode_image(images).float(), tau)
 
 
 def fold_adapter(model: ClipModel, model_cfg: dict[str, Any], matrix: torch.Tensor) -> tuple[ClipModel, dict[str, Any]]:
@@ -180,37 +180,35 @@ def build_classifier(
             f"(weights {str(source.get('checkpoint_sha256'))[:12]}), not {loaded.name} "
             f"(weights {str(loaded.checkpoint_sha256)[:12]}); pass the model its cache was extracted with"
         )
-    if fitted.memory is not None:  # the features enter the memory head unchanged: nothing to fold
-        loaded.model, cfg = loaded.model.float().eval(), _model_cfg(loaded)
-    else:
-        loaded.model, cfg = fold_adapter(
-            loaded.model.float().eval(), _model_cfg(loaded), adapter_matrix(fitted.weight, fitted.config.ratio)
-        )
+    matrix, folded = fitted.head.fold()
+    loaded.model = loaded.model.float().eval()
+    cfg = _model_cfg(loaded)
+    if matrix is not None:
+        loaded.model, cfg = fold_adapter(loaded.model, cfg, matrix)
+    context = HeadContext(fitted.head.context.text, fitted.head.context.log_prior, folded=True)
+    head = load_head(fitted.config, folded.state(), context, Path(adapter), "refit it")  # as predict loads it
     thresholds = ShotThresholds()
-    scale = fitted.config.logit_scale
     return Classifier(
         loaded=loaded,
-        weight=torch.nn.functional.normalize(fitted.classes(feature_cache.text_embeddings()).float(), dim=-1),
-        log_prior=class_log_prior(feature_cache.train_counts),
+        head=head,
+        context=context,
         classnames=feature_cache.classnames,
-        logit_scale=scale,
         meta={
             "kind": "ballad-classifier",
+            "format": CLASSIFIER_FORMAT,
             "classnames": feature_cache.classnames,
-            "logit_scale": scale,
+            "logit_scale": fitted.config.logit_scale,
             "head": fitted.config.head,
-            "head_family": "memory" if fitted.memory is not None else "adapter",
             "templates": feature_cache.manifest.get("templates", []),
             "ratio": fitted.config.ratio,
             "source_model": {"name": model, "pretrained": pretrained, **loaded.provenance()},
             "adapter": str(adapter),
             "adapter_config": fitted.config.to_dict(),
             "cache_fingerprint": feature_cache.fingerprint,
-            "train_class_counts": feature_cache.train_counts.tolist(),
+            "train_class_counts": fitted.meta.get("train_class_counts", feature_cache.train_counts.tolist()),
             "shot_thresholds": {"many": thresholds.many, "few": thresholds.few},
             "model_cfg": cfg,
         },
-        memory=fitted.memory,
     )
 
 
@@ -221,19 +219,15 @@ def export_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
 
 def export_classifier(classifier: Classifier, out: str | Path) -> Path:
     """Write `classifier` as an open_clip local-dir model plus `classifier.safetensors` and `classifier.json`."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     meta = dict(classifier.meta)
     cfg = meta.pop("model_cfg")
     save_local_dir(classifier.loaded, classifier.loaded.model, out, model_cfg=cfg)
-    with atomic_path(out / CLASSIFIER_WEIGHTS) as tmp:
-        tensors = {"weight": classifier.weight.contiguous(), "log_prior": classifier.log_prior.contiguous()}
-        if classifier.memory is not None:
-            tensors.update(memory_tensors(classifier.memory.tensors))
-        save_file(tensors, str(tmp))
+    tensors = {"text": classifier.context.text, "log_prior": classifier.context.log_prior}
+    tensors.update({f"head.{k}": v for k, v in classifier.head.state().items()})
+    save_tensors(out / CLASSIFIER_WEIGHTS, tensors)
     write_json(out / CLASSIFIER_META, meta)  # written last: the export exists only when it does
     return out
 
@@ -251,39 +245,31 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
         raise BalladError(
             f"{folder} holds no {CLASSIFIER_META}: pass an exported model (ballad export) or add --adapter"
         )
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     meta = read_json(folder / CLASSIFIER_META)
+    if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
+        raise BalladError(f"{folder / CLASSIFIER_META} is not a classifier of format {CLASSIFIER_FORMAT}; export again")
+    tensors = read_tensors(folder / CLASSIFIER_WEIGHTS, "export again")
     try:
-        tensors = load_file(str(folder / CLASSIFIER_WEIGHTS))
-        weight, log_prior = tensors["weight"], tensors["log_prior"]
-    except (FileNotFoundError, SafetensorError, KeyError, OSError) as exc:
-        raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} is missing or damaged ({exc}); export again") from None
-    try:
-        classnames, scale = [str(c) for c in meta["classnames"]], float(meta["logit_scale"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BalladError(f"{folder / CLASSIFIER_META} lacks a valid {exc!s}; export again") from None
-    if weight.dim() != 2 or weight.shape[0] != len(classnames) or log_prior.shape != (len(classnames),):
+        text, log_prior = tensors["text"].float(), tensors["log_prior"].float()
+        classnames = [str(c) for c in meta["classnames"]]
+        config = AdapterConfig.from_dict(meta["adapter_config"])
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BalladError(f"{folder} lacks a valid {exc!s} in its classifier files; export again") from None
+    if text.dim() != 2 or text.shape[0] != len(classnames) or log_prior.shape != (len(classnames),):
         raise BalladError(
-            f"{folder / CLASSIFIER_WEIGHTS} holds weight {tuple(weight.shape)} and log_prior {tuple(log_prior.shape)} "
+            f"{folder / CLASSIFIER_WEIGHTS} holds text {tuple(text.shape)} and log_prior {tuple(log_prior.shape)} "
             f"for the {len(classnames)} classes {CLASSIFIER_META} lists; export again"
         )
-    if not (torch.isfinite(weight).all() and torch.isfinite(log_prior).all() and math.isfinite(scale) and scale > 0):
-        raise BalladError(f"{folder} holds NaN/Inf classifier weights, prior or scale; export again")
-    memory = None
-    own = {k.removeprefix("memory."): v for k, v in tensors.items() if k.startswith("memory.")}
-    if own or "memory" in str(meta.get("head_family", "")):
-        try:
-            config = AdapterConfig.from_dict(meta["adapter_config"])
-            memory = load_memory_head(config, own, log_prior.float())
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BalladError(f"{folder}: its memory head does not load ({exc!s}); export again") from None
+    if not (torch.isfinite(text).all() and torch.isfinite(log_prior).all()):
+        raise BalladError(f"{folder} holds NaN/Inf class embeddings or prior; export again")
+    context = HeadContext(text, log_prior, folded=True)
+    state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
+    head = load_head(config, state, context, folder / CLASSIFIER_WEIGHTS, "export again")
     loaded = load_model(f"local-dir:{folder}")
     loaded.model.eval()
-    if weight.shape[1] != loaded.embed_dim:
-        raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} has dim {weight.shape[1]}, the model {loaded.embed_dim}")
-    return Classifier(loaded, weight.float(), log_prior.float(), classnames, scale, meta, memory)
+    if text.shape[1] != loaded.embed_dim:
+        raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} has dim {text.shape[1]}, the model {loaded.embed_dim}")
+    return Classifier(loaded, head, context, classnames, meta)
 
 
 def run_export(

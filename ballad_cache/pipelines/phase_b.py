@@ -13,23 +13,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_path, read_json, remove_stale_temps, sha256_json, write_bytes, write_json
+from ..atomic import read_json, remove_stale_temps, sha256_json, write_bytes, write_json
 from ..errors import BalladError
-from ..heads.adapter import (
+from ..heads.artifacts import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
-    AdapterConfig,
-    TrainRows,
-    adapter_logits,
-    fit_adapters,
-    group_by_stream,
+    cache_context,
+    load_head,
+    read_tensors,
     save_adapter,
+    save_tensors,
 )
-from ..heads.config import FAMILIES
-from ..heads.memory import MemoryHead, build_memory_head, load_memory_head, search_points, train_tip_f
+from ..heads.config import AdapterConfig
 from ..heads.metrics import METRICS, classification_report, summary
-from ..heads.terms import HEADS, LOSSES
-from ..inputs.longtail import class_log_prior
+from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head
+from ..heads.terms import LOSSES
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
@@ -37,8 +35,25 @@ from ..store.runs import RunFolder
 SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
 
 
-def _val_split(cache: FeatureCache) -> str | None:
-    return "val" if "val" in cache.splits else None
+def fit_data(cache: FeatureCache, train: SplitFeatures | None = None, need_val: bool = False) -> FitData:
+    """What a head family fits on: the cache's train split (`train` when the caller has it loaded), its class
+    text embeddings and prior, and its val split's eval view where it has one.
+
+    Raises:
+        BalladError: no training rows, or (`need_val`) no val split.
+    """
+    train = train if train is not None else cache.load_split("train")
+    if len(train.labels) == 0:
+        raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
+    if need_val and "val" not in cache.splits:
+        raise BalladError(f"cache {cache.path} has no val split to rank on; extract it with --splits train,val,test")
+    val = cache.load_split("val").eval_view() if "val" in cache.splits else None
+    return FitData(train, cache_context(cache), val)
+
+
+def report_of(head: Head, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
+    """Headline accuracies of a head on a split of the cache, scored through `head.logits`."""
+    return _report(head.logits(split.features), split, cache)
 
 
 def fit_on_cache(
@@ -48,96 +63,27 @@ def fit_on_cache(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Fit one adapter on the cache's train split, score it on val, write it to `out`; returns adapter.json's body.
+    """Fit one head of `config.head`'s family on the cache's train split, score it on val, write it to `out`;
+    returns adapter.json's body.
 
     Open `out` with `adapter_folder` first (the CLI does): this function writes into it."""
     progress = progress or NullProgress()
     remove_stale_temps(out)
-    train = cache.load_split("train")
-    rows = TrainRows.from_split(train)
-    if len(rows.image_labels) == 0:
-        raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
-    text = cache.text_embeddings()
-    split = _val_split(cache)
-    val = cache.load_split(split).eval_view() if split else None
-    if HEADS.get(config.head).memory:
-        fitted, record = fit_memory(cache, config, val, progress, train)
-        if val is not None:
-            record["val"] = _report(fitted.logits(val.features, text), val, cache)
-        save_adapter(out, torch.empty(0, text.shape[1]), config, cache, record, memory=fitted.tensors)
-        return read_json(Path(out) / "adapter.json")
+    data = fit_data(cache)
     if config.idle_reason():
         progress.log(f"warning: this fit trains nothing: {config.idle_reason()}")
-    if val is None and config.select == "best-val":
+    if data.val is None and config.select == "best-val" and not HEADS.get(config.head).closed_form:
         progress.log(f"cache {cache.path} has no val split: keeping the last epoch's weights")
-    result = fit_adapters(
-        rows,
-        text,
-        [config],
-        device=device,
-        progress=progress,
-        val=(val.features, val.labels) if val else None,
-    )
-    weight, head = result.weights[0], result.heads[0]
-    extra: dict[str, Any] = {
-        "final_loss": float(result.losses[0, -1]) if result.losses.size else None,
-        "steps": result.steps,
-        "best_epoch": result.best_epoch[0],
-        "val_top1_per_epoch": result.val_top1[0].round(4).tolist(),
-        "train_seconds": result.seconds,
-    }
-    if val is not None:
-        extra["val"] = _score(val, weight, head, config, text, cache)
-    save_adapter(out, weight, config, cache, extra, head)
-    return read_json(Path(out) / "adapter.json")
-
-
-def fit_memory(
-    cache: FeatureCache,
-    config: AdapterConfig,
-    val: SplitFeatures | None,
-    progress: Progress | None = None,
-    train: SplitFeatures | None = None,
-) -> tuple[MemoryHead, dict[str, Any]]:
-    """Build a memory head (tip, gda, ncm) on the cache's train split, or build and train one (tip-f, its best val
-    epoch kept); returns it and what adapter.json records of the fit. `train`: the cache's train split, when the
-    caller has it loaded already."""
-    t0 = time.perf_counter()
-    train = train if train is not None else cache.load_split("train")
-    head = build_memory_head(train, cache.num_classes, config, class_log_prior(cache.train_counts))
-    extra: dict[str, Any] = {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None}
-    if HEADS.get(config.head).learnable:
-        head, tops, best_epoch, steps = train_tip_f(
-            head,
-            train,
-            cache.text_embeddings(),
-            config,
-            LOSSES.get(config.loss).fn,
-            (val.features, val.labels) if val is not None else None,
-            progress,
-        )
-        extra.update(steps=steps, best_epoch=best_epoch, val_top1_per_epoch=[round(t, 4) for t in tops])
-        if not torch.isfinite(head.tensors["keys"]).all():
-            raise BalladError(f"tip-f diverged: its keys hold NaN/Inf after {steps} steps; lower --head-lr")
-    extra["train_seconds"] = time.perf_counter() - t0
-    return head, extra
+    fitted = HEADS.get(config.head).fit(data, config, device, progress)
+    assert fitted.head is not None
+    record = dict(fitted.record)
+    if data.val is not None:
+        record["val"] = report_of(fitted.head, data.val, cache)
+    save_adapter(out, fitted.head, cache, record)
+    return read_json(Path(out) / ADAPTER_META)
 
 
 def _report(logits: torch.Tensor, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
-    return summary(classification_report(logits, split.labels, cache.train_counts))
-
-
-def _score(
-    split: SplitFeatures,
-    weight: torch.Tensor,
-    head: torch.Tensor | None,
-    config: AdapterConfig,
-    text: torch.Tensor,
-    cache: FeatureCache,
-) -> dict[str, float]:
-    """Headline accuracies of one adapter (and its cosine head, else the text embeddings) on a split."""
-    classes = head if head is not None else text
-    logits = adapter_logits(split.features, weight, config.ratio, classes, config.logit_scale)
     return summary(classification_report(logits, split.labels, cache.train_counts))
 
 
@@ -162,11 +108,12 @@ def point_name(config: dict[str, Any]) -> str:
     return " ".join(diff) or "defaults"
 
 
-def _unused_params(config: AdapterConfig) -> set[str]:
-    """Fields that only some losses or heads read, and this configuration's loss and head do not."""
+def unused_params(config: AdapterConfig) -> set[str]:
+    """Fields this configuration does not read: those only some losses or heads read (and its loss and head do
+    not), and those its head ignores."""
     used = set(LOSSES.get(config.loss).params) | set(HEADS.get(config.head).params)
     every = {p for name in LOSSES for p in LOSSES.get(name).params} | {p for n in HEADS for p in HEADS.get(n).params}
-    return every - used
+    return (every - used) | set(HEADS.get(config.head).ignores)
 
 
 def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
@@ -187,8 +134,7 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     out: dict[str, AdapterConfig] = {}
     for values in itertools.product(*(axes[n] for n in names)):
         config = AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))})
-        unused = {k: defaults[k] for k in _unused_params(config) if getattr(config, k) != defaults[k]}
-        unused.update({k: defaults[k] for k in HEADS.get(config.head).ignores if getattr(config, k) != defaults[k]})
+        unused = {k: defaults[k] for k in unused_params(config) if getattr(config, k) != defaults[k]}
         if unused:
             config = AdapterConfig.from_dict({**config.to_dict(), **unused})
         out.setdefault(point_key(config, ""), config)
@@ -255,201 +201,114 @@ def run_sweep(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
 ) -> SweepResult:
-    """Train every configuration (stream-sharing ones batched), rank on val by `metric`, keep the best.
+    """Fit every configuration (each family shares work between its points: one batched fit per index stream, one
+    search for the closed-form heads), rank on val by `metric`, keep the best.
 
-    Finished points live in `out/points/` (weights + metrics) and are skipped on a rerun with the same cache.
-    Writes `results.csv`, `results.json`, `best/` (the winning adapter) and `heatmap.png`.
+    Finished points live in `out/points/` (report JSON, and the head's tensors unless its family rebuilds it in one
+    pass) and are skipped on a rerun with the same cache. Writes `results.csv`, `results.json`, `best/` (the winning
+    head, scored on test) and `heatmap.png`.
     """
     progress = progress or NullProgress()
     if not configs:
         raise BalladError("the sweep grid is empty; give at least one value per option")
     if metric not in METRICS:
         raise BalladError(f"unknown metric '{metric}'; use {', '.join(METRICS)}")
-    split = _val_split(cache)
-    if split is None:
-        raise BalladError(f"cache {cache.path} has no val split to rank on; extract it with --splits train,val,test")
+    data = fit_data(cache, need_val=True)
+    assert data.val is not None
+    val = data.val
     out = Path(out)
     points_dir = out / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, points_dir, out / "best")  # what a killed sweep may have left half-written
-    text = cache.text_embeddings()
-    val = cache.load_split(split).eval_view()
     keys = [point_key(c, cache.fingerprint) for c in configs]
-    done = {k for k in keys if _point_done(points_dir, k, cache.fingerprint)}
+    done = {k for k, c in zip(keys, configs, strict=True) if _point_done(points_dir, k, c, cache.fingerprint)}
     todo = [i for i, k in enumerate(keys) if k not in done]
     progress.log(f"sweep: {len(configs)} points, {len(done)} already done, {len(todo)} to train")
     idle = [c.idle_reason() for c in configs if c.idle_reason()]
     if idle:
         progress.log(f"warning: {len(idle)} point(s) train nothing: {idle[0]}")
-    memory_points = [i for i in todo if HEADS.get(configs[i].head).memory]
-    todo = [i for i in todo if i not in set(memory_points)]
-    if memory_points:
-        chosen = [configs[i] for i in memory_points]
-        _sweep_memory(cache, chosen, [keys[i] for i in memory_points], val, points_dir, progress)
-    if todo:
-        rows = TrainRows.from_split(cache.load_split("train"))
-        for group in group_by_stream([configs[i] for i in todo]):
-            members = [todo[j] for j in group]
-            fit = fit_adapters(
-                rows,
-                text,
-                [configs[i] for i in members],
-                device=device,
-                progress=progress,
-                val=(val.features, val.labels),
-            )
-            for j, i in enumerate(members):
-                head = fit.heads[j]
-                report = _score(val, fit.weights[j], head, configs[i], text, cache)
-                _save_point(
-                    points_dir,
-                    keys[i],
-                    fit.weights[j],
-                    head,
-                    configs[i],
-                    report,
-                    cache.fingerprint,
-                    float(fit.losses[j, -1]) if fit.losses.size else float("nan"),
-                    fit.seconds / len(members),
-                    fit.steps,
-                    fit.best_epoch[j],
-                )
-    points = [read_json(points_dir / f"{k}.json") for k in keys]
+    by_head: dict[str, list[int]] = {}
+    for i in todo:
+        by_head.setdefault(configs[i].head, []).append(i)
+    for head, members in by_head.items():
+        t0 = time.perf_counter()
+        family = HEADS.get(head)
+        fitted = family.sweep(data, [configs[i] for i in members], lambda lg: _report(lg, val, cache), device, progress)
+        if family.closed_form:
+            progress.log(f"sweep: {len(members)} {head} points in {time.perf_counter() - t0:.1f} s")
+        for i, point in zip(members, fitted, strict=True):
+            _save_point(points_dir, keys[i], configs[i], point, cache.fingerprint, keep=not family.closed_form)
+    points = [_read_point(points_dir, k) for k in keys]
     ranked = sorted(points, key=lambda p: -p["val"][metric])
     best = ranked[0]
     best_cfg = AdapterConfig.from_dict(best["config"])
-    from safetensors.torch import load_file
-
+    best_head = _point_head(cache, data, best_cfg, points_dir / f"{best['key']}.safetensors", device)
     test_split = cache.load_split("test").eval_view() if "test" in cache.splits else None
+    test = report_of(best_head, test_split, cache) if test_split is not None else None
     extra = {"val": best["val"], "sweep_metric": metric, "steps": best["steps"], "best_epoch": best["best_epoch"]}
-    if HEADS.get(best_cfg.head).memory:
-        memory = _memory_point(cache, best_cfg, points_dir / f"{best['key']}.safetensors")
-        test = _report(memory.logits(test_split.features, text), test_split, cache) if test_split else None
-        save_adapter(
-            out / "best", torch.empty(0, text.shape[1]), best_cfg, cache, {**extra, "test": test}, None, memory.tensors
-        )
-    else:
-        tensors = load_file(str(points_dir / f"{best['key']}.safetensors"))
-        weight, best_head = tensors["weight"], tensors.get("head")
-        test = _score(test_split, weight, best_head, best_cfg, text, cache) if test_split else None
-        save_adapter(out / "best", weight, best_cfg, cache, {**extra, "test": test}, best_head)
+    save_adapter(out / "best", best_head, cache, {**extra, "test": test})
     _write_tables(out, ranked, metric, test, cache)
     _heatmap(out, ranked, metric)
     return SweepResult(ranked, best, test)
 
 
-def _sweep_memory(
-    cache: FeatureCache,
-    configs: list[AdapterConfig],
-    keys: list[str],
-    val: SplitFeatures,
-    points_dir: Path,
-    progress: Progress,
-) -> None:
-    """Score the memory-head points of a sweep on val: the training-free ones in one batched search (their tensors
-    are rebuilt from the cache when one wins, so a point is its JSON alone), tip-f ones trained one by one (their
-    trained keys saved beside the JSON)."""
-    text = cache.text_embeddings()
-    free = [i for i, c in enumerate(configs) if not HEADS.get(c.head).learnable]
-    train = cache.load_split("train")
-    if free:
-        t0 = time.perf_counter()
-        log_prior = class_log_prior(cache.train_counts)
-        reports = search_points(
-            [configs[i] for i in free], train, val.features, text, log_prior, lambda lg: _report(lg, val, cache)
-        )
-        seconds = (time.perf_counter() - t0) / len(free)
-        progress.log(f"sweep: {len(free)} training-free points searched in {seconds * len(free):.1f} s")
-        for i, report in zip(free, reports, strict=True):
-            _save_point(
-                points_dir, keys[i], None, None, configs[i], report, cache.fingerprint, float("nan"), seconds, 0, 0
-            )
-    for i, config in enumerate(configs):
-        if i in set(free):
-            continue
-        head, extra = fit_memory(cache, config, val, progress, train)
-        report = _report(head.logits(val.features, text), val, cache)
-        _save_point(
-            points_dir,
-            keys[i],
-            None,
-            None,
-            config,
-            report,
-            cache.fingerprint,
-            float("nan"),
-            extra["train_seconds"],
-            extra["steps"],
-            extra["best_epoch"],
-            memory=head.tensors,
-        )
+def _point_head(
+    cache: FeatureCache, data: FitData, config: AdapterConfig, weights: Path, device: torch.device | str
+) -> Head:
+    """A sweep point's head: its saved tensors, or rebuilt from the cache (a closed-form family's point)."""
+    family = HEADS.get(config.head)
+    if family.closed_form:
+        fitted = family.fit(data, config, device)
+        assert fitted.head is not None
+        return fitted.head
+    state = read_tensors(weights, "delete it and rerun the sweep")
+    return load_head(config, state, data.context, weights, "delete it and rerun the sweep")
 
 
-def _memory_point(cache: FeatureCache, config: AdapterConfig, weights: Path) -> MemoryHead:
-    """A memory-head point's head: its saved tensors (tip-f), else rebuilt from the cache."""
-    log_prior = class_log_prior(cache.train_counts)
-    if weights.exists():
-        from safetensors.torch import load_file
+def _read_point(folder: Path, key: str) -> dict[str, Any]:
+    """A finished point's JSON.
 
-        own = {k.removeprefix("memory."): v for k, v in load_file(str(weights)).items()}
-        return load_memory_head(config, own, log_prior)
-    return build_memory_head(cache.load_split("train"), cache.num_classes, config, log_prior)
+    Raises:
+        BalladError: the file is not a point record (one line naming it).
+    """
+    path = folder / f"{key}.json"
+    body = read_json(path)
+    if not isinstance(body, dict) or not isinstance(body.get("val"), dict) or "config" not in body:
+        raise BalladError(f"{path} is not a sweep point record; delete it and rerun the sweep")
+    return body
 
 
-def _point_done(folder: Path, key: str, fingerprint: str) -> bool:
+def _point_done(folder: Path, key: str, config: AdapterConfig, fingerprint: str) -> bool:
+    """Whether point `key` is finished on this cache: its JSON (written last) and, unless its family rebuilds it
+    from the cache, its tensors."""
     meta, weights = folder / f"{key}.json", folder / f"{key}.safetensors"
-    if not meta.exists():
+    if not meta.exists() or (not weights.exists() and not HEADS.get(config.head).closed_form):
         return False
-    if not weights.exists():  # only a training-free memory head's point is its JSON alone
-        try:
-            config = AdapterConfig.from_dict(read_json(meta).get("config", {}))
-        except (BalladError, TypeError, ValueError):
-            return False
-        if not HEADS.get(config.head).memory or HEADS.get(config.head).learnable:
-            return False
     try:
-        return read_json(meta).get("cache_fingerprint") == fingerprint
+        body = read_json(meta)
     except BalladError:
         return False
+    return isinstance(body, dict) and body.get("cache_fingerprint") == fingerprint
 
 
 def _save_point(
-    folder: Path,
-    key: str,
-    weight: torch.Tensor | None,
-    head: torch.Tensor | None,
-    config: AdapterConfig,
-    val: dict[str, float],
-    fingerprint: str,
-    final_loss: float,
-    seconds: float,
-    steps: int,
-    best_epoch: int,
-    memory: dict[str, torch.Tensor] | None = None,
+    folder: Path, key: str, config: AdapterConfig, point: Fitted, fingerprint: str, keep: bool = True
 ) -> None:
-    """A sweep point: its tensors (none for a training-free memory head) and then its JSON, which marks it done."""
-    from safetensors.torch import save_file
-
-    from ..heads.adapter import memory_tensors
-
-    tensors = memory_tensors(memory) if memory is not None else {}
-    if weight is not None:
-        tensors["weight"] = weight.contiguous()
-    if head is not None:
-        tensors["head"] = head.contiguous()
-    if tensors:
-        with atomic_path(folder / f"{key}.safetensors") as tmp:
-            save_file(tensors, str(tmp))
+    """A sweep point: its head's tensors (`keep`, and a head to keep), then its JSON, which marks it done."""
+    if keep and point.head is not None:
+        save_tensors(folder / f"{key}.safetensors", point.head.state())
+    record = point.record
+    final_loss = record.get("final_loss")
     write_json(
         folder / f"{key}.json",
         {
             "key": key,
             "config": config.to_dict(),
-            "val": val,
-            "final_loss": final_loss,
-            "train_seconds": seconds,
-            "steps": steps,
-            "best_epoch": best_epoch,
+            "val": point.val,
+            "final_loss": float("nan") if final_loss is None else final_loss,
+            "train_seconds": record.get("train_seconds", 0.0),
+            "steps": record.get("steps", 0),
+            "best_epoch": record.get("best_epoch", 0),
             "cache_fingerprint": fingerprint,
         },
     )

@@ -115,8 +115,6 @@ def predict_split(
     reader = ImageRows(split, rows, classifier.loaded.preprocess_eval, max_pixels=config.max_pixels)
     loader = make_loader(reader, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     k = min(config.top_k, len(classifier.classnames))
-    weight = classifier.weight.to(device)
-    log_prior = classifier.log_prior.to(device)
     names = classifier.classnames
     labelled = bool(len(split)) and bool((split.labels >= 0).all())
     out: list[dict[str, Any]] = []
@@ -134,13 +132,7 @@ def predict_split(
             continue
         with torch.inference_mode(), autocast(device, config.precision):
             feats = model.encode_image(batch["image"][torch.from_numpy(keep)].to(device, non_blocking=True))
-        feats = torch.nn.functional.normalize(feats.float(), dim=-1)
-        if classifier.memory is not None:  # a head built from the training features, on the CPU copy it holds
-            logits = classifier.memory.logits(feats.cpu(), weight.cpu()).to(device)
-        else:
-            logits = classifier.logit_scale * feats @ weight.T
-        if config.tau is not None:
-            logits = logits - config.tau * log_prior
+        logits = classifier.score(feats.float(), config.tau)  # the head's scoring path, as evaluate's
         probs = logits.softmax(dim=1)
         top = probs.topk(k, dim=1)
         top_p, top_i = top.values.cpu().numpy(), top.indices.cpu().numpy()

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from ballad_cache.errors import BalladError
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
+from ballad_cache.heads.adapter import TrainRows, fit_adapters
+from ballad_cache.heads.artifacts import load_adapter
+from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.inputs.samplers import index_stream
 from ballad_cache.pipelines.evaluate import EvalConfig, evaluate_cache
 from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache

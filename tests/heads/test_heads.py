@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, load_adapter
+from ballad_cache.heads.adapter import TrainRows, adapter_logits, fit_adapters
+from ballad_cache.heads.artifacts import load_adapter
+from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
@@ -64,9 +66,10 @@ def test_cosine_head_with_zero_steps_predicts_what_the_text_head_predicts(lt_cac
     # --ratio 0 trains the head alone
     fit_on_cache(lt_cache, AdapterConfig(epochs=5, batch_size=64, head="cosine", ratio=0.0), tmp_path / "ad")
     adapter = load_adapter(tmp_path / "ad", lt_cache)
-    assert adapter.head is not None and not torch.allclose(adapter.head, text, atol=1e-3)
-    head_only = 25.0 * F.normalize(test.features, dim=-1) @ F.normalize(adapter.head, dim=-1).T  # ratio 0: no W
-    torch.testing.assert_close(adapter.logits(test.features, text), head_only, atol=1e-4, rtol=0)
+    rows = adapter.head.state()["head"]
+    assert not torch.allclose(rows, text, atol=1e-3)
+    head_only = 25.0 * F.normalize(test.features, dim=-1) @ F.normalize(rows, dim=-1).T  # ratio 0: no W
+    torch.testing.assert_close(adapter.logits(test.features), head_only, atol=1e-4, rtol=0)
 
 
 def test_batched_mixed_losses_and_heads_equal_each_point_alone(lt_cache):

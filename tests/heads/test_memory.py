@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from ballad_cache.heads.config import AdapterConfig
-from ballad_cache.heads.memory import build_memory_head, search_points
+from ballad_cache.heads.registry import HEADS, FitData, HeadContext
 from ballad_cache.inputs.longtail import class_log_prior
 from ballad_cache.pipelines.phase_b import expand_grid, family_grid
 from ballad_cache.store.cache import SplitFeatures
@@ -27,6 +27,25 @@ def prior(cache) -> torch.Tensor:
     return class_log_prior(cache.train_counts)
 
 
+def context(cache) -> HeadContext:
+    return HeadContext(cache.text_embeddings(), prior(cache))
+
+
+def build_memory_head(train: SplitFeatures, config: AdapterConfig, ctx: HeadContext):
+    """The head `config.head`'s family fits on `train`."""
+    return HEADS.get(config.head).fit(FitData(train, ctx), config).head
+
+
+def search_points(configs, train: SplitFeatures, val: SplitFeatures, ctx: HeadContext) -> list[torch.Tensor]:
+    """Every point's val logits through its family's batched sweep, in `configs`' order."""
+    out: dict[int, torch.Tensor] = {}
+    for name in dict.fromkeys(c.head for c in configs):
+        idx = [i for i, c in enumerate(configs) if c.head == name]
+        fitted = HEADS.get(name).sweep(FitData(train, ctx, val), [configs[i] for i in idx], lambda logits: logits)
+        out.update(zip(idx, [f.val for f in fitted], strict=True))
+    return [out[i] for i in range(len(configs))]
+
+
 def test_tip_logits_are_the_formula(lt_cache):
     """Catches a tip head whose logits are not 100·f·Tᵀ + α·Σ_k exp(−β(1 − f·k))·n_c^−γ·e_{y_k} − τ·log prior over
     every key (neighbours 0) or over each query's nearest keys: another kernel, a lost γ, α or τ, neighbours taken
@@ -39,8 +58,8 @@ def test_tip_logits_are_the_formula(lt_cache):
     log_prior = np.log(counts / counts.sum())
     for neighbours in (0, 7):
         config = AdapterConfig(head="tip", alpha=2.0, beta=3.0, gamma=0.5, adjust_tau=0.7, neighbours=neighbours)
-        head = build_memory_head(train, 10, config, prior(lt_cache))
-        ours = head.logits(test.features, text).double().numpy()
+        head = build_memory_head(train, config, context(lt_cache))
+        ours = head.logits(test.features).double().numpy()
         affinity = f @ keys.T
         if neighbours:
             cut = np.sort(affinity, axis=1)[:, -neighbours][:, None]
@@ -56,15 +75,15 @@ def test_balancing_changes_the_per_class_key_mass_as_stated(lt_cache):
     weights other than n_c^−γ (γ = 1: every class's keys weigh one in total)."""
     train = lt_cache.load_split("train")
     counts = np.array(lt_cache.train_counts)
-    capped = build_memory_head(train, 10, AdapterConfig(head="tip", keys_per_class=16), prior(lt_cache))
+    capped = build_memory_head(train, AdapterConfig(head="tip", keys_per_class=16), context(lt_cache))
     kept = np.bincount(capped.tensors["values"].numpy(), minlength=10)
     assert kept.tolist() == np.minimum(counts, 16).tolist()
-    again = build_memory_head(train, 10, AdapterConfig(head="tip", keys_per_class=16), prior(lt_cache))
+    again = build_memory_head(train, AdapterConfig(head="tip", keys_per_class=16), context(lt_cache))
     assert torch.equal(again.tensors["keys"], capped.tensors["keys"])
-    other = build_memory_head(train, 10, AdapterConfig(head="tip", keys_per_class=16, seed=1), prior(lt_cache))
+    other = build_memory_head(train, AdapterConfig(head="tip", keys_per_class=16, seed=1), context(lt_cache))
     assert not torch.equal(other.tensors["keys"], capped.tensors["keys"])  # the seed draws the keys
     for gamma, mass in ((0.0, counts), (1.0, np.ones(10)), (0.5, np.sqrt(counts))):
-        head = build_memory_head(train, 10, AdapterConfig(head="tip", gamma=gamma), prior(lt_cache))
+        head = build_memory_head(train, AdapterConfig(head="tip", gamma=gamma), context(lt_cache))
         values = head.tensors["values"].numpy()
         per_class = np.bincount(values, weights=head.tensors["class_weight"].numpy()[values], minlength=10)
         np.testing.assert_allclose(per_class, mass, rtol=1e-5)
@@ -77,11 +96,11 @@ def test_ncm_is_the_normalised_class_means(lt_cache):
     text = lt_cache.text_embeddings()
     x, y = unit(train.features.double().numpy()), train.labels.numpy()
     protos = unit(np.stack([x[y == c].mean(axis=0) for c in range(10)]))
-    head = build_memory_head(train, 10, AdapterConfig(head="ncm", alpha=1.5), prior(lt_cache))
+    head = build_memory_head(train, AdapterConfig(head="ncm", alpha=1.5), context(lt_cache))
     np.testing.assert_allclose(head.tensors["prototypes"].numpy(), protos, atol=1e-6)
     f = unit(test.features.double().numpy())
     expected = 100 * f @ text.double().numpy().T + 1.5 * 100 * f @ protos.T
-    np.testing.assert_allclose(head.logits(test.features, text).numpy(), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(head.logits(test.features).numpy(), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_gda_is_lda_with_a_uniform_prior_and_the_stated_shrinkage(lt_cache):
@@ -97,7 +116,7 @@ def test_gda_is_lda_with_a_uniform_prior_and_the_stated_shrinkage(lt_cache):
     cov = (1 - s) * cov + s * np.trace(cov) / d * np.eye(d)
     w = np.linalg.solve(cov, means.T).T
     b = -0.5 * np.einsum("cd,cd->c", w, means)
-    head = build_memory_head(train, 10, AdapterConfig(head="gda", shrinkage=s), prior(lt_cache))
+    head = build_memory_head(train, AdapterConfig(head="gda", shrinkage=s), context(lt_cache))
     np.testing.assert_allclose(head.tensors["weight"].numpy(), w, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(head.tensors["bias"].numpy(), b, rtol=1e-4, atol=1e-3)
 
@@ -106,7 +125,6 @@ def test_the_batched_search_equals_each_point_alone(lt_cache):
     """Catches a search whose shared top affinities, cache terms or class means give another score than the point
     built and scored alone (a term reused across β, γ or key caps, the neighbour cut applied twice)."""
     train, val = lt_cache.load_split("train"), lt_cache.load_split("val").eval_view()
-    text = lt_cache.text_embeddings()
     configs = (
         expand_grid(
             AdapterConfig(head="tip"),
@@ -121,9 +139,9 @@ def test_the_batched_search_equals_each_point_alone(lt_cache):
         + expand_grid(AdapterConfig(head="ncm"), alpha=[0.5, 2.0], adjust_tau=[0.0, 1.0])
     )
     assert len(configs) == 64 + 4 + 4
-    batched = search_points(configs, train, val.features, text, prior(lt_cache), lambda logits: logits)
+    batched = search_points(configs, train, val, context(lt_cache))
     for config, logits in zip(configs, batched, strict=True):
-        alone = build_memory_head(train, 10, config, prior(lt_cache)).logits(val.features, text)
+        alone = build_memory_head(train, config, context(lt_cache)).logits(val.features)
         torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-4)
 
 
@@ -240,21 +258,23 @@ def test_keys_are_the_mean_of_each_images_augmented_views_and_gda_logits_blend(l
         torch.as_tensor(view[order]),
     )
     config = AdapterConfig(head="tip")
-    head = build_memory_head(split, 3, config, class_log_prior([4, 4, 4]))
+    head = build_memory_head(split, config, HeadContext(torch.zeros(3, feats.shape[1]), class_log_prior([4, 4, 4])))
     expected = unit(np.stack([feats[(index == i) & (view > 0)].mean(axis=0) for i in range(images)]))
     np.testing.assert_allclose(head.tensors["keys"].numpy(), expected, atol=1e-6)
     assert head.tensors["values"].tolist() == [i % 3 for i in range(images)]
-    eval_keys = build_memory_head(split, 3, AdapterConfig(head="tip", key_view="eval"), class_log_prior([4, 4, 4]))
+    eval_keys = build_memory_head(
+        split,
+        AdapterConfig(head="tip", key_view="eval"),
+        HeadContext(torch.zeros(3, feats.shape[1]), class_log_prior([4, 4, 4])),
+    )
     np.testing.assert_allclose(eval_keys.tensors["keys"].numpy(), feats[view == 0], atol=1e-6)
 
     train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
-    gda = build_memory_head(train, 10, AdapterConfig(head="gda", alpha=0.3, adjust_tau=0.8), prior(lt_cache))
+    gda = build_memory_head(train, AdapterConfig(head="gda", alpha=0.3, adjust_tau=0.8), context(lt_cache))
     f, t = unit(test.features.double().numpy()), lt_cache.text_embeddings().double().numpy()
     w, b = gda.tensors["weight"].double().numpy(), gda.tensors["bias"].double().numpy()
     expected = 100 * f @ t.T + 0.3 * (f @ w.T + b) - 0.8 * prior(lt_cache).double().numpy()
-    np.testing.assert_allclose(
-        gda.logits(test.features, lt_cache.text_embeddings()).numpy(), expected, rtol=1e-4, atol=1e-2
-    )
+    np.testing.assert_allclose(gda.logits(test.features).numpy(), expected, rtol=1e-4, atol=1e-2)
     with pytest.raises(Exception, match="shrinkage"):
         AdapterConfig(head="gda", shrinkage=0.0)
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import torch
 from typer.testing import CliRunner
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters
+from ballad_cache.heads.adapter import TrainRows, fit_adapters
+from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.terms import LOSSES, LossContext, cross_entropy, register_loss
 from ballad_cache.pipelines.phase_b import expand_grid, point_key
 from cli.main import app

@@ -6,7 +6,9 @@ import json
 
 import torch
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters, load_adapter
+from ballad_cache.heads.adapter import TrainRows, fit_adapters
+from ballad_cache.heads.artifacts import load_adapter
+from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache, run_sweep
 
 
@@ -20,7 +22,7 @@ def test_fit_on_cache_writes_the_adapter_fit_adapters_trains(lt_cache, tmp_path)
         [cfg],
         val=(val.features, val.labels),
     )
-    assert torch.equal(load_adapter(tmp_path / "a", lt_cache).weight, direct.weights[0])
+    assert torch.equal(load_adapter(tmp_path / "a", lt_cache).head.state()["weight"], direct.weights[0])
     assert meta["best_epoch"] == direct.best_epoch[0] and meta["config"]["precision"] == "fp32"
 
 
