@@ -80,8 +80,10 @@ def load_head(
     """
     try:
         return HEADS.get(config.head).load(config, state, context)
-    except (ValueError, KeyError) as exc:
-        raise BalladError(f"{origin}: {str(exc).strip(chr(39))}; {fix}") from None
+    except KeyError as exc:
+        raise BalladError(f"{origin}: the {config.head} head lacks its {exc} tensor; {fix}") from None
+    except ValueError as exc:
+        raise BalladError(f"{origin}: {exc}; {fix}") from None
 
 
 def save_adapter(folder: str | Path, head: Head, cache: FeatureCache, extra: dict[str, Any] | None = None) -> Path:

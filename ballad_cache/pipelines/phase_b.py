@@ -74,13 +74,19 @@ def fit_on_cache(
         progress.log(f"warning: this fit trains nothing: {config.idle_reason()}")
     if data.val is None and config.select == "best-val" and not HEADS.get(config.head).closed_form:
         progress.log(f"cache {cache.path} has no val split: keeping the last epoch's weights")
+    t0 = time.perf_counter()
     fitted = HEADS.get(config.head).fit(data, config, device, progress)
     assert fitted.head is not None
-    record = dict(fitted.record)
+    record = {**fit_record(time.perf_counter() - t0), **fitted.record}
     if data.val is not None:
         record["val"] = report_of(fitted.head, data.val, cache)
     save_adapter(out, fitted.head, cache, record)
     return read_json(Path(out) / ADAPTER_META)
+
+
+def fit_record(seconds: float) -> dict[str, Any]:
+    """What adapter.json records of a fit where the family records nothing of its own: no step, no epoch."""
+    return {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None, "train_seconds": seconds}
 
 
 def _report(logits: torch.Tensor, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:

@@ -1,0 +1,142 @@
+"""A head family registered in this file alone goes through every command: fit-adapter, sweep, evaluate, export and
+predict, with no line of `ballad` naming it. The family: a fixed random projection of the features (seeded, C×d,
+rows normalised) blended with the text head, `100 · f·Tᵀ + α · 100 · f·Pᵀ`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from ballad_cache.heads.config import AdapterConfig
+from ballad_cache.heads.registry import (
+    ADAPTER_STEP,
+    FAMILIES,
+    HEADS,
+    TRAINING,
+    FitData,
+    Fitted,
+    Head,
+    HeadContext,
+    HeadFamily,
+    register_head,
+    unregister_head,
+)
+from ballad_cache.inputs.datasets import load_dataset
+from ballad_cache.models.clip import load_model, save_local_dir
+from ballad_cache.pipelines.extract import ExtractConfig, extract_features
+from ballad_cache.store.cache import FeatureCache
+from cli.main import app
+
+runner = CliRunner()
+
+
+class ProjectionHead(Head):
+    def __init__(self, config: AdapterConfig, context: HeadContext, projection: torch.Tensor) -> None:
+        self.config, self.context, self.projection = config, context, projection
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        f = F.normalize(features.cpu().float(), dim=-1)
+        return 100.0 * f @ self.context.text.float().T + self.config.alpha * 100.0 * f @ self.projection.T
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"projection": self.projection}
+
+
+class ProjectionFamily(HeadFamily):
+    params = ("alpha",)
+    ignores = ADAPTER_STEP + TRAINING
+    grids = {"proj": ("a random projection blended with the text head", {"alpha": [0.5, 4.0]})}
+
+    def fit(self, data: FitData, config: AdapterConfig, device="cpu", progress=None) -> Fitted:
+        gen = torch.Generator().manual_seed(config.seed)
+        projection = F.normalize(torch.randn(data.context.num_classes, data.context.dim, generator=gen), dim=-1)
+        return Fitted(ProjectionHead(config, data.context, projection))
+
+    def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
+        projection = state["projection"]
+        if tuple(projection.shape) != (context.num_classes, context.dim):
+            raise ValueError(f"a projection of shape {tuple(projection.shape)}")
+        return ProjectionHead(config, context, projection.float())
+
+
+@pytest.fixture
+def projection_head():
+    register_head("proj", ProjectionFamily(), help="a fixed random projection blended with the text head")
+    yield
+    unregister_head("proj")
+    assert "proj" not in HEADS and "proj" not in FAMILIES
+
+
+def expected_logits(cache: FeatureCache, features: torch.Tensor, alpha: float, seed: int = 0) -> torch.Tensor:
+    """The family's formula, written here in float64 from the cache's text embeddings and the seeded projection."""
+    text = cache.text_embeddings().double()
+    gen = torch.Generator().manual_seed(seed)
+    projection = F.normalize(torch.randn(text.shape[0], text.shape[1], generator=gen), dim=-1).double()
+    f = F.normalize(features.double(), dim=-1)
+    return 100.0 * f @ text.T + alpha * 100.0 * f @ projection.T
+
+
+def test_a_head_registered_here_runs_through_every_command(projection_head, ballad_data, tmp_path):
+    """Catches a command that decides by head name (a family it does not know is refused, scored as another head, or
+    saved without its tensors): fit-adapter, sweep (the family's grid and explicit axes), evaluate, export and
+    predict all run on the new family, and predict classifies the test images as evaluate scores them."""
+    loaded = load_model("ballad-micro")
+    save_local_dir(loaded, loaded.model, tmp_path / "a")
+    model = f"local-dir:{tmp_path / 'a'}"
+    extract_features(
+        load_dataset("fmnist-lt"),
+        load_model(model),
+        tmp_path / "cache",
+        ExtractConfig(train_views=0, workers=0, batch_size=256),
+        torch.device("cpu"),
+    )
+    cache = FeatureCache(tmp_path / "cache")
+    common = ["--cache", str(cache.path), "--device", "cpu"]
+
+    fit = runner.invoke(app, ["fit-adapter", *common, "--out", str(tmp_path / "ad"), "--head", "proj", "--alpha", "4"])
+    assert fit.exit_code == 0, fit.output
+    meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
+    assert meta["config"]["head"] == "proj" and meta["config"]["alpha"] == 4.0
+
+    val = cache.load_split("val").eval_view()
+    by_formula = expected_logits(cache, val.features, 4.0).argmax(1)
+    assert meta["val"]["top1"] == pytest.approx(100.0 * float((by_formula == val.labels).double().mean()), abs=1e-6)
+
+    sweep = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw"), "--family", "proj"])
+    assert sweep.exit_code == 0, sweep.output
+    rows = list(csv.DictReader((tmp_path / "sw" / "results.csv").read_text().splitlines()))
+    assert sorted(float(r["alpha"]) for r in rows) == [0.5, 4.0] and {r["head"] for r in rows} == {"proj"}
+    for r in rows:  # each point ranked by the family's own logits
+        top1 = 100.0 * float(
+            (expected_logits(cache, val.features, float(r["alpha"])).argmax(1) == val.labels).double().mean()
+        )
+        assert float(r["val_top1"]) == pytest.approx(top1, abs=0.005)
+    axes = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw2"), "--head", "proj", "--alpha", "1,2"])
+    assert axes.exit_code == 0, axes.output
+    assert (tmp_path / "sw2" / "best" / "adapter.safetensors").exists()
+
+    ev = runner.invoke(app, ["evaluate", *common[:2], "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "ev")])
+    assert ev.exit_code == 0, ev.output
+    result = json.loads((tmp_path / "ev" / "result.json").read_text())["heads"]
+    test = cache.load_split("test").eval_view()
+    formula_top1 = 100.0 * float((expected_logits(cache, test.features, 4.0).argmax(1) == test.labels).double().mean())
+    assert result["adapter"]["top1"] == pytest.approx(formula_top1, abs=1e-6)
+    assert result["adapter"]["per_class"] != result["zero-shot"]["per_class"]  # the projection changed predictions
+
+    ex = runner.invoke(
+        app, ["export", "--model", model, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "e")]
+    )
+    assert ex.exit_code == 0, ex.output
+    out = tmp_path / "preds.csv"
+    args = ["predict", "--model", f"local-dir:{tmp_path / 'e'}", "--data", "fmnist-lt", "--split", "test"]
+    pr = runner.invoke(app, [*args, "--out", str(out), "--workers", "0", "--device", "cpu"])
+    assert pr.exit_code == 0, pr.output
+    preds = np.array([int(r["pred"]) for r in csv.DictReader(out.open())])
+    cached = expected_logits(cache, test.features, 4.0).argmax(1).numpy()[np.argsort(test.index.numpy())]
+    assert (preds == cached).mean() >= 0.995  # float16 cached features against float32 encoded ones: near-ties
