@@ -417,8 +417,6 @@ def group_by_stream(configs: Sequence[AdapterConfig]) -> list[list[int]]:
     return list(groups.values())
 
 
-
-
 class AdapterHead(Head):
     """BALLAD's residual adapter (or none: zero-shot) scored against the class text embeddings or a trained cosine
     head's rows: `scale * norm(ratio * W f + (1 - ratio) * f) · norm(rows)ᵀ`.

@@ -91,6 +91,19 @@ class AdapterConfig:
         cosine head."""
         return HEADS.get(self.head).scale(self)
 
+    def unused_fields(self) -> set[str]:
+        """Fields this configuration does not read: those only some losses or heads read (and its loss and head do
+        not), and those its head ignores (the residual adapter's, for a head built in closed form)."""
+        family = HEADS.get(self.head)
+        used = set(LOSSES.get(self.loss).params) | set(family.params)
+        some = {p for n in LOSSES for p in LOSSES.get(n).params} | {p for n in HEADS for p in HEADS.get(n).params}
+        return (some - used) | set(family.ignores)
+
+    def unread(self) -> list[str]:
+        """Fields set away from their default that this configuration does not read (a run would ignore them)."""
+        defaults = AdapterConfig.__dataclass_fields__
+        return [f for f in sorted(self.unused_fields()) if getattr(self, f) != defaults[f].default]
+
     def stream_key(self) -> tuple[Any, ...]:
         """Configurations with equal keys draw the same batches and can train together."""
         return (self.sampler, self.samples_per_class, self.epochs, self.batch_size, self.keep_last_batch, self.seed)
@@ -104,6 +117,30 @@ class AdapterConfig:
         """From a dict, ignoring unknown keys (older files lack `precision`: fp32)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def readers(field: str) -> list[str]:
+    """The heads and losses that read `field` (for messages that say where an option applies)."""
+    some = {p for n in HEADS for p in HEADS.get(n).params}
+    heads = [
+        n for n in HEADS if field not in HEADS.get(n).ignores and (field not in some or field in HEADS.get(n).params)
+    ]
+    losses = [f"--loss {n}" for n in LOSSES if field in LOSSES.get(n).params]
+    return losses or heads
+
+
+def explain_unread(config: AdapterConfig) -> str | None:
+    """One line naming the options `config` sets but does not read, and where each applies; None when all are read."""
+    unread = config.unread()
+    if not unread:
+        return None
+    parts = []
+    for f in unread:
+        where = readers(f)
+        applies = f" (read by {', '.join(where)})" if where else ""
+        parts.append(f"--{f.replace('_', '-')}{applies}")
+    listed = "; ".join(parts)
+    return f"--head {config.head} with --loss {config.loss} does not read {listed}; drop it or pick what reads it"
 
 
 @dataclass

@@ -24,10 +24,9 @@ from ..heads.artifacts import (
     save_adapter,
     save_tensors,
 )
-from ..heads.config import AdapterConfig
+from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
 from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head
-from ..heads.terms import LOSSES
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
@@ -114,14 +113,6 @@ def point_name(config: dict[str, Any]) -> str:
     return " ".join(diff) or "defaults"
 
 
-def unused_params(config: AdapterConfig) -> set[str]:
-    """Fields this configuration does not read: those only some losses or heads read (and its loss and head do
-    not), and those its head ignores."""
-    used = set(LOSSES.get(config.loss).params) | set(HEADS.get(config.head).params)
-    every = {p for name in LOSSES for p in LOSSES.get(name).params} | {p for n in HEADS for p in HEADS.get(n).params}
-    return (every - used) | set(HEADS.get(config.head).ignores)
-
-
 def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     """Every combination of the given axes over `base` (e.g. ratio=[...], lr=[...], loss=[...]), each checked as
     `AdapterConfig` checks it.
@@ -140,11 +131,31 @@ def expand_grid(base: AdapterConfig, **axes: list[Any]) -> list[AdapterConfig]:
     out: dict[str, AdapterConfig] = {}
     for values in itertools.product(*(axes[n] for n in names)):
         config = AdapterConfig.from_dict({**base.to_dict(), **dict(zip(names, values, strict=True))})
-        unused = {k: defaults[k] for k in unused_params(config) if getattr(config, k) != defaults[k]}
+        unused = {k: defaults[k] for k in config.unused_fields() if getattr(config, k) != defaults[k]}
         if unused:
             config = AdapterConfig.from_dict({**config.to_dict(), **unused})
         out.setdefault(point_key(config, ""), config)
-    return list(out.values())
+    points = list(out.values())
+    _refuse_unread(points, {n: axes[n] for n in names if n != "head"})
+    return points
+
+
+def _refuse_unread(points: list[AdapterConfig], given: dict[str, list[Any]]) -> None:
+    """Refuse an option set away from its default that no point of the grid reads (it would change nothing).
+
+    Raises:
+        ValueError: naming the option, the grid's heads and where the option applies.
+    """
+    defaults = AdapterConfig().to_dict()
+    for name, values in given.items():
+        if all(v == defaults[name] for v in values) or any(name not in p.unused_fields() for p in points):
+            continue
+        heads = sorted({p.head for p in points})
+        where = readers(name)
+        applies = f"; it applies to {', '.join(where)}" if where else ""
+        raise ValueError(
+            f"--{name.replace('_', '-')} is read by no point of this grid (--head {','.join(heads)}){applies}"
+        )
 
 
 def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[AdapterConfig]:
@@ -165,7 +176,9 @@ def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[A
     for name in names:
         for config in expand_grid(base, **FAMILIES.get(name)):
             out.setdefault(point_key(config, ""), config)
-    return list(out.values())
+    points = list(out.values())
+    _refuse_unread(points, axes)
+    return points
 
 
 def sweep_folder(out: str | Path, configs: list[AdapterConfig], cache: FeatureCache, overwrite: bool) -> RunFolder:
@@ -384,6 +397,9 @@ def run_fit_adapter(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """`ballad fit-adapter`: open the cache, guard and lock `out`, write `config.json`, fit; returns adapter.json."""
+    unread = explain_unread(config)
+    if unread:
+        raise BalladError(unread)
     feature_cache = FeatureCache(cache)
     with adapter_folder(out, overwrite) as folder:
         folder.write_config(config, cache=str(cache), cache_fingerprint=feature_cache.fingerprint)

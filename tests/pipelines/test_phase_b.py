@@ -37,3 +37,31 @@ def test_a_sweep_ranks_on_val_keeps_the_best_and_resumes(lt_cache, tmp_path):
     again = run_sweep(lt_cache, grid, tmp_path / "s")
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "s" / "points").iterdir()} == mtimes  # not retrained
     assert [p["key"] for p in again.points] == [p["key"] for p in result.points]
+
+
+def test_an_option_the_head_does_not_read_is_refused(lt_cache, tmp_path):
+    """Catches an option accepted and ignored: `--neighbours` with the text head, `--ratio` with tip, `--la-tau` with
+    the ce loss, in fit-adapter (one line, nothing written) and in a sweep where no point reads it (exit 2); where
+    some points read it, the others keep its default."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+    common = ["--cache", str(lt_cache.path), "--device", "cpu", "--epochs", "2", "--batch-size", "64"]
+    for extra, named, applies in (
+        (["--neighbours", "5"], "--neighbours", "tip"),
+        (["--head", "tip", "--ratio", "0.5"], "--ratio", "text"),
+        (["--la-tau", "0.5"], "--la-tau", "--loss la"),
+    ):
+        r = runner.invoke(app, ["fit-adapter", *common, "--out", str(tmp_path / "ad"), *extra])
+        assert r.exit_code == 1, r.output
+        line = " ".join(r.output.split())
+        assert named in line and applies in line and "does not read" in line
+        assert not (tmp_path / "ad").exists()
+    r = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw"), "--neighbours", "5,6"])
+    assert r.exit_code == 2 and "--neighbours" in r.output, r.output
+    r = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw"), "--family", "tip", "--ratio", "0.3"])
+    assert r.exit_code == 2 and "--ratio" in r.output, r.output
+    points = expand_grid(AdapterConfig(epochs=2, batch_size=64), head=["text", "tip"], neighbours=[5])
+    assert sorted((p.head, p.neighbours) for p in points) == [("text", 256), ("tip", 5)]
