@@ -199,8 +199,10 @@ def usable_rows(batch: dict[str, Any], skip_bad: bool) -> np.ndarray:
 
 
 def skipped_row(batch: dict[str, Any], i: int | np.integer) -> dict[str, Any]:
-    """Row `i` of a batch as manifests and summaries list a skipped image: index, path and reason."""
-    return {"index": int(batch["index"][i]), "path": batch["path"][i], "reason": batch["error"][i]}
+    """Row `i` of a batch as manifests and summaries list a skipped image: index, path and reason (without the
+    advice to pass --skip-bad: it was passed)."""
+    reason = str(batch["error"][i]).removesuffix(BadImageError.advice)
+    return {"index": int(batch["index"][i]), "path": batch["path"][i], "reason": reason}
 
 
 def make_loader(

@@ -41,8 +41,10 @@ def resource_dir() -> Path:
 class BadImageError(BalladError):
     """An image that cannot be read or decoded; carries its split index and path."""
 
+    advice = "; fix or remove it, or pass --skip-bad"  # what a run that stops on it says; a skipped row does not
+
     def __init__(self, path: str, index: int, reason: str) -> None:
-        super().__init__(f"cannot read image {path} (index {index}): {reason}; fix or remove it, or pass --skip-bad")
+        super().__init__(f"cannot read image {path} (index {index}): {reason}{self.advice}")
         self.path = path
         self.index = index
 

@@ -96,6 +96,11 @@ class Predictions:
     images_per_s: float
     skipped: list[dict[str, Any]]
 
+    def in_order(self) -> list[tuple[dict[str, Any], bool]]:
+        """Every input in input order: (its prediction, False) or (its skipped record, True)."""
+        merged = [(r, False) for r in self.rows] + [(s, True) for s in self.skipped]
+        return sorted(merged, key=lambda item: int(item[0].get("index", 0)))
+
 
 def predict_split(
     classifier: Classifier,
@@ -138,6 +143,7 @@ def predict_split(
         top_p, top_i = top.values.cpu().numpy(), top.indices.cpu().numpy()
         for j, i in enumerate(np.flatnonzero(keep)):
             row: dict[str, Any] = {
+                "index": int(batch["index"][i]),  # input position: skipped rows are written in their place
                 "path": batch["path"][i],
                 "pred": int(top_i[j, 0]),
                 "pred_name": names[top_i[j, 0]],
@@ -170,8 +176,12 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
     `errors="surrogateescape"`) and as `\\udcXX` escapes in JSON lines (json.loads gives the same str back)."""
     path = Path(path)
     if fmt == "jsonl":
-        lines = [json.dumps(r) for r in predictions.rows]
-        lines += [json.dumps({"path": s["path"], "skipped": s["reason"]}) for s in predictions.skipped]
+        lines = [
+            json.dumps({"path": r["path"], "skipped": r["reason"]})
+            if skipped
+            else json.dumps({k: v for k, v in r.items() if k != "index"})
+            for r, skipped in predictions.in_order()
+        ]
         write_bytes(path, ("\n".join(lines) + "\n").encode())
         return path
     if fmt != "csv":
@@ -185,12 +195,13 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
-    for r in predictions.rows:
+    for r, skipped in predictions.in_order():
+        if skipped:
+            w.writerow([r["path"], "", "", "", *([""] * (2 * k)), *([""] * (3 if labelled else 0)), r["reason"]])
+            continue
         tops = [v for name, p in r["top_k"] for v in (name, f"{p:.6f}")]
         extra = [r["label"], r["label_name"], r["correct"]] if labelled else []
         w.writerow([r["path"], r["pred"], r["pred_name"], f"{r['prob']:.6f}", *tops, *extra, ""])
-    for s in predictions.skipped:
-        w.writerow([s["path"], "", "", "", *([""] * (2 * k)), *([""] * (3 if labelled else 0)), s["reason"]])
     # a file name that is not valid UTF-8 arrives as str with surrogate escapes (os.fsdecode); it is written back
     # as its original bytes, so the CSV holds the name exactly as the file system does
     write_bytes(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))

@@ -33,3 +33,42 @@ def test_predictions_round_trip_through_csv_and_jsonl(tmp_path):
     assert lines[0]["top_k"][1] == ["dog", 0.25] and lines[1] == {"path": "bad.png", "skipped": "not an image"}
     with pytest.raises(ValueError, match="tau"):
         PredictConfig(tau=float("inf"))
+
+
+def test_skip_bad_keeps_input_order_and_its_reasons_do_not_ask_for_skip_bad(tmp_path):
+    """Catches skipped rows written after the predictions (out of input order) and a skip reason that tells the user
+    to pass --skip-bad when it was passed."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from ballad_cache.heads.adapter import AdapterHead
+    from ballad_cache.heads.config import AdapterConfig
+    from ballad_cache.heads.registry import HeadContext
+    from ballad_cache.inputs.datasets import ImageSplit
+    from ballad_cache.models import load_model
+    from ballad_cache.pipelines.export import Classifier
+    from ballad_cache.pipelines.predict import predict_split
+
+    names = ["bad0.png", "good1.png", "bad2.png", "good3.png", "bad4.png"]
+    for name in names:
+        if name.startswith("good"):
+            Image.new("RGB", (32, 32), "red").save(tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(b"not an image")
+    files = [str(tmp_path / n) for n in names]
+    loaded = load_model("ballad-micro")
+    context = HeadContext(F.normalize(torch.randn(3, loaded.embed_dim), dim=-1), torch.zeros(3), folded=True)
+    classifier = Classifier(loaded, AdapterHead(AdapterConfig(), context, None), context, ["a", "b", "c"], {})
+    config = PredictConfig(batch_size=2, workers=0, skip_bad=True)
+    result = predict_split(classifier, ImageSplit("x", np.full(5, -1), files, files=files), config, torch.device("cpu"))
+    for fmt in ("csv", "jsonl"):
+        write_predictions(result, tmp_path / f"p.{fmt}", fmt, 3)
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in rows] == files and [x["path"] for x in lines] == files
+    for row, line, name in zip(rows, lines, names, strict=True):
+        assert bool(row["skipped"]) == name.startswith("bad") == ("skipped" in line)
+        if name.startswith("bad"):
+            assert "cannot read image" in row["skipped"] and "--skip-bad" not in row["skipped"]
