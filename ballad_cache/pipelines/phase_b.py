@@ -307,7 +307,9 @@ def _point_done(folder: Path, key: str, config: AdapterConfig, fingerprint: str)
         body = read_json(meta)
     except BalladError:
         return False
-    return isinstance(body, dict) and body.get("cache_fingerprint") == fingerprint
+    if not isinstance(body, dict):  # not something a sweep wrote: refused rather than written over
+        raise BalladError(f"{meta} is not a sweep point record; delete it and rerun the sweep")
+    return body.get("cache_fingerprint") == fingerprint
 
 
 def _save_point(

@@ -65,3 +65,24 @@ def test_an_option_the_head_does_not_read_is_refused(lt_cache, tmp_path):
     assert r.exit_code == 2 and "--ratio" in r.output, r.output
     points = expand_grid(AdapterConfig(epochs=2, batch_size=64), head=["text", "tip"], neighbours=[5])
     assert sorted((p.head, p.neighbours) for p in points) == [("text", 256), ("tip", 5)]
+
+
+def test_a_damaged_sweep_point_is_one_line(lt_cache, tmp_path):
+    """Catches a point file that is valid JSON but not a point record, or a winner's truncated .safetensors, ending
+    the sweep in a traceback instead of one line naming the file."""
+    import pytest
+
+    from ballad_cache.errors import BalladError
+
+    grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.05, 0.4])
+    result = run_sweep(lt_cache, grid, tmp_path / "s")
+    best = tmp_path / "s" / "points" / f"{result.best['key']}.safetensors"
+    best.write_bytes(best.read_bytes()[:100])
+    with pytest.raises(BalladError, match=f"{best.name} is not a valid tensor file"):
+        run_sweep(lt_cache, grid, tmp_path / "s")
+    best.unlink()  # as the message says: the point is trained again
+    assert run_sweep(lt_cache, grid, tmp_path / "s").best["key"] == result.best["key"]
+    point = tmp_path / "s" / "points" / f"{result.points[1]['key']}.json"
+    point.write_text("[1, 2]")
+    with pytest.raises(BalladError, match=f"{point.name} is not a sweep point record"):
+        run_sweep(lt_cache, grid, tmp_path / "s")
