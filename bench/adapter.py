@@ -17,7 +17,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_step, fit_adapters  # noqa: E402
+from ballad_cache.heads.adapter import adapter_step, fit_adapters  # noqa: E402
+from ballad_cache.heads.batches import TrainRows  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 logging.getLogger().setLevel(logging.ERROR)
 
-from ballad_cache.heads.adapter import TrainRows  # noqa: E402
+from ballad_cache.heads.batches import TrainRows  # noqa: E402
 from ballad_cache.store.cache import SplitFeatures  # noqa: E402
 
 

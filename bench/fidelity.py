@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters, steps_per_epoch  # noqa: E402
+from ballad_cache.heads.adapter import adapter_logits, fit_adapters  # noqa: E402
+from ballad_cache.heads.batches import TrainRows, steps_per_epoch  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
 from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
 from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
 from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402

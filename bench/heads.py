@@ -32,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, adapter_logits, fit_adapters  # noqa: E402
-from ballad_cache.heads.memory import build_memory_head, search_points  # noqa: E402
+from ballad_cache.heads.adapter import adapter_logits, fit_adapters  # noqa: E402
+from ballad_cache.heads.batches import TrainRows  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
 from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
-from ballad_cache.heads.terms import HEADS  # noqa: E402
+from ballad_cache.heads.registry import HEADS, FitData, HeadContext  # noqa: E402
 from ballad_cache.inputs.datasets import load_templates  # noqa: E402
 from ballad_cache.inputs.longtail import class_log_prior  # noqa: E402
 from ballad_cache.models.clip import PromptBank, load_model  # noqa: E402
-from ballad_cache.pipelines.phase_b import family_grid, fit_memory  # noqa: E402
+from ballad_cache.pipelines.phase_b import family_grid  # noqa: E402
 from ballad_cache.store.cache import FeatureCache, SplitFeatures  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
@@ -65,19 +66,15 @@ def memory_points(cache: FeatureCache, val: SplitFeatures, test: SplitFeatures) 
         return summary(classification_report(logits, split.labels, cache.train_counts))
 
     out = []
+    data = FitData(train, HeadContext(text, log_prior), val)
     for family in ("tip", "tip-f", "gda", "ncm"):
         configs = family_grid(family)
         t = time.perf_counter()
-        if family == "tip-f":
-            fits = [fit_memory(cache, c, val)[0] for c in configs]
-            scored = [report(h.logits(val.features, text), val) for h in fits]
-        else:
-            scored = search_points(configs, train, val.features, text, log_prior, lambda lg: report(lg, val))
+        fitted = HEADS.get(family).sweep(data, configs, lambda lg: report(lg, val))
+        scored = [f.val for f in fitted]
         seconds = time.perf_counter() - t
         i = max(range(len(configs)), key=lambda j: scored[j]["top1"])
-        head = build_memory_head(train, cache.num_classes, configs[i], log_prior)
-        if family == "tip-f":
-            head = fits[i]
+        head = fitted[i].head or HEADS.get(family).fit(data, configs[i]).head
         chosen = {k: v for k, v in configs[i].to_dict().items() if k in HEADS.get(family).params}
         out.append(
             {
@@ -88,7 +85,7 @@ def memory_points(cache: FeatureCache, val: SplitFeatures, test: SplitFeatures) 
                 + ")",
                 "additions": [family, "memory"],
                 "val": scored[i],
-                "test": report(head.logits(test.features, text), test),
+                "test": report(head.logits(test.features), test),
                 "seconds": round(seconds, 2),
             }
         )

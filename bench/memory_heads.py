@@ -24,11 +24,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.heads.adapter import TrainRows, fit_adapters  # noqa: E402
+from ballad_cache.heads.adapter import fit_adapters  # noqa: E402
+from ballad_cache.heads.batches import TrainRows  # noqa: E402
 from ballad_cache.heads.config import AdapterConfig  # noqa: E402
-from ballad_cache.heads.memory import build_memory_head, search_points, train_tip_f  # noqa: E402
 from ballad_cache.heads.metrics import classification_report, summary  # noqa: E402
-from ballad_cache.heads.terms import LOSSES  # noqa: E402
+from ballad_cache.heads.registry import HEADS, FitData, HeadContext  # noqa: E402
 from ballad_cache.inputs.longtail import class_log_prior  # noqa: E402
 from ballad_cache.pipelines.phase_b import expand_grid  # noqa: E402
 from ballad_cache.store.cache import SplitFeatures  # noqa: E402
@@ -56,24 +56,27 @@ def phase(name: str, a: argparse.Namespace) -> dict[str, float]:
     log_prior = class_log_prior(counts)
     t = time.perf_counter()
     out: dict[str, float] = {}
+    context = HeadContext(text, log_prior)
     if name == "ballad":
         fit_adapters(TrainRows.from_split(train), text, [AdapterConfig()], val=(val, val_labels))
     elif name == "search":
         alphas = np.geomspace(0.1, 20, a.alphas).tolist()
         betas = np.linspace(0.5, 12, a.betas).tolist()
         configs = expand_grid(AdapterConfig(head="tip"), alpha=alphas, beta=betas)
-        reports = search_points(
-            configs, train, val, text, log_prior, lambda lg: summary(classification_report(lg, val_labels, counts))
+        queries = SplitFeatures(val, val_labels, torch.arange(len(val_labels)), torch.zeros(len(val_labels)))
+        fitted = HEADS.get("tip").sweep(
+            FitData(train, context, queries), configs, lambda lg: summary(classification_report(lg, val_labels, counts))
         )
+        reports = [f.val for f in fitted]
         out["points"] = len(configs)
         out["best_val_top1"] = max(r["top1"] for r in reports)
     elif name == "tip-f":  # 16 keys a class: every step scores its batch against all keys, forward and backward
         config = AdapterConfig(head="tip-f", epochs=1, keys_per_class=16)
-        head = build_memory_head(train, len(counts), config, log_prior)
-        train_tip_f(head, train, text, config, LOSSES.get("ce").fn, (val, val_labels))
+        queries = SplitFeatures(val, val_labels, torch.arange(len(val_labels)), torch.zeros(len(val_labels)))
+        HEADS.get("tip-f").fit(FitData(train, context, queries), config)
     else:
-        head = build_memory_head(train, len(counts), AdapterConfig(head=name), log_prior)
-        head.logits(val, text)  # a fit is of no use unscored: include one val pass
+        head = HEADS.get(name).fit(FitData(train, context), AdapterConfig(head=name)).head
+        head.logits(val)  # a fit is of no use unscored: include one val pass
     out["seconds"] = time.perf_counter() - t
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out

@@ -24,7 +24,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ballad_cache.heads.adapter import AdapterConfig, TrainRows, fit_adapters  # noqa: E402
+from ballad_cache.heads.adapter import fit_adapters  # noqa: E402
+from ballad_cache.heads.batches import TrainRows  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
 from ballad_cache.inputs.datasets import ImageSplit, LTDataset  # noqa: E402
 from ballad_cache.inputs.longtail import exponential_profile  # noqa: E402
 from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402

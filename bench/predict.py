@@ -18,6 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ballad_cache.heads.adapter import AdapterHead  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
+from ballad_cache.heads.registry import HeadContext  # noqa: E402
 from ballad_cache.inputs.reader import ImageRows, make_loader  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import autocast  # noqa: E402
@@ -49,7 +52,8 @@ def main() -> None:
     weight = torch.nn.functional.normalize(torch.randn(a.classes, dim), dim=-1)
     names = [f"class {i}" for i in range(a.classes)]
     log_prior = torch.full((a.classes,), -float(np.log(a.classes)))
-    classifier = Classifier(loaded, weight, log_prior, names, 100.0, {})
+    context = HeadContext(weight, log_prior, folded=True)
+    classifier = Classifier(loaded, AdapterHead(AdapterConfig(), context, None), context, names, {})
     config = PredictConfig(batch_size=a.batch, workers=a.workers, precision=a.precision)
     rows = np.stack([np.arange(a.images), np.zeros(a.images, dtype=np.int64)], 1)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ballad_cache.heads.adapter import AdapterConfig, fit_adapters  # noqa: E402
+from ballad_cache.heads.adapter import fit_adapters  # noqa: E402
+from ballad_cache.heads.config import AdapterConfig  # noqa: E402
 from ballad_cache.pipelines.phase_b import expand_grid  # noqa: E402
 from bench.common import imagenet_lt_shaped, timed, write  # noqa: E402
 
