@@ -434,7 +434,7 @@ class AdapterHead(Head):
         self.config = config
         self.context = context
         self.weight = None if weight is None else weight.float()
-        self.rows = None if rows is None else F.normalize(rows.float(), dim=-1)
+        self.rows = None if rows is None else rows.float()  # normalised where scored (adapter_logits)
 
     @property
     def classes(self) -> torch.Tensor:
