@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/python -m mypy
-.venv/bin/python -m pytest tests -q
+.venv/bin/python -m pytest tests -q --durations=15

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     env = {**os.environ, "PYTHON": sys.executable}
     done = subprocess.run(

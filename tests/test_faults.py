@@ -281,6 +281,7 @@ def live_owner():
     proc.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["fit-adapter", "sweep", "extract-features"])
 def test_a_second_run_into_a_locked_folder_refuses_and_touches_nothing(cache, tmp_path, live_owner, command):
     out = tmp_path / "run"
@@ -299,6 +300,7 @@ def test_a_second_run_into_a_locked_folder_refuses_and_touches_nothing(cache, tm
     assert (out / "precious.txt").read_text() == "the first run's output" and lock.read_text() == live_owner
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_dead_process_is_taken_over(cache, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -394,6 +396,7 @@ def test_hdf5_full_disk_reports_become_one_line_errors():
     assert disk_error(KeyError("errno = 28,"), "/c/x") is None
 
 
+@pytest.mark.slow
 def test_kill_9_during_finetune_then_resume_ends_with_the_uninterrupted_weights(ballad_data, tmp_path):
     import time
 

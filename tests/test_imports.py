@@ -184,6 +184,7 @@ def test_no_import_cycle_in_the_package():
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "module", ["ballad_cache.inputs.datasets", "ballad_cache.inputs.splits", "ballad_cache.inputs.sources", "cli.main"]
 )

@@ -8,6 +8,7 @@ from cli.main import app
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
     args = ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--model", "ballad-tiny", "--device", "cpu"]
     r = runner.invoke(app, args)
@@ -68,6 +69,7 @@ def test_help_lists_every_command():
     assert "info" in r.output and "verify" in r.output
 
 
+@pytest.mark.slow
 def test_tiny_demo_runs_with_ballad_lite(ballad_data, tmp_path):
     r = runner.invoke(
         app,

@@ -135,6 +135,7 @@ def test_crafted_pickle_checkpoint_is_refused(tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_match_one_process(ballad_data, tmp_path):
     env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
     common = [

@@ -172,6 +172,7 @@ def _cli_extract(out: Path, env: dict, extra: list[str] = ()) -> subprocess.Pope
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_recomputes_only_unfinished_shards(ballad_data, tmp_path):
     env = {**os.environ, "BALLAD_DATA": str(ballad_data)}
     ref = tmp_path / "ref"
@@ -200,6 +201,7 @@ def test_kill_9_then_rerun_recomputes_only_unfinished_shards(ballad_data, tmp_pa
     assert not list(killed.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_two_rank_torchrun_extraction_matches_one_rank(ballad_data, tmp_path):
     """Catches rows that depend on the rank count: shards dealt to two ranks, each with its own augmented views
     made on the device (the default), give one rank's rows, bitwise."""
