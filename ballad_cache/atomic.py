@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BalladError
+from .errors import BalladError, setting
 
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = ".ballad.lock"  # a run folder's lock (`RunLock`)
 
 
 @contextlib.contextmanager
@@ -59,7 +60,7 @@ def disk_error(exc: BaseException, target: str | os.PathLike[str]) -> BalladErro
         code = next((c for c in (errno.ENOSPC, errno.EDQUOT) if f"errno = {c}," in text), None)
     if code is None:
         return None
-    return BalladError(f"cannot write {target}: {os.strerror(code)}; free space or pick another --out")
+    return BalladError(f"cannot write {target}: {os.strerror(code)}; free space or pick another {setting('out')}")
 
 
 def ensure_free_space(target: str | os.PathLike[str], needed: int) -> None:
@@ -72,7 +73,7 @@ def ensure_free_space(target: str | os.PathLike[str], needed: int) -> None:
     if free < needed * 1.1 + (1 << 20):
         raise BalladError(
             f"cannot write {target}: {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free on its disk; "
-            "free space or pick another --out"
+            f"free space or pick another {setting('out')}"
         )
 
 
@@ -142,7 +143,7 @@ class RunLock:
     The file holds `host:pid`. A lock left by a process that no longer runs on this host is taken over.
     """
 
-    def __init__(self, folder: str | os.PathLike[str], name: str = ".ballad.lock") -> None:
+    def __init__(self, folder: str | os.PathLike[str], name: str = LOCK_FILE) -> None:
         self.path = Path(folder) / name
         self._held = False
 

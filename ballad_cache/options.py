@@ -19,6 +19,7 @@ import types
 import typing
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, Field, field, fields
+from pathlib import Path
 from typing import Any
 
 from .registry import Registry
@@ -31,7 +32,8 @@ OVERWRITE_HELP = "Redo the work --out already holds instead of refusing (or resu
 
 
 class OptionError(ValueError):
-    """A config field's value is refused; `field` names it (the CLI shows it as `--field-name`)."""
+    """A config field's value is refused; `field` names it (the CLI shows it as its flag, `--field-name`). Other
+    fields named in `message` are written with `errors.setting`."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field} {message}")
@@ -55,7 +57,8 @@ def option(
     """A dataclass field with its option facts in `metadata`.
 
     Args:
-        default: the default value (official where there is an official one).
+        default: the default value (official where there is an official one); none: a required field (a required
+            option in the CLI).
         help: one sentence for `--help`; say what the official value is where it differs from the default.
         min: smallest allowed value (inclusive).
         max: largest allowed value (inclusive).
@@ -122,6 +125,8 @@ def check_options(config: Any) -> None:
             value = int(value)
         elif base is tuple and isinstance(value, list):
             value = tuple(value)
+        elif base is Path and isinstance(value, str):
+            value = Path(value)
         ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
         if not ok:
             raise OptionError(name, f"must be {base.__name__}, got {value!r}")

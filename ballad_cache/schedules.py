@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .errors import BalladError
+from .errors import BalladError, setting
 from .registry import Registry
 
 
@@ -32,7 +32,8 @@ def batches_per_epoch(images: int, batch_size: int, keep_last_batch: bool, epoch
     if images and images < batch_size and epochs:
         raise BalladError(
             f"batch size {batch_size} exceeds the {images} training images: the official epoch "
-            "(floor(N/B) full batches) has no step; lower --batch-size or pass --keep-last-batch"
+            f"(floor(N/B) full batches) has no step; lower {setting('batch_size')} or pass "
+            f"{setting('keep_last_batch', True)}"
         )
     return images // batch_size
 

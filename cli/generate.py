@@ -2,7 +2,9 @@
 
 `@config_command(app, config=AdapterConfig)` turns every `option(...)` field of `AdapterConfig` into a `--field-name`
 option of the command and hands the function a built (hence validated) `config`; `grid=` does the same with
-comma-separated values for a sweep. A value the config refuses exits 2 naming the option.
+comma-separated values for a sweep. A field without a default is a required option. A value the config refuses exits 2
+naming the option. Every option of a command comes from a field: the common ones (`--data`, `--model`, `--out`, ...)
+from the small configs of `ballad_cache.pipelines.configs` (`ModelSource`, `RunOutput`, `Placement`, ...).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import typer
 
 from ballad_cache.options import OptionError, choice_names, field_type
 
+from .flags import as_flags, field_flag, flag, note_flags
 from .ui import handle_errors
 
 T = TypeVar("T")
@@ -37,10 +40,11 @@ def _help(f: Field[Any], grid: bool) -> str:
 
 
 def _option(cls: type, f: Field[Any], grid: bool) -> tuple[Any, Any]:
-    """The (annotation, default) of one field's option."""
+    """The (annotation, default) of one field's option; a field with neither default nor factory is required
+    (`inspect.Parameter.empty`: typer then refuses a command line without it, exit 2)."""
     base, optional = field_type(cls, f)
     meta = f.metadata
-    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    required = f.default is MISSING and f.default_factory is MISSING
     default = None if f.default is MISSING else f.default
     listed = base is tuple or (grid and meta["axis"] and base is not bool)
     if listed:
@@ -48,7 +52,9 @@ def _option(cls: type, f: Field[Any], grid: bool) -> tuple[Any, Any]:
         default = None if default in ("", None) else str(default)
     kind: Any = str if listed else base
     metavar = "|".join(choice_names(meta["choices"])) if meta["choices"] is not None and not listed else None
-    info = typer.Option(flag, help=_help(f, grid), metavar=metavar, show_default=default is not None)
+    info = typer.Option(field_flag(f), help=_help(f, grid), metavar=metavar, show_default=default is not None)
+    if required:
+        return Annotated[kind, info], inspect.Parameter.empty
     return Annotated[kind | None if default is None else kind, info], default
 
 
@@ -60,7 +66,7 @@ def _cast(cls: type, name: str, text: str) -> Any:
     except ValueError:
         raise typer.BadParameter(
             f"'{text}' is not {'an' if base.__name__[0] in 'aeiou' else 'a'} {base.__name__}",
-            param_hint=f"--{name.replace('_', '-')}",
+            param_hint=flag(name),
         ) from None
 
 
@@ -68,7 +74,7 @@ def split_values(cls: type, name: str, value: str) -> list[Any]:
     """A comma-separated option value as a list of the field's type (an empty list is a usage error)."""
     items = [v.strip() for v in value.split(",") if v.strip()]
     if not items:
-        raise typer.BadParameter("give comma-separated values", param_hint=f"--{name.replace('_', '-')}")
+        raise typer.BadParameter("give comma-separated values", param_hint=flag(name))
     return [_cast(cls, name, v) for v in items]
 
 
@@ -77,9 +83,9 @@ def build(make: Callable[[], T]) -> T:
     try:
         return make()
     except OptionError as exc:
-        raise typer.BadParameter(exc.message, param_hint=f"--{exc.field.replace('_', '-')}") from None
+        raise typer.BadParameter(as_flags(exc.message), param_hint=flag(exc.field)) from None
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        raise typer.BadParameter(as_flags(str(exc))) from None
 
 
 def config_command(app: typer.Typer, name: str | None = None, **configs: type) -> Callable[[F], F]:
@@ -90,26 +96,31 @@ def config_command(app: typer.Typer, name: str | None = None, **configs: type) -
         name: the command's name (default: the function's, dashed).
         configs: `argument=ConfigClass`: `fn` receives `argument` as a built config. Prefix the argument with
             `grid_` (`grid_configs=AdapterConfig`) to receive instead `{field: [values]}` of comma-separated lists.
+            A field that several of the classes have (`overwrite`) is one option, its help the first class's, and
+            its value goes to each of them.
     """
 
     def register(fn: F) -> F:
         sig = inspect.signature(fn)
         hints = typing.get_type_hints(fn, include_extras=True)
         params = [p.replace(annotation=hints[p.name]) for p in sig.parameters.values() if p.name not in configs]
-        owner: dict[str, str] = {}
+        options: dict[str, inspect.Parameter] = {}
         for arg, cls in configs.items():
+            note_flags(cls)
             for f in fields(cls):
                 if "help" in f.metadata and f.metadata["cli"] and f.name not in sig.parameters:
-                    annotation, default = _option(cls, f, arg.startswith("grid_"))
-                    kind = inspect.Parameter.KEYWORD_ONLY
-                    params.append(inspect.Parameter(f.name, kind, default=default, annotation=annotation))
-                    owner[f.name] = arg
+                    if f.name not in options:
+                        annotation, default = _option(cls, f, arg.startswith("grid_"))
+                        kind = inspect.Parameter.KEYWORD_ONLY
+                        options[f.name] = inspect.Parameter(f.name, kind, default=default, annotation=annotation)
+        # required options first: typer lists them first in --help, as a signature without defaults would
+        params += sorted(options.values(), key=lambda p: p.default is not inspect.Parameter.empty)
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
+            values = {k: kwargs.pop(k) for k in options}
             for arg, cls in configs.items():
-                values = {k: kwargs.pop(k) for k in list(kwargs) if owner.get(k) == arg}
-                given = {k: v for k, v in values.items() if v is not None}
+                given = {f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None}
                 if arg.startswith("grid_"):
                     kwargs[arg] = {k: split_values(cls, k, v) if isinstance(v, str) else [v] for k, v in given.items()}
                 else:

@@ -20,6 +20,8 @@ from rich.text import Text
 from ballad_cache.heads.metrics import METRICS
 from ballad_cache.progress import Report
 
+from .flags import as_flags
+
 err = Console(stderr=True, markup=False)  # paths, class names and messages are data, never markup
 out = Console(markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -66,8 +68,8 @@ class RichProgress:
             err.print(f"{self._desc}: {self._done}/{self._total or '?'} {info}", highlight=False)
 
     def log(self, message: str) -> None:
-        """One line on stderr, as text."""
-        err.print(message, highlight=False)
+        """One line on stderr, as text, the settings it names written as flags."""
+        err.print(as_flags(message), highlight=False)
 
     def _close(self) -> None:
         if self._bar is not None:
@@ -92,7 +94,8 @@ def quiet_libraries() -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn BalladError into one red line and exit 1, bad option values into exit 2, Ctrl-C into exit 130."""
+    """Turn BalladError into one red line (the settings it names written as flags) and exit 1, bad option values into
+    exit 2, Ctrl-C into exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -104,7 +107,7 @@ def handle_errors(fn: F) -> F:
         except BalladError as exc:
             if DEBUG["on"]:
                 raise
-            err.print(Text.assemble(("error:", "red"), " ", str(exc)), highlight=False, soft_wrap=True)
+            err.print(Text.assemble(("error:", "red"), " ", as_flags(str(exc))), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print(

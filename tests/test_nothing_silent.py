@@ -91,10 +91,10 @@ def test_a_model_without_weights_stops_unless_random_weights_are_asked_for(tmp_p
     save_local_dir(loaded, loaded.model, folder)
     for weights in folder.glob("*.safetensors"):
         weights.unlink()
-    with pytest.raises(BalladError, match="holds no weights file.*--pretrained none"):
+    with pytest.raises(BalladError, match="holds no weights file.*`pretrained='none'`"):
         load_model(f"local-dir:{folder}")
     assert load_model(f"local-dir:{folder}", "none").random_weights
-    with pytest.raises(BalladError, match="RN50 would start from random weights: pass --pretrained openai"):
+    with pytest.raises(BalladError, match="RN50 would start from random weights: pass `pretrained='openai'`"):
         load_model("RN50")
     assert load_model("ballad-micro").provenance()["random_weights"] is True  # random by design, and recorded
 
@@ -141,7 +141,7 @@ def test_images_over_the_pixel_budget_are_bad_images(tmp_path):
     split = ImageSplit(
         "x", np.zeros(2, np.int64), ["bomb.png", "big.png"], files=[str(tmp_path / n) for n in ("bomb.png", "big.png")]
     )
-    with pytest.raises(BadImageError, match="--max-pixels"):
+    with pytest.raises(BadImageError, match="over `max_pixels`"):
         split.load(0)
     with pytest.raises(BadImageError, match="300x200 pixels, over the budget of 50000"):
         split.load(1, max_pixels=50_000)

@@ -93,3 +93,121 @@ def test_generated_command_takes_every_field_and_exits_2_naming_the_option():
     assert seen[-1]["rate"] == [0.1, 0.2] and seen[-1]["colour"] == ["red", "blue"] and seen[-1]["count"] == [3]
     r = runner.invoke(app, ["toy", "--help"])
     assert "red: warm; blue: cold" in r.output and "0.5" in r.output
+
+
+@dataclass
+class ToyTarget:
+    """A config with a required field and a field ToyConfig has too."""
+
+    out: str = option(help="Where.")
+    flag: bool = option(False, "Also a flag.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def test_a_field_without_default_is_a_required_option_and_a_shared_field_is_one_option():
+    app = typer.Typer()
+    seen: list[tuple[ToyConfig, ToyTarget]] = []
+
+    @config_command(app, "toy", config=ToyConfig, target=ToyTarget)
+    def toy(config: ToyConfig, target: ToyTarget) -> None:
+        seen.append((config, target))
+
+    @config_command(app, "other")
+    def other() -> None:
+        pass
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["toy", "--rate", "0.25"])
+    assert r.exit_code == 2 and "Missing option '--out'" in r.output and not seen
+    r = runner.invoke(app, ["toy", "--out", "x", "--flag"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == (ToyConfig(flag=True), ToyTarget(out="x", flag=True))  # one --flag, given to both
+    r = runner.invoke(app, ["toy", "--out", "x"])
+    assert seen[-1] == (ToyConfig(flag=False), ToyTarget(out="x", flag=False))
+
+
+def test_library_messages_name_fields_and_the_cli_prints_their_flags():
+    """Catches a setting printed as the field name in the CLI (or as a flag to a library user), a lone flag given an
+    off spelling it does not have, and a backticked word that is no field being rewritten."""
+    from ballad_cache.errors import setting
+    from cli.flags import as_flags
+    from cli.main import app  # noqa: F401  (records every command's fields)
+
+    message = (
+        f"pass {setting('skip_bad', True)} or {setting('keep_last_batch', False)}; use {setting('epochs', 2)} with "
+        f"{setting('splits', ('train', 'val'))}, {setting('pretrained', '/w.pt')} and a lower {setting('lr')}; "
+        "run `ballad cache verify` or `ballad`"
+    )
+    assert message == (
+        "pass `skip_bad=True` or `keep_last_batch=False`; use `epochs=2` with `splits=('train', 'val')`, "
+        "`pretrained='/w.pt'` and a lower `lr`; run `ballad cache verify` or `ballad`"
+    )
+    assert as_flags(message) == (
+        "pass --skip-bad or --drop-last-batch; use --epochs 2 with --splits train,val, --pretrained /w.pt and a lower "
+        "--lr; run `ballad cache verify` or `ballad`"
+    )
+    assert as_flags(setting("skip_bad", False)) == "no --skip-bad"
+    with pytest.raises(ValueError, match="not a config field"):
+        setting("--skip-bad")
+
+
+def _library_settings() -> set[str]:
+    """Every field the library names with `setting("field", ...)` (a literal first argument)."""
+    import ast
+    from pathlib import Path
+
+    names = set()
+    for path in (Path(__file__).resolve().parents[1] / "ballad_cache").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setting" and node.args:
+                first = node.args[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    names.add(first.value)
+    return names
+
+
+def test_every_option_is_a_config_field_and_every_setting_the_library_names_has_a_flag():
+    """Catches a hand-written option in cli/main.py (its flag not taken from a field) and a library message naming a
+    field no command exposes (the CLI would print it as the bare field name)."""
+    from typer.main import get_command
+
+    from cli.flags import FLAGS
+    from cli.main import app
+
+    def commands(group, path=""):
+        for name, command in group.commands.items():
+            yield from commands(command, f"{path} {name}") if hasattr(command, "commands") else [(path + name, command)]
+
+    seen = set()
+    for name, command in commands(get_command(app)):
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            assert param.name in FLAGS, f"{name}: --{param.name} is not generated from a config field"
+            assert param.opts[0] == FLAGS[param.name].split("/")[0], (name, param.opts)
+            seen.add(param.name)
+    assert {"data", "model", "pretrained", "device", "out", "cache", "adapter", "resume", "overwrite"} <= seen
+    import ast
+    from pathlib import Path
+
+    main = ast.parse((Path(__file__).resolve().parents[1] / "cli" / "main.py").read_text())
+    written = [
+        (fn.name, node.lineno)
+        for fn in main.body
+        if isinstance(fn, ast.FunctionDef) and fn.name != "main_callback"  # the global --debug
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "Option"
+    ]
+    assert not written, f"options written by hand in cli/main.py: {written}"
+    named = _library_settings()
+    assert len(named) > 20 and named <= set(FLAGS), f"no flag for {sorted(named - set(FLAGS))}"
+
+
+def test_split_has_choices():
+    from cli.main import app
+
+    runner = CliRunner()
+    r = runner.invoke(app, ["evaluate", "--cache", "nowhere", "--split", "tset"])
+    assert r.exit_code == 2 and "--split" in r.output and "'tset' is unknown; known: train, val, test" in r.output

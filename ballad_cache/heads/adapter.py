@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import setting
 from ..inputs.longtail import class_log_prior
 from ..progress import NullProgress, Progress
 from ..registry import PRECISIONS
@@ -481,5 +482,5 @@ def load_adapter_head(config: AdapterConfig, state: dict[str, torch.Tensor], con
     if HEADS.get(config.head).trains_rows and rows is None:
         raise ValueError(f"it lacks the {config.head} head its config names")
     if any(t is not None and not torch.isfinite(t).all() for t in (weight, rows)):
-        raise ValueError("it holds NaN/Inf weights (a diverged fit); refit with a lower --lr")
+        raise ValueError(f"it holds NaN/Inf weights (a diverged fit); refit with a lower {setting('lr')}")
     return AdapterHead(config, context, weight, rows)

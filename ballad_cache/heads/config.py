@@ -6,7 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from ..inputs.samplers import SAMPLERS
+from ..errors import setting
+from ..inputs.samplers import SAMPLERS, SAMPLES_PER_CLASS
 from ..options import OptionError, check_options, option
 from ..registry import PRECISIONS, SELECTIONS
 from ..schedules import SCHEDULES
@@ -23,7 +24,9 @@ class AdapterConfig:
 
     ratio: float = option(0.2, "Residual mix: ratio * W f + (1 - ratio) * f (official 0.2).", min=0.0, max=1.0)
     sampler: str = option("class-aware", "Index stream over the training images.", choices=SAMPLERS)
-    samples_per_class: int = option(4, "Consecutive draws per class visit (class-aware; OLTR: 4).", min=1)
+    samples_per_class: int = option(
+        SAMPLES_PER_CLASS, f"Consecutive draws per class visit (class-aware; OLTR: {SAMPLES_PER_CLASS}).", min=1
+    )
     lr: float = option(0.2, "SGD learning rate (official 0.2).", min=0.0)
     momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
     weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4).", min=0.0)
@@ -125,7 +128,7 @@ def readers(field: str) -> list[str]:
     heads = [
         n for n in HEADS if field not in HEADS.get(n).ignores and (field not in some or field in HEADS.get(n).params)
     ]
-    losses = [f"--loss {n}" for n in LOSSES if field in LOSSES.get(n).params]
+    losses = [setting("loss", n) for n in LOSSES if field in LOSSES.get(n).params]
     return losses or heads
 
 
@@ -138,9 +141,10 @@ def explain_unread(config: AdapterConfig) -> str | None:
     for f in unread:
         where = readers(f)
         applies = f" (read by {', '.join(where)})" if where else ""
-        parts.append(f"--{f.replace('_', '-')}{applies}")
+        parts.append(f"{setting(f)}{applies}")
     listed = "; ".join(parts)
-    return f"--head {config.head} with --loss {config.loss} does not read {listed}; drop it or pick what reads it"
+    head, loss = setting("head", config.head), setting("loss", config.loss)
+    return f"{head} with {loss} does not read {listed}; drop it or pick what reads it"
 
 
 @dataclass

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import setting
 from .registry import ADAPTER_STEP, FAMILIES, TRAINING, FitData, Fitted, HeadFamily, Score, register_head
 
 if TYPE_CHECKING:
@@ -34,7 +35,10 @@ class AdapterFamily(HeadFamily):
     def check(self, config: AdapterConfig) -> tuple[str, str] | None:
         """A ratio of 0 with fixed class rows trains nothing."""
         if config.ratio == 0 and not self.trains_rows:
-            return "ratio", "0 with a fixed head trains nothing (x' = f); use a ratio above 0 or --head cosine"
+            return (
+                "ratio",
+                f"0 with a fixed head trains nothing (x' = f); use a ratio above 0 or {setting('head', 'cosine')}",
+            )
         return None
 
     def idle_reason(self, config: AdapterConfig) -> str | None:
@@ -46,8 +50,9 @@ class AdapterFamily(HeadFamily):
             return "lr 0: the weights keep their initial values"
         if config.schedule == "epoch" and config.epochs == 1:
             return (
-                "1 epoch with --schedule epoch runs at lr 0 (the official CosineAnnealingLR is stepped at each epoch "
-                "start): the weights keep their initial values; use --epochs 2 or more, or --schedule step"
+                f"1 epoch with {setting('schedule', 'epoch')} runs at lr 0 (the official CosineAnnealingLR is stepped "
+                f"at each epoch start): the weights keep their initial values; use {setting('epochs', 2)} or more, or "
+                f"{setting('schedule', 'step')}"
             )
         return None
 
@@ -198,7 +203,7 @@ class TipFFamily(TipFamily):
     def idle_reason(self, config: AdapterConfig) -> str | None:
         """A zero key rate, or no epoch."""
         if config.head_lr == 0:
-            return "--head-lr 0: tip-f's keys keep their values"
+            return f"{setting('head_lr', 0)}: tip-f's keys keep their values"
         if config.epochs == 0:
             return "0 epochs: the initial weights are kept"
         return None
@@ -221,7 +226,7 @@ class TipFFamily(TipFamily):
         import torch
 
         if not torch.isfinite(head.tensors["keys"]).all():
-            raise BalladError(f"tip-f diverged: its keys hold NaN/Inf after {steps} steps; lower --head-lr")
+            raise BalladError(f"tip-f diverged: its keys hold NaN/Inf after {steps} steps; lower {setting('head_lr')}")
         record = {
             "steps": steps,
             "best_epoch": best_epoch,

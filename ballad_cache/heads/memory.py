@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from .registry import LOGIT_SCALE, Head, HeadContext
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def gda_head(
         w = torch.linalg.solve(cov, means.T).T  # M Σ⁻¹ (Σ is symmetric)
     except RuntimeError:  # torch.linalg.LinAlgError: a singular covariance (too few images for its dimension)
         raise BalladError(
-            f"gda: the covariance is singular at shrinkage {shrinkage}; use a larger --shrinkage"
+            f"gda: the covariance is singular at shrinkage {shrinkage}; use a larger {setting('shrinkage')}"
         ) from None
     b = -0.5 * (w * means).sum(dim=1)
     return w.float(), b.float()

@@ -23,6 +23,8 @@ import numpy as np
 
 from ..registry import Registry
 
+SAMPLES_PER_CLASS = 4  # consecutive draws per class visit: OLTR's ClassAwareSampler `num_samples_cls`, as BALLAD's
+
 
 class IndexSampler(Protocol):
     """One fit's sampler: `epoch(e, draws)` returns the image indices of epoch `e` (0-based), in order."""
@@ -68,7 +70,9 @@ class ClassAwareSampler:
     `next(zip(*[data_iter] * num_samples_cls))` does, even when the epoch ends inside the visit.
     """
 
-    def __init__(self, labels: np.ndarray, rng: np.random.Generator, samples_per_class: int = 4) -> None:
+    def __init__(
+        self, labels: np.ndarray, rng: np.random.Generator, samples_per_class: int = SAMPLES_PER_CLASS
+    ) -> None:
         num_classes = int(labels.max()) + 1 if len(labels) else 0
         lists = _class_lists(labels, num_classes)
         self.present = np.asarray([c for c in range(num_classes) if len(lists[c])], dtype=np.int64)
@@ -147,7 +151,7 @@ SAMPLERS.register("progressive", _progressive, help="instance-balanced to class-
 
 
 def make_sampler(
-    name: str, labels: np.ndarray, epochs: int, rng: np.random.Generator, samples_per_class: int = 4
+    name: str, labels: np.ndarray, epochs: int, rng: np.random.Generator, samples_per_class: int = SAMPLES_PER_CLASS
 ) -> IndexSampler:
     """Build sampler `name` for one fit; ValueError lists the known names."""
     return SAMPLERS.get(name)(labels, epochs, rng, samples_per_class)
@@ -158,7 +162,7 @@ def index_stream(
     sampler: str,
     epochs: int,
     seed: int,
-    samples_per_class: int = 4,
+    samples_per_class: int = SAMPLES_PER_CLASS,
     draws_per_epoch: int | None = None,
 ) -> list[np.ndarray]:
     """Every epoch's image indices for `sampler`, from one seeded generator (same seed, same stream).

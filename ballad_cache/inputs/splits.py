@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..options import DEFAULT_MAX_PIXELS
 from ..progress import Report
 from ..registry import Registry
 
 SPLITS = ("train", "val", "test")
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)  # BALLAD's prompt, for a dataset that names none
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
@@ -41,7 +42,8 @@ def resource_dir() -> Path:
 class BadImageError(BalladError):
     """An image that cannot be read or decoded; carries its split index and path."""
 
-    advice = "; fix or remove it, or pass --skip-bad"  # what a run that stops on it says; a skipped row does not
+    # what a run that stops on it says; a skipped row does not
+    advice = f"; fix or remove it, or pass {setting('skip_bad', True)}"
 
     def __init__(self, path: str, index: int, reason: str) -> None:
         super().__init__(f"cannot read image {path} (index {index}): {reason}{self.advice}")
@@ -114,7 +116,9 @@ class ImageSplit:
                     width, height = img.size
                     if width * height > max_pixels:
                         raise BadImageError(
-                            path, index, f"{width}x{height} pixels, over the budget of {max_pixels} (--max-pixels)"
+                            path,
+                            index,
+                            f"{width}x{height} pixels, over the budget of {max_pixels} ({setting('max_pixels')})",
                         )
                     if draft and img.format == "JPEG" and min(width, height) > draft:  # draft keeps >= the request
                         scale = min(width, height) / draft
@@ -124,7 +128,7 @@ class ImageSplit:
         except FileNotFoundError:
             raise BadImageError(path, index, "file not found") from None
         except Image.DecompressionBombError as exc:
-            raise BadImageError(path, index, f"{exc} (over --max-pixels)") from None
+            raise BadImageError(path, index, f"{exc} (over {setting('max_pixels')})") from None
         except (OSError, SyntaxError, ValueError, MemoryError) as exc:
             reason = str(exc).split(" <_io.BytesIO")[0] if where else str(exc)  # no object address for a member
             raise BadImageError(path, index, where + (reason or type(exc).__name__)) from None
@@ -137,7 +141,7 @@ class LTDataset:
     name: str
     classnames: list[str]
     splits: dict[str, ImageSplit]
-    templates: list[str] = field(default_factory=lambda: ["a photo of a {c}."])
+    templates: list[str] = field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     source: str = ""  # where the images came from, for provenance
 
     @property
@@ -153,13 +157,14 @@ class LTDataset:
 
     def describe(self) -> Report:
         """Train class counts (the 20 largest and smallest classes past 40), imbalance factor, shot groups, splits."""
-        from .longtail import GROUP_NAMES, group_sizes, imbalance_factor, shot_groups
+        from .longtail import GROUP_NAMES, ShotThresholds, group_sizes, imbalance_factor, shot_groups
 
         counts = self.class_counts("train")
         groups = shot_groups(counts)
         order = sorted(range(len(counts)), key=lambda c: -counts[c])
         shown = order if len(order) <= 40 else order[:20] + order[-20:]
         sizes = group_sizes(counts)
+        t = ShotThresholds()
         return Report(
             f"{self.name}: train class counts",
             ["class", "name", "train", "group"],
@@ -167,7 +172,8 @@ class LTDataset:
             [
                 f"{self.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
                 f"imbalance factor {imbalance_factor(counts):.1f}",
-                f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few (many > 100, few < 20); "
+                f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
+                f"(many > {t.many}, few < {t.few}); "
                 f"splits: " + ", ".join(f"{s} {len(v)}" for s, v in self.splits.items()),
             ],
         )
@@ -297,4 +303,4 @@ def description_templates(desc: dict[str, Any], base: Path, path: Path) -> list[
         raise BalladError(f"{path}: templates must be a set name, a .txt file, a '{{c}}' prompt or a list of them")
     if isinstance(raw_templates, str) and "{c}" not in raw_templates:
         raw_templates = str(description_path(raw_templates, base, path))
-    return load_templates(raw_templates) if raw_templates else ["a photo of a {c}."]
+    return load_templates(raw_templates) if raw_templates else list(DEFAULT_TEMPLATES)

@@ -30,12 +30,23 @@ def official_train_transform(size: int, mean: Sequence[float], std: Sequence[flo
     )
 
 
+def preprocess_settings(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
+    """A model's open_clip preprocess config, with open_clip's defaults (`PreprocessCfg`: 224 px, OpenAI CLIP's mean
+    and std) for what it leaves out (a model open_clip built always states them)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    return dict(merge_preprocess_dict(PreprocessCfg(), preprocess_cfg))
+
+
+def image_size(preprocess_cfg: dict[str, Any]) -> tuple[int, int]:
+    """(height, width) of the images a model takes, from its open_clip preprocess config."""
+    size = preprocess_settings(preprocess_cfg)["size"]
+    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def _official(preprocess_cfg: dict[str, Any], open_clip_train: Callable[[Any], torch.Tensor]) -> Callable[[Any], Any]:
-    size = preprocess_cfg.get("size", 224)
-    size = size[0] if isinstance(size, (list, tuple)) else size
-    mean = preprocess_cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
-    std = preprocess_cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
-    return official_train_transform(int(size), mean, std)
+    settings = preprocess_settings(preprocess_cfg)
+    return official_train_transform(image_size(settings)[0], settings["mean"], settings["std"])
 
 
 # where `extract-features` makes the augmented views: PIL in the DataLoader workers, or batched tensors on the

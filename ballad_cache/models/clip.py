@@ -18,6 +18,7 @@ import os
 import pickle
 import shutil
 import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +28,9 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from ..atomic import atomic_path, sha256_file, write_json
-from ..errors import BalladError
+from ..atomic import atomic_path, read_json, sha256_file, write_json
+from ..errors import BalladError, setting
+from ..inputs.transforms import image_size
 from ..registry import DEVICES, Registry
 
 # An open_clip CLIP (or CustomTextCLIP) module. Typed as Any because its encode_image / encode_text / visual
@@ -165,11 +167,23 @@ register_model(
 
 
 def _add_to_open_clip(name: str) -> None:
-    """Hand a registered architecture's config to open_clip (idempotent)."""
-    from open_clip.factory import _MODEL_CONFIGS
+    """Hand a registered architecture's config to open_clip, once, through its public `add_model_config` (which
+    reads configs from JSON files: the config is written to a temporary one).
 
-    if name in MODELS and name not in _MODEL_CONFIGS:
-        _MODEL_CONFIGS[name] = MODELS.get(name).config()
+    Raises:
+        ValueError: open_clip did not take the config (it needs `embed_dim`, `vision_cfg` and `text_cfg`, and the
+            name must be a file name).
+    """
+    import open_clip
+
+    if name not in MODELS or name in open_clip.list_models():
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{name}.json"
+        path.write_text(json.dumps(MODELS.get(name).config()))
+        open_clip.add_model_config(path)
+    if name not in open_clip.list_models():
+        raise ValueError(f"open_clip refused the config of model '{name}' (embed_dim, vision_cfg, text_cfg needed)")
 
 
 def list_models() -> list[str]:
@@ -199,8 +213,7 @@ class LoadedModel:
         dim = getattr(self.model.visual, "output_dim", None)
         if dim:
             return int(dim)
-        size = self.preprocess_cfg.get("size", 224)
-        h, w = (size, size) if isinstance(size, int) else size
+        h, w = image_size(self.preprocess_cfg)
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             return int(self.model.encode_image(torch.zeros(1, 3, h, w, device=device)).shape[-1])
@@ -211,11 +224,42 @@ class LoadedModel:
         return {**body, "random_weights": True} if self.random_weights else body
 
 
-def _weights_file(name: str, pretrained: str | None) -> Path | None:
-    if name.startswith("local-dir:"):
-        from open_clip.factory import _find_checkpoint_in_dir
+def local_dir(name: str) -> Path | None:
+    """The folder a `local-dir:PATH` model name points at (open_clip's schema), or None for any other name."""
+    from open_clip.factory import LOCAL_DIR_PREFIX
 
-        found = _find_checkpoint_in_dir(Path(name.split(":", 1)[1]))
+    return Path(name.removeprefix(LOCAL_DIR_PREFIX)) if name.startswith(LOCAL_DIR_PREFIX) else None
+
+
+def local_dir_name(folder: str | os.PathLike[str]) -> str:
+    """The name open_clip and `load_model` load a model folder by: `local-dir:FOLDER`."""
+    from open_clip.factory import LOCAL_DIR_PREFIX
+
+    return f"{LOCAL_DIR_PREFIX}{folder}"
+
+
+def local_dir_config_file(folder: str | os.PathLike[str]) -> Path:
+    """A model folder's open_clip config file (`open_clip_config.json`: `model_cfg` and `preprocess_cfg`)."""
+    from open_clip.constants import HF_CONFIG_NAME
+
+    return Path(folder) / HF_CONFIG_NAME
+
+
+def local_dir_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """A model folder's open_clip config: `{"model_cfg": ..., "preprocess_cfg": ...}`.
+
+    Raises:
+        BalladError: the file is missing or not JSON (see `atomic.read_json`).
+    """
+    return dict(read_json(local_dir_config_file(folder)))
+
+
+def _weights_file(name: str, pretrained: str | None) -> Path | None:
+    folder = local_dir(name)
+    if folder is not None:
+        from open_clip.factory import _find_checkpoint_in_dir  # open_clip's own choice among a folder's weights
+
+        found = _find_checkpoint_in_dir(folder)
         return Path(found) if found else None
     if pretrained and Path(pretrained).is_file():
         return Path(pretrained)
@@ -253,7 +297,7 @@ def check_weights_reachable(name: str, tag: str, timeout: float = 3.0) -> None:
     cfg = get_pretrained_cfg(name, tag)
     if not cfg or _cached_weights(cfg):
         return
-    fix = "download them where there is a network and pass --pretrained /path/to/weights"
+    fix = f"download them where there is a network and pass {setting('pretrained', '/path/to/weights')}"
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise BalladError(f"{name} '{tag}' weights are not in the local cache and HF_HUB_OFFLINE is set; {fix}")
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -285,30 +329,30 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         BalladError: unknown model, missing folder or file, or weights that cannot be downloaded.
     """
     import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, INCEPTION_MEAN, INCEPTION_STD
 
     random_asked = pretrained is not None and pretrained.lower() == RANDOM_WEIGHTS
     pretrained = None if random_asked else pretrained
     _add_to_open_clip(name)
-    if name.startswith("local-dir:"):
-        folder = Path(name.split(":", 1)[1])
-        if not (folder / "open_clip_config.json").is_file():
-            raise BalladError(
-                f"{folder} is not an open_clip model folder (no open_clip_config.json); point at DIR/model"
-            )
+    folder = local_dir(name)
+    if folder is not None:
+        config_file = local_dir_config_file(folder)
+        if not config_file.is_file():
+            raise BalladError(f"{folder} is not an open_clip model folder (no {config_file.name}); point at DIR/model")
         if not pretrained and not random_asked and _weights_file(name, None) is None:
             raise BalladError(
-                f"{folder} holds no weights file (open_clip_model.safetensors or open_clip_pytorch_model.bin); "
-                "copy the weights there, or pass --pretrained none for random weights"
+                f"{folder} holds no weights file ({HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME}); "
+                f"copy the weights there, or pass {setting('pretrained', RANDOM_WEIGHTS)} for random weights"
             )
         _register_hf_for_local_dir(folder)
     elif name not in open_clip.list_models():
         raise BalladError(f"unknown model '{name}'; see `ballad models` or open_clip.list_models()")
     elif name not in MODELS and not pretrained and not random_asked:
         tags = open_clip.list_pretrained_tags_by_model(name)
-        hint = f"--pretrained {tags[0]}" if tags else "--pretrained /path/to/weights"
+        hint = setting("pretrained", tags[0] if tags else "/path/to/weights")
         raise BalladError(
             f"{name} would start from random weights: pass {hint} (tags: {', '.join(tags) or 'none'}), a weights "
-            "file, or --pretrained none for random weights"
+            f"file, or {setting('pretrained', RANDOM_WEIGHTS)} for random weights"
         )
     if (
         pretrained
@@ -326,7 +370,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         # process: resumed and multi-rank extraction depend on it.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            extra = {"image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)} if name == "ballad-lite" else {}
+            # timm's tf_efficientnet_lite0 was trained on inputs normalised with the Inception statistics
+            extra = {"image_mean": INCEPTION_MEAN, "image_std": INCEPTION_STD} if name == "ballad-lite" else {}
             model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
                 name, pretrained=pretrained or None, device=device, load_weights=True, **extra
             )
@@ -335,7 +380,7 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         if pretrained and not Path(pretrained).is_file():
             raise BalladError(
                 f"could not get {name} '{pretrained}' weights ({reason}); on a machine without network, "
-                "download them elsewhere and pass --pretrained /path/to/weights"
+                f"download them elsewhere and pass {setting('pretrained', '/path/to/weights')}"
             ) from None
         raise BalladError(f"could not load model {name}: {reason}") from None
     tokenizer = open_clip.get_tokenizer(name)
@@ -359,8 +404,8 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
 
 def _register_hf_for_local_dir(folder: Path) -> None:
     """Point a saved ballad-tiny config at this machine's MiniLM folder if the saved path does not exist here."""
-    cfg_path = folder / "open_clip_config.json"
-    cfg = json.loads(cfg_path.read_text())
+    cfg_path = local_dir_config_file(folder)
+    cfg = local_dir_config(folder)
     text_cfg = cfg.get("model_cfg", {}).get("text_cfg", {})
     hf = text_cfg.get("hf_model_name")
     if hf and not Path(hf).exists() and Path(hf).name == "model" and "minilm" in hf.lower():
@@ -371,24 +416,26 @@ def _register_hf_for_local_dir(folder: Path) -> None:
 def save_local_dir(
     loaded: LoadedModel, model: ClipModel, folder: str | Path, model_cfg: dict[str, Any] | None = None
 ) -> Path:
-    """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`.
+    """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`
+    (the names open_clip reads, `open_clip.constants`).
 
     `open_clip.create_model_and_transforms("local-dir:FOLDER")` and `load_model("local-dir:FOLDER")` read it back.
     A Hugging Face text tower's tokenizer files are copied in, since open_clip reads them from the folder.
     `model_cfg` replaces the config of `loaded`'s architecture (export changes it when it appends a layer).
     """
     import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    base = loaded.name
+    base = local_dir(loaded.name)
     if model_cfg is not None:
         pass
-    elif base.startswith("local-dir:"):
-        model_cfg = json.loads((Path(base.split(":", 1)[1]) / "open_clip_config.json").read_text())["model_cfg"]
+    elif base is not None:
+        model_cfg = local_dir_config(base)["model_cfg"]
     else:
-        model_cfg = open_clip.get_model_config(base)
+        model_cfg = open_clip.get_model_config(loaded.name)
     model_cfg = json.loads(json.dumps(model_cfg))
     text_cfg = model_cfg.get("text_cfg", {})
     if text_cfg.get("hf_model_name"):
@@ -398,9 +445,9 @@ def save_local_dir(
             if (src / fname).exists():
                 shutil.copyfile(src / fname, folder / fname)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(folder / "open_clip_model.safetensors") as tmp:
+    with atomic_path(folder / HF_SAFE_WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp))
-    write_json(folder / "open_clip_config.json", {"model_cfg": model_cfg, "preprocess_cfg": loaded.preprocess_cfg})
+    write_json(local_dir_config_file(folder), {"model_cfg": model_cfg, "preprocess_cfg": loaded.preprocess_cfg})
     return folder
 
 
@@ -526,7 +573,10 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BalladError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
+        raise BalladError(
+            f"{setting('device', 'cuda')} was asked for but torch sees no GPU; use {setting('device', 'cpu')} or "
+            f"{setting('device', 'auto')}"
+        )
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise BalladError(f"unknown device '{device}'; use {', '.join(DEVICES)} (or cuda:N)")
     return torch.device(device)

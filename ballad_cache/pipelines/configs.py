@@ -1,14 +1,19 @@
 """The configs of the pipelines (phase A, extraction, evaluation, prediction, the demo) with the registries their
-choices come from; light to import (torch loads inside the registered functions), so the CLI builds its options
-from them instantly. `AdapterConfig` lives beside the adapter (`heads/config.py`)."""
+choices come from, and the small configs of what each command reads and writes (`ModelSource`, `DatasetSource`,
+`CacheSource`, `RunOutput`, `Placement`, ...); light to import (torch loads inside the registered functions), so the
+CLI builds every option from them instantly. `AdapterConfig` lives beside the adapter (`heads/config.py`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import setting
 from ..heads.terms import LOGIT_SCALE
+from ..inputs.longtail import ShotThresholds
+from ..inputs.splits import SPLITS
 from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS
 from ..options import (
     DEFAULT_MAX_PIXELS,
@@ -19,13 +24,15 @@ from ..options import (
     default_workers,
     option,
 )
-from ..registry import PRECISIONS, Registry
+from ..registry import DEVICES, PRECISIONS, Registry
 from ..schedules import SCHEDULES
+from ..store.runs import SUMMARY
 
 if TYPE_CHECKING:
     import torch
 
-DATA, MODEL = "fmnist-lt", "ballad-lite"  # the demo's default: its image tower has seen images (bench/lite.py)
+DATA = "fmnist-lt"  # the embedded default dataset: the demo's, and every command's without --data
+MODEL = "ballad-lite"  # the demo's default: its image tower has seen images (bench/lite.py)
 DEMO_MODELS = ("ballad-tiny", "ballad-lite")
 
 
@@ -123,7 +130,7 @@ class FinetuneConfig:
     checkpoint_every: int = option(0, "Also checkpoint every N optimizer steps (0: only at epoch end).", min=0)
     log_every: int = option(10, "Log the mean loss every N batches (each read-back is a device sync).", min=1)
     max_steps: int = option(0, "Stop after N optimizer steps in total (0: no limit; smoke runs).", min=0)
-    skip_bad: bool = option(False, "Skip unreadable images (listed in summary.json) instead of stopping.")
+    skip_bad: bool = option(False, f"Skip unreadable images (listed in {SUMMARY}) instead of stopping.")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
 
     def __post_init__(self) -> None:
@@ -131,8 +138,8 @@ class FinetuneConfig:
         if self.precision == "fp16-official" and self.optimizer != "sgd":
             raise OptionError(
                 "precision",
-                f"fp16-official trains float16 weights with the official SGD; --optimizer {self.optimizer} keeps "
-                "its state in float16 too, where AdamW's eps (1e-8) is 0 and the first step divides by zero",
+                f"fp16-official trains float16 weights with the official SGD; {setting('optimizer', self.optimizer)} "
+                "keeps its state in float16 too, where AdamW's eps (1e-8) is 0 and the first step divides by zero",
             )
 
     def idle_reason(self) -> str | None:
@@ -141,8 +148,9 @@ class FinetuneConfig:
             return "0 epochs or lr 0: the model is saved as loaded"
         if self.schedule == "epoch" and self.epochs == 1 and self.warmup_steps == 0:
             return (
-                "1 epoch with --schedule epoch runs at lr 0 (the official CosineAnnealingLR is stepped at each epoch "
-                "start): the model is saved as loaded; use --epochs 2 or more, or --schedule step"
+                f"1 epoch with {setting('schedule', 'epoch')} runs at lr 0 (the official CosineAnnealingLR is stepped "
+                f"at each epoch start): the model is saved as loaded; use {setting('epochs', 2)} or more, or "
+                f"{setting('schedule', 'step')}"
             )
         return None
 
@@ -154,7 +162,9 @@ DTYPES = ("float16", "float32")
 class ExtractConfig:
     """What `ballad extract-features` computes; everything that changes the features is in the fingerprint."""
 
-    splits: tuple[str, ...] = option((), "Comma-separated splits to extract (default: every split the dataset has).")
+    splits: tuple[str, ...] = option(
+        (), "Comma-separated splits to extract (default: every split the dataset has).", choices=SPLITS
+    )
     # the official phase B augments every draw afresh; 16 cached views is the fewest within one std of that on
     # fmnist-lt (bench/fidelity.py, bench/RESULTS.md)
     train_views: int = option(
@@ -203,19 +213,27 @@ class ExtractConfig:
 class EvalConfig:
     """What `ballad evaluate` reports."""
 
-    split: str = option("test", "Split to score.")
+    split: str = option("test", "Split to score.", choices=SPLITS)
     tau: float | None = option(None, "Post-hoc logit adjustment (Menon et al.): logits - tau * log prior.")
     knn: int | None = option(
         None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1
     )
-    many: int = option(100, "Shot groups: many-shot classes have more training images than this (BALLAD: 100).", min=0)
+    many: int = option(
+        ShotThresholds.many,
+        f"Shot groups: many-shot classes have more training images than this (BALLAD: {ShotThresholds.many}).",
+        min=0,
+    )
     plot: bool = option(False, "Also draw per-class accuracy against training count (needs --out).")
-    few: int = option(20, "Shot groups: few-shot classes have fewer training images than this (BALLAD: 20).", min=0)
+    few: int = option(
+        ShotThresholds.few,
+        f"Shot groups: few-shot classes have fewer training images than this (BALLAD: {ShotThresholds.few}).",
+        min=0,
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
         if self.few > self.many:
-            raise OptionError("few", f"({self.few}) must not exceed --many ({self.many})")
+            raise OptionError("few", f"({self.few}) must not exceed {setting('many')} ({self.many})")
 
 
 FORMATS = ("csv", "jsonl")
@@ -233,7 +251,7 @@ class PredictConfig:
     skip_bad: bool = option(False, "List unreadable images in the output instead of stopping.")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, MAX_PIXELS_HELP, min=1)
     format: str = option("csv", "Output format: csv or jsonl (JSON lines).", choices=FORMATS)
-    split: str = option("test", "Split of --data to classify.")
+    split: str = option("test", "Split of --data to classify.", choices=SPLITS)
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -246,6 +264,117 @@ class DemoConfig:
     size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
     model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
     overwrite: bool = option(False, OVERWRITE_HELP + " Here: redo every step.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+# ---------------------------------------------------------------------------------------------- what commands read
+
+
+@dataclass
+class ModelSource:
+    """The model a command loads: an open_clip name, a registered one or `local-dir:PATH`, and its weights."""
+
+    model: str = option(help="open_clip name (ViT-B-16), a registered one (ballad-lite), or local-dir:PATH.")
+    pretrained: str | None = option(None, "open_clip tag (openai, laion2b_...) or a weights file.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class DatasetSource:
+    """The dataset a command reads, by spec."""
+
+    data: str = option(DATA, "Dataset spec: fmnist-lt, cifar100-lt:IF, folder:ROOT, wds:DIR, PATH.yaml.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class CacheSource:
+    """The feature cache a command reads."""
+
+    cache: Path = option(help="A feature cache made by extract-features.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class Placement:
+    """Where a command computes."""
+
+    device: str = option("auto", "Where to compute.", choices=DEVICES)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+# ---------------------------------------------------------------------------------------------- what commands write
+
+
+@dataclass
+class RunOutput:
+    """The run folder a command writes (`store.runs.RunFolder`): never written over without `overwrite`."""
+
+    out: Path = option(help="Output folder (created; a finished run is kept unless --overwrite).")
+    overwrite: bool = option(False, OVERWRITE_HELP)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class ResumableOutput(RunOutput):
+    """A run folder whose unfinished run may be continued (phase A)."""
+
+    resume: bool = option(False, "Continue from OUT/checkpoint.pt.")
+
+
+@dataclass
+class EvalFiles:
+    """What `ballad evaluate` scores besides zero-shot, and where it writes its result (nowhere by default)."""
+
+    adapter: Path | None = option(None, "Adapter folder (fit-adapter's or sweep's best/).")
+    out: Path | None = option(None, "Write result.json, per_class.csv, plots.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class ExportSource:
+    """The fitted head `ballad export` folds into the model, and where its cache is now."""
+
+    adapter: Path = option(help="Adapter folder (fit-adapter's --out, or sweep's best/).")
+    cache: Path | None = option(None, "The adapter's cache, if it moved since the fit.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class PredictFiles:
+    """What `ballad predict` classifies besides image paths (a dataset split), with what head, and where it writes."""
+
+    out: Path = option(help="Predictions file (CSV or JSON lines).")
+    data: str | None = option(None, "Classify a dataset split instead (with labels).")
+    adapter: Path | None = option(None, "Fold this adapter into --model on the fly.")
+    overwrite: bool = option(False, OVERWRITE_HELP)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class DemoFolder:
+    """Where `ballad demo` writes (each step in a subfolder)."""
+
+    out: Path = option(Path("ballad-demo"), "Demo folder; each step gets a subfolder.")
 
     def __post_init__(self) -> None:
         check_options(self)

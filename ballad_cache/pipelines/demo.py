@@ -19,14 +19,14 @@ import torch
 
 from ..atomic import read_json, write_json
 from ..errors import BalladError
-from ..heads.artifacts import load_adapter
+from ..heads.artifacts import ADAPTER_META, load_adapter
 from ..heads.config import AdapterConfig
 from ..heads.metrics import summary
 from ..inputs.datasets import LTDataset, load_dataset
-from ..models.clip import load_model
+from ..models.clip import load_model, local_dir_name
 from ..progress import NullProgress, Progress
 from ..store.cache import MANIFEST, FeatureCache
-from ..store.runs import RunFolder
+from ..store.runs import SUMMARY, RunFolder
 from .configs import DATA, DEMO_MODELS, MODEL, DemoConfig
 from .evaluate import EvalConfig, evaluate_cache, write_result
 from .export import CLASSIFIER_META, build_classifier, export_classifier, load_classifier
@@ -122,18 +122,18 @@ def run_demo(
         seconds[step] = round(time.perf_counter() - clock, 1)
         clock = time.perf_counter()
 
-    if overwrite or not (ft_dir / "summary.json").exists():
-        progress.log(f"1/6 phase A: finetune {model} on fmnist-lt")
+    if overwrite or not (ft_dir / SUMMARY).exists():
+        progress.log(f"1/6 phase A: finetune {model} on {DATA}")
         ft_dir.mkdir(parents=True, exist_ok=True)
         finetune(dataset, load_model(model), ft_dir, size.finetune[model], device, progress=progress)
     lap("finetune")
     if overwrite or not (cache_dir / MANIFEST).exists():
         progress.log("2/6 extract features with the phase-A model")
-        loaded = load_model(f"local-dir:{ft_dir / 'model'}")
+        loaded = load_model(local_dir_name(ft_dir / "model"))
         extract_features(dataset, loaded, cache_dir, size.extract, device, progress=progress)
     lap("extract")
     cache = FeatureCache(cache_dir)
-    if overwrite or not (ad_dir / "adapter.json").exists():
+    if overwrite or not (ad_dir / ADAPTER_META).exists():
         progress.log("3/6 phase B: fit the BALLAD adapter (ratio 0.2, class-aware)")
         fit_on_cache(cache, size.adapter, ad_dir, device, progress)
     lap("fit_adapter")
@@ -165,7 +165,7 @@ def run_demo(
         "model": model,
         "seconds": seconds,
         "rows": rows,
-        "phase_a": read_json(ft_dir / "summary.json"),
+        "phase_a": read_json(ft_dir / SUMMARY),
         "sweep_best": {"config": swept.best["config"], "val": swept.best["val"], "test": swept.test},
         "train_class_counts": result["train_class_counts"],
         "thresholds": result["thresholds"],
@@ -173,7 +173,7 @@ def run_demo(
         "export": str(out / "export"),
         "predictions": predictions,
     }
-    write_json(report / "summary.json", body)
+    write_json(report / SUMMARY, body)
     return body
 
 
@@ -189,8 +189,8 @@ def _export_and_predict(
 ) -> list[dict[str, Any]]:
     """Export the demo's classifier, classify `per_class` test images of each class with it, draw them in a grid."""
     if overwrite or not (export_dir / CLASSIFIER_META).exists():
-        export_classifier(build_classifier(f"local-dir:{model_dir}", adapter_dir), export_dir)
-    classifier = load_classifier(f"local-dir:{export_dir}")
+        export_classifier(build_classifier(local_dir_name(model_dir), adapter_dir), export_dir)
+    classifier = load_classifier(local_dir_name(export_dir))
     test = dataset.split("test")
     picks = np.concatenate([np.flatnonzero(test.labels == c)[:per_class] for c in range(dataset.num_classes)])
     subset = test.subset(picks)

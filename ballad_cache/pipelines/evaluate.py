@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes, write_json
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..heads.adapter import AdapterHead
 from ..heads.artifacts import Adapter, cache_context
 from ..heads.config import AdapterConfig
@@ -57,7 +57,9 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
 
         train = cache.load_split("train").eval_view()
         if config.knn > len(train.labels):
-            raise BalladError(f"--knn {config.knn} exceeds the {len(train.labels)} training rows of {cache.path}")
+            raise BalladError(
+                f"{setting('knn', config.knn)} exceeds the {len(train.labels)} training rows of {cache.path}"
+            )
         scores = knn_scores(train.features, train.labels, rows.features, cache.num_classes, config.knn)
         heads[f"knn@{config.knn}"] = classification_report(scores, rows.labels, counts, thresholds)
     return {

@@ -29,13 +29,21 @@ from typing import Any
 import torch
 
 from ..atomic import read_json, remove_stale_temps, write_json
-from ..errors import BalladError
-from ..heads.artifacts import load_adapter, load_head, read_tensors, save_tensors
+from ..errors import BalladError, setting
+from ..heads.artifacts import ADAPTER_META, load_adapter, load_head, read_tensors, save_tensors
 from ..heads.config import AdapterConfig
 from ..heads.registry import Head, HeadContext
 from ..inputs.longtail import ShotThresholds
-from ..models.clip import ClipModel, LoadedModel, load_model, save_local_dir
-from ..store.cache import FeatureCache
+from ..models.clip import (
+    ClipModel,
+    LoadedModel,
+    load_model,
+    local_dir,
+    local_dir_config,
+    local_dir_name,
+    save_local_dir,
+)
+from ..store.cache import MANIFEST, FeatureCache
 from ..store.runs import RunFolder
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -140,8 +148,9 @@ def _append_projection(
 def _model_cfg(loaded: LoadedModel) -> dict[str, Any]:
     import open_clip
 
-    if loaded.name.startswith("local-dir:"):
-        return dict(read_json(Path(loaded.name.split(":", 1)[1]) / "open_clip_config.json")["model_cfg"])
+    folder = local_dir(loaded.name)
+    if folder is not None:
+        return dict(local_dir_config(folder)["model_cfg"])
     cfg = open_clip.get_model_config(loaded.name)
     if cfg is None:
         raise BalladError(f"no open_clip config for model '{loaded.name}'")
@@ -162,11 +171,12 @@ def build_classifier(
     Raises:
         BalladError: the adapter was fitted on a cache of another model (naming both), or its cache is missing.
     """
-    meta = read_json(Path(adapter) / "adapter.json")
+    meta = read_json(Path(adapter) / ADAPTER_META)
     cache_path = Path(cache) if cache else Path(str(meta.get("cache", "")))
-    if not (cache_path / "manifest.json").exists():
+    if not (cache_path / MANIFEST).exists():
         raise BalladError(
-            f"the cache adapter {adapter} was fitted on ({cache_path}) is gone; pass --cache with its new place"
+            f"the cache adapter {adapter} was fitted on ({cache_path}) is gone; pass {setting('cache')} with its new "
+            "place"
         )
     feature_cache = FeatureCache(cache_path)
     fitted = load_adapter(adapter, feature_cache)
@@ -240,10 +250,10 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
     """
     if adapter is not None:
         return build_classifier(model, adapter, pretrained)
-    folder = Path(model.split(":", 1)[1]) if model.startswith("local-dir:") else Path(model)
+    folder = local_dir(model) or Path(model)
     if not (folder / CLASSIFIER_META).exists():
         raise BalladError(
-            f"{folder} holds no {CLASSIFIER_META}: pass an exported model (ballad export) or add --adapter"
+            f"{folder} holds no {CLASSIFIER_META}: pass an exported model (ballad export) or add {setting('adapter')}"
         )
     meta = read_json(folder / CLASSIFIER_META)
     if not isinstance(meta, dict) or meta.get("format") != CLASSIFIER_FORMAT:
@@ -265,7 +275,7 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
     context = HeadContext(text, log_prior, folded=True)
     state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     head = load_head(config, state, context, folder / CLASSIFIER_WEIGHTS, "export again")
-    loaded = load_model(f"local-dir:{folder}")
+    loaded = load_model(local_dir_name(folder))
     loaded.model.eval()
     if text.shape[1] != loaded.embed_dim:
         raise BalladError(f"{folder / CLASSIFIER_WEIGHTS} has dim {text.shape[1]}, the model {loaded.embed_dim}")

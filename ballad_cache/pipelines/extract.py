@@ -16,8 +16,8 @@ import torch
 from .. import __version__
 from ..atomic import disk_error, remove_stale_temps, sha256_json
 from ..distributed import DistContext
-from ..errors import BalladError
-from ..inputs.datasets import LTDataset, load_templates
+from ..errors import BalladError, setting
+from ..inputs.datasets import SPLITS, LTDataset, load_templates
 from ..inputs.device_augment import DeviceAugment, assemble
 from ..inputs.reader import (
     ImageGroups,
@@ -28,11 +28,19 @@ from ..inputs.reader import (
     skipped_row,
     usable_rows,
 )
-from ..inputs.transforms import train_transform
+from ..inputs.transforms import image_size, train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder
 from ..progress import NullProgress, Progress
-from ..store.cache import ShardWriter, read_shard_entry, shard_name, write_manifest, write_text_embeddings
+from ..store.cache import (
+    MANIFEST,
+    ShardWriter,
+    read_shard_entry,
+    shard_count,
+    shard_name,
+    write_manifest,
+    write_text_embeddings,
+)
 from ..store.runs import RunFolder
 from .configs import ExtractConfig
 
@@ -54,7 +62,7 @@ def resolve_splits(config: ExtractConfig, dataset: LTDataset) -> ExtractConfig:
     """`config` with its splits spelled out: empty `splits` means every one of train, val, test the dataset has."""
     if config.splits:
         return config
-    return replace(config, splits=tuple(s for s in ("train", "val", "test") if s in dataset.splits))
+    return replace(config, splits=tuple(s for s in SPLITS if s in dataset.splits))
 
 
 def augment_of(loaded: LoadedModel, config: ExtractConfig) -> Callable[[Any], torch.Tensor]:
@@ -93,8 +101,7 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
 
 def draft_size(loaded: LoadedModel, config: ExtractConfig) -> int:
     """The shorter side JPEG decoding may reduce images to (`--draft`): the model's input size; 0 without it."""
-    size = loaded.preprocess_cfg.get("size", 224)
-    return int(max(size) if isinstance(size, (list, tuple)) else size) if config.draft else 0
+    return max(image_size(loaded.preprocess_cfg)) if config.draft else 0
 
 
 def augmented(config: ExtractConfig) -> bool:
@@ -114,7 +121,8 @@ def device_views_of(loaded: LoadedModel, config: ExtractConfig) -> DeviceAugment
         return DeviceAugment(augment_of(loaded, config))
     except ValueError as exc:
         raise BalladError(
-            f"--augment-on device cannot run --augment {config.augment}: {exc}; use --augment-on worker"
+            f"{setting('augment_on', 'device')} cannot run {setting('augment', config.augment)}: {exc}; use "
+            f"{setting('augment_on', 'worker')}"
         ) from None
 
 
@@ -124,7 +132,7 @@ def refuse_other_finished_cache(out: Path, fingerprint: str, config: ExtractConf
     Raises:
         BalladError: `out` holds a finished cache of another fingerprint; names the settings that differ.
     """
-    path = out / "manifest.json"
+    path = out / MANIFEST
     if config.overwrite or not path.exists():
         return
     try:
@@ -141,7 +149,8 @@ def refuse_other_finished_cache(out: Path, fingerprint: str, config: ExtractConf
         changed.append("augment_on worker (made before the option) -> device")
     what = ", ".join(changed) or "another dataset, model or templates"
     raise BalladError(
-        f"{out} is a finished cache made with other settings ({what}); pass --overwrite to recompute it, or "
+        f"{out} is a finished cache made with other settings ({what}); pass {setting('overwrite', True)} to "
+        "recompute it, or "
         "its own settings to keep it"
     )
 
@@ -168,7 +177,7 @@ def extract_split(
     image_split = dataset.split(split)
     views = config.train_views if split == "train" else 0
     rows = split_rows(len(image_split), views)
-    num_shards = max(1, -(-len(rows) // config.shard_size))
+    num_shards = shard_count(len(rows), config.shard_size)
     todo, done, other = [], 0, 0
     for s in range(dist.rank, num_shards, dist.world_size):
         if not config.overwrite and read_shard_entry(out, split, s, fingerprint) is not None:
@@ -179,7 +188,10 @@ def extract_split(
     if other:  # never replaced silently
         hint = ""
         if config.augment_on == "device" and augmented(config):
-            hint = " (shards with views made before they moved to the device resume with --augment-on worker)"
+            hint = (
+                " (shards with views made before they moved to the device resume with "
+                f"{setting('augment_on', 'worker')})"
+            )
         progress.log(
             f"{split}: {other} finished shard(s) in {out} were made with other settings and are recomputed{hint}"
         )
@@ -294,7 +306,7 @@ def extract_features(
     refuse_other_finished_cache(out, fingerprint, config)
     if dist.is_main:
         remove_stale_temps(out)
-        (out / "manifest.json").unlink(missing_ok=True)  # the cache is incomplete until the new manifest lands
+        (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until the new manifest lands
     dist.barrier()
     encoder = encoder or ImageEncoder(loaded.model, device, config.precision)
     stats = {}
@@ -334,10 +346,10 @@ def _finish_manifest(
         views = config.train_views if split == "train" else 0
         n_rows = len(dataset.split(split)) * (views + 1)
         entries = []
-        for s in range(max(1, -(-n_rows // config.shard_size))):
+        for s in range(shard_count(n_rows, config.shard_size)):
             entry = read_shard_entry(out, split, s, fingerprint)
             if entry is None:
-                raise BalladError(f"shard {out / f'{split}-{s:05d}.h5'} did not complete; rerun extract-features")
+                raise BalladError(f"shard {out / shard_name(split, s)} did not complete; rerun extract-features")
             for e in entry.pop("skipped"):  # an image with K views fails K + 1 times: list it once
                 if (split, e["index"]) not in seen:
                     seen.add((split, e["index"]))

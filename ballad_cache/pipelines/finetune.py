@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from ..atomic import append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
+from ..atomic import LOCK_FILE, append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
 from ..distributed import DistContext
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.datasets import LTDataset, load_templates
@@ -35,20 +35,20 @@ from ..models.encoder import autocast
 from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
-from ..store.runs import RunFolder
+from ..store.runs import SUMMARY, RunFolder
 from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
 
 CHECKPOINT = "checkpoint.pt"
 
 
-FINISHED = ("summary.json", "checkpoint.pt", "model")
+FINISHED = (SUMMARY, CHECKPOINT, "model")
 
 
 def run_folder(out: str | Path, overwrite: bool = False, resume: bool = False, main: bool = True) -> RunFolder:
     """The run folder of `finetune`: a folder with a checkpoint or a model is continued only with `resume` and
     replaced only with `overwrite`; rank 0 prepares and locks it."""
     return RunFolder(
-        out, "finetune", FINISHED, overwrite=overwrite, resume=resume, main=main, lock=".ballad.lock" if main else None
+        out, "finetune", FINISHED, overwrite=overwrite, resume=resume, main=main, lock=LOCK_FILE if main else None
     )
 
 
@@ -153,7 +153,9 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             torch.save(state, tmp)
         except RuntimeError as exc:  # torch reports a failed write (e.g. disk filled meanwhile) this way
             first = str(exc).strip().splitlines()[0][:160]
-            raise BalladError(f"cannot write {path}: {first}; check free space, then rerun with --resume") from None
+            raise BalladError(
+                f"cannot write {path}: {first}; check free space, then rerun with {setting('resume', True)}"
+            ) from None
 
 
 def _state_bytes(obj: Any) -> int:
@@ -174,13 +176,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         BalladError: the file is missing, truncated, or holds anything but weights (e.g. a crafted pickle).
     """
     if not path.exists():
-        raise BalladError(f"{path} does not exist; nothing to resume (drop --resume to start fresh)")
+        raise BalladError(f"{path} does not exist; nothing to resume (drop {setting('resume')} to start fresh)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise BalladError(
-            f"refusing to load {path}: not a plain weights checkpoint ({first}); delete it and start without --resume"
+            f"refusing to load {path}: not a plain weights checkpoint ({first}); delete it and start without "
+            f"{setting('resume')}"
         ) from None
 
 
@@ -206,7 +209,9 @@ def finetune(
     if dist.is_main:  # temporaries of a killed run (checkpoint, model files) are never resumed from
         remove_stale_temps(out, out / "model", out / "model-last")
     if config.batch_size % dist.world_size:
-        raise BalladError(f"--batch-size {config.batch_size} must be divisible by the {dist.world_size} ranks")
+        raise BalladError(
+            f"{setting('batch_size', config.batch_size)} must be divisible by the {dist.world_size} ranks"
+        )
     torch.manual_seed(config.seed)
     model = loaded.model.to(device).train(config.train_mode)
     for name in ("logit_scale", "logit_bias"):  # BALLAD fixes the scale at 100; unused params would stall DDP
@@ -341,7 +346,8 @@ def finetune(
                     kept = f"; {out / 'model-last'} holds the last finished epoch" if epoch > start_epoch else ""
                     raise BalladError(
                         f"phase A diverged: the loss is {mean_loss} at step {step} (epoch {epoch + 1}){kept}; rerun "
-                        "with a lower --lr" + (" or --precision fp32" if config.precision != "fp32" else "")
+                        f"with a lower {setting('lr')}"
+                        + (f" or {setting('precision', 'fp32')}" if config.precision != "fp32" else "")
                     )
                 rate = images_done / max(time.perf_counter() - t0, 1e-9)
                 lr = opt.param_groups[0]["lr"]
@@ -389,7 +395,7 @@ def finetune(
         "random_weights": loaded.random_weights,
     }
     if dist.is_main:
-        write_json(out / "summary.json", summary_)
+        write_json(out / SUMMARY, summary_)
     return summary_
 
 

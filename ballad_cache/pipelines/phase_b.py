@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..atomic import read_json, remove_stale_temps, sha256_json, write_bytes, write_json
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..heads.artifacts import (
     ADAPTER_META,
     ADAPTER_WEIGHTS,
@@ -27,6 +27,7 @@ from ..heads.artifacts import (
 from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
 from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head
+from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
@@ -45,7 +46,9 @@ def fit_data(cache: FeatureCache, train: SplitFeatures | None = None, need_val: 
     if len(train.labels) == 0:
         raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
     if need_val and "val" not in cache.splits:
-        raise BalladError(f"cache {cache.path} has no val split to rank on; extract it with --splits train,val,test")
+        raise BalladError(
+            f"cache {cache.path} has no val split to rank on; extract it with {setting('splits', SPLITS)}"
+        )
     val = cache.load_split("val").eval_view() if "val" in cache.splits else None
     return FitData(train, cache_context(cache), val)
 
@@ -154,7 +157,7 @@ def _refuse_unread(points: list[AdapterConfig], given: dict[str, list[Any]]) -> 
         where = readers(name)
         applies = f"; it applies to {', '.join(where)}" if where else ""
         raise ValueError(
-            f"--{name.replace('_', '-')} is read by no point of this grid (--head {','.join(heads)}){applies}"
+            f"{setting(name)} is read by no point of this grid ({setting('head', ','.join(heads))}){applies}"
         )
 
 
@@ -168,8 +171,10 @@ def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[A
     axes = {k: v for k, v in (axes or {}).items() if v}
     several = [k for k, v in axes.items() if len(v) > 1]
     if several:
-        flag = "--" + several[0].replace("_", "-")
-        raise ValueError(f"--family sweeps its own grid; give {flag} one value (or sweep without --family)")
+        family_ = setting("family")
+        raise ValueError(
+            f"{family_} sweeps its own grid; give {setting(several[0])} one value (or sweep without {family_})"
+        )
     base = AdapterConfig.from_dict({**AdapterConfig().to_dict(), **{k: v[0] for k, v in axes.items()}})
     names = [n for n in FAMILIES if n != "all"] if family == "all" else [family]
     out: dict[str, AdapterConfig] = {}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..atomic import write_bytes
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..inputs.datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
 from ..inputs.longtail import ShotThresholds
@@ -54,9 +54,11 @@ def run_predict(
         raise ValueError("give image paths or a dataset (one of them)")
     check_writable(out)
     if Path(out).exists() and not overwrite:
-        raise BalladError(f"{out} already exists; pass --overwrite or pick another --out")
+        raise BalladError(f"{out} already exists; pass {setting('overwrite', True)} or pick another {setting('out')}")
     if Path(out).suffix in (".json", ".jsonl") and config.format == "csv":
-        raise BalladError(f"{out} names JSON lines but --format is csv; pass --format jsonl or a .csv name")
+        raise BalladError(
+            f"{out} names JSON lines but {setting('format', 'csv')}; pass {setting('format', 'jsonl')} or a .csv name"
+        )
     images = load_dataset(data).split(config.split) if data else collect_images(list(inputs or []))
     classifier = load_classifier(model, adapter, pretrained)
     result = predict_split(classifier, images, config, torch.device(device), progress)

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_path, ensure_free_space, read_json, sha256_file, sha256_json, write_json
-from ..errors import BalladError
+from ..errors import BalladError, setting
 from ..progress import Report
+from .runs import CONFIG
 
 FORMAT_NAME = "ballad-feature-cache"
 FORMAT_VERSION = 1
@@ -54,6 +55,11 @@ CHUNK_BYTES = 1 << 20  # ~1 MiB HDF5 chunks: whole-chunk reads when streaming, s
 def shard_name(split: str, shard: int) -> str:
     """File name of shard `shard` of `split`, e.g. `train-00003.h5`."""
     return f"{split}-{shard:05d}.h5"
+
+
+def shard_count(rows: int, shard_size: int) -> int:
+    """Shards of `rows` rows at most `shard_size` each: ceil(rows / shard_size), and one (empty) for no row."""
+    return max(1, -(-rows // shard_size))
 
 
 def _h5py() -> Any:
@@ -106,7 +112,7 @@ class ShardWriter:
             bad = int(index[~np.isfinite(features).all(axis=1)][0])
             raise BalladError(
                 f"the encoder produced NaN/Inf features for row {bad} of {self.final.name}; "
-                "check the model weights and --precision"
+                f"check the model weights and {setting('precision')}"
             )
         n = len(labels)
         for part in (
@@ -245,7 +251,7 @@ class FeatureCache:
             raise BalladError(f"cache {self.path} does not exist; create it with `ballad extract-features`")
         mpath = self.path / MANIFEST
         if not mpath.exists():
-            held = self.path / "config.json"
+            held = self.path / CONFIG
             command = read_json(held).get("command") if held.is_file() else None
             if command not in (None, "extract-features"):
                 raise BalladError(f"{self.path} holds a {command} run, not a feature cache; pass the cache folder")
@@ -319,7 +325,7 @@ class FeatureCache:
         if self.verify_reads and hashlib.sha256(raw).hexdigest() != sha256:
             raise BalladError(
                 f"{path} does not match its sha256 in {MANIFEST} (changed since extraction); "
-                "run `ballad cache verify` and re-extract with --overwrite"
+                f"run `ballad cache verify` and re-extract with {setting('overwrite', True)}"
             )
         return _h5py().File(io.BytesIO(raw), "r")
 
@@ -336,7 +342,7 @@ class FeatureCache:
         if names != self.classnames or arr.shape[0] != self.num_classes:
             raise BalladError(
                 f"{path} holds the text embeddings of other classes than {self.path / MANIFEST} lists; "
-                "re-extract the cache with --overwrite"
+                f"re-extract the cache with {setting('overwrite', True)}"
             )
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
 
@@ -356,19 +362,22 @@ class FeatureCache:
                 shard_fp = f.attrs.get("fingerprint")
         except (OSError, KeyError, ValueError) as exc:
             raise BalladError(
-                f"shard {path} is corrupt or truncated ({str(exc).splitlines()[0]}); rerun extract-features --overwrite"
+                f"shard {path} is corrupt or truncated ({str(exc).splitlines()[0]}); rerun extract-features with "
+                f"{setting('overwrite', True)}"
             ) from None
         expected = self.manifest.get("config_fingerprint")
         if expected is not None and shard_fp != expected:
             raise BalladError(
                 f"shard {path} belongs to another extraction (fingerprint {shard_fp}, the manifest's is {expected}); "
-                "rerun extract-features --overwrite"
+                f"rerun extract-features with {setting('overwrite', True)}"
             )
         if len(labels) != entry["rows"] or feats.shape[0] != entry["rows"]:
             raise BalladError(f"shard {path} has {len(labels)} rows, the manifest says {entry['rows']}; re-extract")
         if not np.isfinite(feats).all():
             row = int(np.flatnonzero(~np.isfinite(feats).all(axis=1))[0])
-            raise BalladError(f"shard {path} holds NaN/Inf features (row {row}); re-extract it with --overwrite")
+            raise BalladError(
+                f"shard {path} holds NaN/Inf features (row {row}); re-extract it with {setting('overwrite', True)}"
+            )
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise BalladError(f"shard {path} holds labels outside [0, {self.num_classes - 1}]; re-extract")
         return SplitFeatures(

@@ -22,15 +22,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ..atomic import RunLock, read_json, remove_stale_temps, write_json
-from ..errors import BalladError
+from ..atomic import LOCK_FILE, RunLock, read_json, remove_stale_temps, write_json
+from ..errors import BalladError, setting
 
 CONFIG = "config.json"
+SUMMARY = "summary.json"  # a finished run's result (phase A; the demo's report), written last
 
 
-def check_writable(path: str | os.PathLike[str], kind: str = "--out") -> Path:
+def check_writable(path: str | os.PathLike[str], kind: str = setting("out")) -> Path:
     """Refuse, before any work, an output path that cannot be written: a directory given for a file, or a parent
-    that is a file or not writable. Returns the path.
+    that is a file or not writable (`kind`: the setting the messages name). Returns the path.
 
     Raises:
         BalladError: one line naming the path and the fix.
@@ -74,7 +75,7 @@ class RunFolder:
         compatible: Callable[[dict[str, Any]], bool] | None = None,
         clean: Sequence[str] = (),
         main: bool = True,
-        lock: str | None = ".ballad.lock",
+        lock: str | None = LOCK_FILE,
     ) -> None:
         self.path = Path(path)
         self.command = command
@@ -95,7 +96,7 @@ class RunFolder:
         """
         out = self.path
         if out.exists() and not out.is_dir():
-            raise BalladError(f"{out} exists and is not a directory; pick another --out")
+            raise BalladError(f"{out} exists and is not a directory; pick another {setting('out')}")
         if not self.main or self._held is not None:
             return out
         check_writable(out / CONFIG)
@@ -106,7 +107,10 @@ class RunFolder:
                 self.continues = True
             else:
                 what = f"another {self.command} run" if self.compatible is not None else "a run"
-                raise BalladError(f"{out} already holds {what} ({held[0]}); pass --overwrite or pick another --out")
+                raise BalladError(
+                    f"{out} already holds {what} ({held[0]}); pass {setting('overwrite', True)} or pick another "
+                    f"{setting('out')}"
+                )
         out.mkdir(parents=True, exist_ok=True)
         return out
 

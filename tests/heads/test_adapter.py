@@ -241,7 +241,7 @@ def test_per_step_options_match_a_plain_pytorch_loop(lt_cache):
 def test_official_epoch_needs_one_full_batch(lt_cache):
     """Catches an official epoch (floor(N/B) full batches) silently training on a partial batch when N < B."""
     rows = TrainRows.from_split(lt_cache.load_split("train"))
-    with pytest.raises(BalladError, match="--keep-last-batch"):
+    with pytest.raises(BalladError, match="`keep_last_batch=True`"):
         fit_adapters(rows, lt_cache.text_embeddings(), [AdapterConfig(epochs=1, batch_size=10_000)])
 
 

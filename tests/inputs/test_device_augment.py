@@ -135,7 +135,7 @@ def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_i
     with pytest.raises(
         BalladError,
         match=r"finished cache made with other settings \(augment_on 'worker' -> "
-        r"'device'\); pass --overwrite",
+        r"'device'\); pass `overwrite=True`",
     ):
         extract_features(ds, loaded, tmp_path / "worker", device, CPU)
     assert np.array_equal(_rows(tmp_path / "worker")[0], f_worker)
@@ -144,7 +144,7 @@ def test_extraction_with_device_views_is_fingerprinted_and_the_same_however_it_i
     said = Said()
     extract_features(ds, loaded, tmp_path / "worker", device, CPU, progress=said)
     assert np.array_equal(_rows(tmp_path / "worker")[0], f_device)
-    assert any("4 finished shard(s)" in m and "--augment-on worker" in m for m in said.lines), said.lines
+    assert any("4 finished shard(s)" in m and "`augment_on='worker'`" in m for m in said.lines), said.lines
     # without augmented views the two paths are the same rows and the same fingerprint
     eval_only = {**base, "train_views": 0}
     a = extract_features(ds, loaded, tmp_path / "k0-w", ExtractConfig(workers=0, augment_on="worker", **eval_only), CPU)
@@ -203,7 +203,7 @@ def test_device_path_refusal_is_one_line_before_anything_is_written(ballad_data,
     from ballad_cache.pipelines import extract as extract_module
 
     monkeypatch.setattr(extract_module, "augment_of", lambda loaded, config: T.Compose([T.RandomRotation(5)]))
-    with pytest.raises(BalladError, match="--augment-on device cannot run --augment official.*RandomRotation"):
+    with pytest.raises(BalladError, match="`augment_on='device'` cannot run `augment='official'`.*RandomRotation"):
         extract_module.extract_features(
             load_dataset("fmnist-lt"),
             load_model("ballad-micro"),

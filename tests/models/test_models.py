@@ -39,7 +39,7 @@ def test_pretrained_tag_offline_fails_at_once_with_one_clear_line(no_network):
         models.load_model("ViT-B-32", "openai")
     message = str(info.value)
     assert "\n" not in message
-    assert "huggingface.co" in message and "--pretrained /path/to/weights" in message
+    assert "huggingface.co" in message and "`pretrained='/path/to/weights'`" in message
     assert no_network == [(("huggingface.co", 443), 3.0)]
 
 
@@ -138,3 +138,28 @@ def test_ballad_lite_holds_the_packages_pretrained_weights_in_both_towers(tmp_pa
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert tuple(again.preprocess_cfg["mean"]) == (0.5, 0.5, 0.5)
     assert "ballad-lite" in list_models()
+
+
+def test_a_registered_architecture_reaches_open_clip_through_its_public_add_model_config():
+    """Catches a registered config that open_clip never sees (`--model NAME` unknown to open_clip), one handed over
+    twice, and a config open_clip ignores (no text tower) passing silently."""
+    import open_clip
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 16, "layers": 1, "width": 32, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    calls = []
+    models.register_model("ballad-test-handover", lambda: calls.append(1) or cfg, random_init=True)
+    models.register_model("ballad-test-no-text", lambda: {"embed_dim": 16, "vision_cfg": {}}, random_init=True)
+    try:
+        assert "ballad-test-handover" not in open_clip.list_models()
+        models._add_to_open_clip("ballad-test-handover")
+        models._add_to_open_clip("ballad-test-handover")
+        assert open_clip.get_model_config("ballad-test-handover") == cfg and calls == [1]
+        with pytest.raises(ValueError, match="open_clip refused the config of model 'ballad-test-no-text'"):
+            models._add_to_open_clip("ballad-test-no-text")
+    finally:
+        models.MODELS.unregister("ballad-test-handover")
+        models.MODELS.unregister("ballad-test-no-text")

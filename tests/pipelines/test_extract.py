@@ -108,7 +108,7 @@ def test_an_augmentation_the_device_cannot_run_is_one_line_naming_the_worker_pat
     from ballad_cache.pipelines import extract as extract_module
 
     monkeypatch.setattr(extract_module, "augment_of", lambda loaded, config: T.Compose([T.RandomRotation(10)]))
-    with pytest.raises(BalladError, match="RandomRotation does not run on the device; use --augment-on worker"):
+    with pytest.raises(BalladError, match="RandomRotation does not run on the device; use `augment_on='worker'`"):
         device_views_of(micro, ExtractConfig(workers=0, splits=("train",), train_views=1))
 
 
@@ -167,7 +167,7 @@ def test_another_finished_cache_is_refused_naming_what_differs(tmp_path):
     old = {k: v for k, v in json.loads(json.dumps(asdict(config))).items() if k not in skipped}
     (tmp_path / "manifest.json").write_text(json.dumps({"config_fingerprint": "f1", "config": old}))
     refuse_other_finished_cache(tmp_path, "f1", config)  # the same cache: resumed
-    with pytest.raises(BalladError, match=r"train_views 2 -> 0, seed 0 -> 3\); pass --overwrite") as info:
+    with pytest.raises(BalladError, match=r"train_views 2 -> 0, seed 0 -> 3\); pass `overwrite=True`") as info:
         refuse_other_finished_cache(tmp_path, "f2", replace(config, train_views=0, seed=3))
     assert "\n" not in str(info.value)
     refuse_other_finished_cache(tmp_path, "f2", replace(config, overwrite=True))

@@ -16,7 +16,7 @@ def test_a_finished_run_is_refused_unless_overwrite_resume_or_compatible(tmp_pat
         folder.write_config({"a": 1}, points=["k1"])
         (out / "done.txt").write_text("result")
     assert json.loads((out / "config.json").read_text())["command"] == "fit"
-    with pytest.raises(BalladError, match="already holds a run \\(done.txt\\); pass --overwrite"):
+    with pytest.raises(BalladError, match="already holds a run \\(done.txt\\); pass `overwrite=True`"):
         RunFolder(out, "fit", ("done.txt",)).prepare()
     RunFolder(out, "fit", ("done.txt",), resume=True).prepare()
     same = RunFolder(out, "fit", ("done.txt",), compatible=lambda old: set(old["points"]) <= {"k1", "k2"})

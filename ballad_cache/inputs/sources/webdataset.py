@@ -31,6 +31,7 @@ from ...errors import BalladError
 from ..splits import (
     DATASET_FORMATS,
     DATASETS,
+    DEFAULT_TEMPLATES,
     SPLITS,
     ImageSplit,
     LTDataset,
@@ -246,7 +247,7 @@ def webdataset_from_patterns(
         split: webdataset_split(shard_paths(pattern, base), split, len(classnames))
         for split, pattern in patterns.items()
     }
-    return LTDataset(name, classnames, splits, templates=templates or ["a photo of a {c}."], source=str(base))
+    return LTDataset(name, classnames, splits, templates=templates or list(DEFAULT_TEMPLATES), source=str(base))
 
 
 def webdataset(root: Path) -> LTDataset:
