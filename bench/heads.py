@@ -70,7 +70,9 @@ def memory_points(cache: FeatureCache, val: SplitFeatures, test: SplitFeatures) 
     for family in ("tip", "tip-f", "gda", "ncm"):
         configs = family_grid(family)
         t = time.perf_counter()
-        fitted = HEADS.get(family).sweep(data, configs, lambda lg: report(lg, val))
+        fitted = [
+            f for _, f in sorted(HEADS.get(family).sweep(data, configs, lambda lg: report(lg, val)), key=lambda x: x[0])
+        ]
         scored = [f.val for f in fitted]
         seconds = time.perf_counter() - t
         i = max(range(len(configs)), key=lambda j: scored[j]["top1"])

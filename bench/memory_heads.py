@@ -67,7 +67,7 @@ def phase(name: str, a: argparse.Namespace) -> dict[str, float]:
         fitted = HEADS.get("tip").sweep(
             FitData(train, context, queries), configs, lambda lg: summary(classification_report(lg, val_labels, counts))
         )
-        reports = [f.val for f in fitted]
+        reports = [f.val for _, f in fitted]
         out["points"] = len(configs)
         out["best_val_top1"] = max(r["top1"] for r in reports)
     elif name == "tip-f":  # 16 keys a class: every step scores its batch against all keys, forward and backward

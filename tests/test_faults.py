@@ -242,7 +242,7 @@ def test_damaged_cache_is_refused_by_every_reader(cache, tmp_path, damage):
 
 
 def test_ctrl_c_during_a_sweep_keeps_finished_points_and_the_rerun_completes(cache, tmp_path, monkeypatch):
-    import ballad_cache.pipelines.phase_b as phase_b
+    import ballad_cache.heads.adapter as phase_b  # the adapter families train through its fit_adapters
 
     args = ["sweep", "--cache", str(cache), "--ratio", "0.1,0.4", "--sampler", "class-aware,sqrt,instance"]
     args += ["--epochs", "2", "--batch-size", "32", "--device", "cpu"]

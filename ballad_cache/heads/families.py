@@ -14,7 +14,7 @@ method runs, so that listing the families (`ballad --help`) imports no torch.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import setting
@@ -69,20 +69,19 @@ class AdapterFamily(HeadFamily):
         score: Score,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
-    ) -> list[Fitted]:
-        """Configurations that share an index stream train together; each is scored through its head."""
+    ) -> Iterator[tuple[int, Fitted]]:
+        """Configurations that share an index stream train together; each is scored through its head, and a group's
+        points are yielded as soon as it has trained."""
         from .adapter import group_by_stream
 
         assert data.val is not None
-        out: list[Fitted | None] = [None] * len(configs)
         for group in group_by_stream(configs):
             for i, fitted in zip(
                 group, self._fit_group(data, [configs[i] for i in group], device, progress), strict=True
             ):
                 assert fitted.head is not None
                 fitted.val = score(fitted.head.logits(data.val.features))
-                out[i] = fitted
-        return [f for f in out if f is not None]
+                yield i, fitted
 
     def _fit_group(
         self, data: FitData, configs: list[AdapterConfig], device: str | torch.device, progress: Progress | None
@@ -175,7 +174,7 @@ class TipFamily(HeadFamily):
         score: Score,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
-    ) -> list[Fitted]:
+    ) -> Iterator[tuple[int, Fitted]]:
         """One batched search over shared top affinities (`heads/memory.py` `search_tip`)."""
         from .memory import search_tip
 
@@ -183,7 +182,7 @@ class TipFamily(HeadFamily):
         t0 = time.perf_counter()
         reports = search_tip(configs, data.train, data.val.features, data.context, score)
         record = _closed_form_record(t0, len(configs))
-        return [Fitted(None, dict(record), report) for report in reports]
+        yield from ((i, Fitted(None, dict(record), report)) for i, report in enumerate(reports))
 
     def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
         """`keys`, `values`, `class_weight`."""
@@ -243,7 +242,7 @@ class TipFFamily(TipFamily):
         score: Score,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
-    ) -> list[Fitted]:
+    ) -> Iterator[tuple[int, Fitted]]:
         """Each point trained on its own."""
         return HeadFamily.sweep(self, data, configs, score, device, progress)
 
@@ -275,7 +274,7 @@ class ClassMeansFamily(HeadFamily):
         score: Score,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
-    ) -> list[Fitted]:
+    ) -> Iterator[tuple[int, Fitted]]:
         """One pass: each key view's means once, each shrinkage's term once (`search_class_means`)."""
         from .memory import search_class_means
 
@@ -283,7 +282,7 @@ class ClassMeansFamily(HeadFamily):
         t0 = time.perf_counter()
         reports = search_class_means(configs, data.train, data.val.features, data.context, score, self.build)
         record = _closed_form_record(t0, len(configs))
-        return [Fitted(None, dict(record), report) for report in reports]
+        yield from ((i, Fitted(None, dict(record), report)) for i, report in enumerate(reports))
 
 
 class GdaFamily(ClassMeansFamily):

@@ -20,7 +20,7 @@ This module is light (no torch at import): the CLI lists the families and their 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -139,17 +139,16 @@ class HeadFamily:
         score: Score,
         device: str | torch.device = "cpu",
         progress: Progress | None = None,
-    ) -> list[Fitted]:
-        """Fit every configuration and report each on `data.val` through `score(head.logits(val))`; families
+    ) -> Iterator[tuple[int, Fitted]]:
+        """Fit every configuration and report each on `data.val` through `score(head.logits(val))`, yielding
+        (position in `configs`, fitted) as each finishes, so a sweep keeps what is done when it is stopped. Families
         override this to share work between points (one batched fit, one search)."""
         assert data.val is not None
-        out = []
-        for config in configs:
+        for i, config in enumerate(configs):
             fitted = self.fit(data, config, device, progress)
             assert fitted.head is not None
             fitted.val = score(fitted.head.logits(data.val.features))
-            out.append(fitted)
-        return out
+            yield i, fitted
 
     def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
         """A head from the tensors `Head.state` saved.

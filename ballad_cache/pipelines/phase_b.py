@@ -257,11 +257,12 @@ def run_sweep(
     for head, members in by_head.items():
         t0 = time.perf_counter()
         family = HEADS.get(head)
-        fitted = family.sweep(data, [configs[i] for i in members], lambda lg: _report(lg, val, cache), device, progress)
+        chosen = [configs[i] for i in members]
+        for j, point in family.sweep(data, chosen, lambda lg: _report(lg, val, cache), device, progress):
+            i = members[j]  # saved as it finishes: a stopped sweep keeps it
+            _save_point(points_dir, keys[i], configs[i], point, cache.fingerprint, keep=not family.closed_form)
         if family.closed_form:
             progress.log(f"sweep: {len(members)} {head} points in {time.perf_counter() - t0:.1f} s")
-        for i, point in zip(members, fitted, strict=True):
-            _save_point(points_dir, keys[i], configs[i], point, cache.fingerprint, keep=not family.closed_form)
     points = [_read_point(points_dir, k) for k in keys]
     ranked = sorted(points, key=lambda p: -p["val"][metric])
     best = ranked[0]

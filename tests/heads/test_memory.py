@@ -41,8 +41,8 @@ def search_points(configs, train: SplitFeatures, val: SplitFeatures, ctx: HeadCo
     out: dict[int, torch.Tensor] = {}
     for name in dict.fromkeys(c.head for c in configs):
         idx = [i for i, c in enumerate(configs) if c.head == name]
-        fitted = HEADS.get(name).sweep(FitData(train, ctx, val), [configs[i] for i in idx], lambda logits: logits)
-        out.update(zip(idx, [f.val for f in fitted], strict=True))
+        for j, fitted in HEADS.get(name).sweep(FitData(train, ctx, val), [configs[i] for i in idx], lambda lg: lg):
+            out[idx[j]] = fitted.val
     return [out[i] for i in range(len(configs))]
 
 
