@@ -38,9 +38,16 @@ def test_the_schedule_is_the_sampler_stream_cut_into_full_batches_of_augmented_v
     for batches, images in zip(epochs, stream, strict=True):
         drawn = np.concatenate(batches)
         assert index[drawn].tolist() == list(images[:48])  # each draw is a row of the sampler's image, in order
-        assert (view[drawn] > 0).all()
+        assert (view[drawn] > 0).all() and len(set(view[drawn].tolist())) == 3  # each draw picks one of 3 views
     again = batch_schedule(rows, config)
     assert all(np.array_equal(a, b) for ea, eb in zip(epochs, again, strict=True) for a, b in zip(ea, eb, strict=True))
+    # the view draws follow the seed too: the same image stream (given) with another seed picks other views
+    given = [np.asarray(e) for e in stream]
+    mine = np.concatenate(batch_schedule(rows, config, given)[0])
+    theirs = np.concatenate(batch_schedule(rows, AdapterConfig(epochs=3, batch_size=8, seed=5), given)[0])
+    assert np.array_equal(index[mine], index[theirs]) and not np.array_equal(mine, theirs)
+    cut = batch_schedule(rows, AdapterConfig(epochs=1, batch_size=8), [np.arange(50)])
+    assert [len(b) for b in cut[0]] == [8] * 6  # a given stream of 50 images is cut to floor(50/8) full batches
     kept = batch_schedule(rows, AdapterConfig(epochs=1, batch_size=8, keep_last_batch=True))
     assert [len(b) for b in kept[0]] == [8] * 6 + [2]
 
