@@ -85,6 +85,17 @@ class DualTower(torch.nn.Module):
         return image, self.prompts.encode(self.model)
 
 
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` widened to float32 when it is narrower (float16, bfloat16), otherwise unchanged.
+
+    The loss and the val scores of a float16/bfloat16 forward are computed in float32, as the official code's
+    `.float()` does; a plain `.float()` would also narrow a float64 model's features to float32, and then the
+    float64 run that checks phase A against the official loop (tests/pipelines/test_phase_a_reference.py) could
+    not be compared at float64 precision.
+    """
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
 def phase_a_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
     """The phase-A loss registered as `kind` (`PHASE_A_LOSSES`): `ce` over all class prompts, or `contrastive`."""
     return PHASE_A_LOSSES.get(kind)(image, text, labels)
@@ -128,14 +139,14 @@ def evaluate_model(
         ImageRows(image_split, rows, loaded.preprocess_eval, max_pixels=max_pixels), batch_size, workers
     )
     with autocast(device, precision, FINETUNE_PRECISIONS):
-        text = prompts.encode(model).float()
+        text = at_least_float32(prompts.encode(model))
     logits, labels, skipped = [], [], 0
     for batch in loader:
         keep = torch.from_numpy(usable_rows(batch, skip_bad))
         skipped += int((~keep).sum())
         with autocast(device, precision, FINETUNE_PRECISIONS):
             feats = model.encode_image(batch["image"][keep].to(device, non_blocking=True))
-        logits.append(LOGIT_SCALE * F.normalize(feats.float(), dim=-1) @ text.T)
+        logits.append(LOGIT_SCALE * F.normalize(at_least_float32(feats), dim=-1) @ text.T)
         labels.append(batch["label"][keep])
     model.train(was_training)
     report = classification_report(
@@ -327,7 +338,7 @@ def finetune(
                 g["lr"] = lr_at(config, step, total_steps, epoch)
             with autocast(device, config.precision, FINETUNE_PRECISIONS):
                 image_feats, text_feats = net(images)
-                loss = phase_a_loss(image_feats.float(), text_feats.float(), labels, config.loss)
+                loss = phase_a_loss(at_least_float32(image_feats), at_least_float32(text_feats), labels, config.loss)
             (loss / config.accum_steps).backward()
             batch_i += 1
             if batch_i % config.accum_steps == 0 or batch_i == epoch_batches:
