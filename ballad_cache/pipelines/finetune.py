@@ -210,8 +210,14 @@ def finetune(
 ) -> dict[str, Any]:
     """Run phase A; writes `model/` (best on val), `model-last/`, `checkpoint.pt`, `metrics.jsonl`.
 
+    `config.max_steps` stops the run (the schedule is the whole run's). A stop inside an epoch checkpoints that
+    epoch and batch, so `resume` continues there and ends with the weights of an uninterrupted run; its val report
+    is logged (`"stopped": true` in `metrics.jsonl`) but never competes for `model/`, except when no epoch has
+    finished: then `model/` holds the weights at the stop, and the summary's best is theirs.
+
     Returns:
-        `{"best": val summary of the best epoch, "best_epoch", "start": val summary before training, "steps"}`.
+        `{"best_val_top1", "best_epoch", "start": val summary before training, "steps", "stopped": where
+        `max_steps` stopped inside an epoch (epoch, batch, val) or None, ...}`.
     """
     dist = dist or DistContext()
     progress = progress or NullProgress()
@@ -250,11 +256,12 @@ def finetune(
     # usable and batch_size are both multiples of the ranks: the global count is each rank's count
     epoch_batches = batches_per_epoch(usable, config.batch_size, config.keep_last_batch, config.epochs)
     steps_per_epoch = math.ceil(epoch_batches / config.accum_steps)
+    # the schedule spans every epoch: `max_steps` stops the run, it does not shorten the schedule, so a run stopped
+    # by it and resumed takes the steps an uninterrupted run takes
     total_steps = steps_per_epoch * config.epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
     has_val = "val" in dataset.splits
     start_epoch, batch_offset, step, best, best_epoch, start_report = 0, 0, 0, -1.0, -1, None
+    rng_state: torch.Tensor | None = None  # the global generator at the checkpoint resumed from (dropout draws)
     ckpt_path = out / CHECKPOINT
 
     def validate() -> dict[str, Any]:
@@ -278,7 +285,10 @@ def finetune(
         opt.load_state_dict(state["optimizer"])
         start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
         best, best_epoch = state["best"], state["best_epoch"]
-        progress.log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+        rng_state = state.get("rng")  # absent from checkpoints written before it was saved
+        if device.type == "cuda" and "cuda_rng" in state:  # nothing draws from it between checkpoint and here
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        progress.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, batch {batch_offset}, step {step}")
     elif has_val:
         start_report = validate()
         if dist.is_main:
@@ -297,12 +307,15 @@ def finetune(
                     "best": best,
                     "best_epoch": best_epoch,
                     "config": asdict(config),
+                    "rng": torch.get_rng_state(),
+                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                 },
             )
         dist.barrier()
 
     images_done, t0 = 0, time.perf_counter()
     skipped: dict[int, dict[str, Any]] = {}  # unreadable training images seen (with --skip-bad), by index
+    stopped: dict[str, Any] | None = None  # where `max_steps` stopped the run inside an epoch
     for epoch in range(start_epoch, config.epochs):
         if config.max_steps and step >= config.max_steps:
             break
@@ -326,7 +339,16 @@ def finetune(
         batch_offset = 0
         # the loss stays on the device and is read back every log_every batches: no host sync in between
         window_loss, window = torch.zeros((), device=device), 0
-        for batch in loader:
+        # creating the iterator draws from the global generator: an epoch resumed at its start restores the state
+        # before that draw, one resumed inside restores it after (the uninterrupted run drew it at the epoch start)
+        if rng_state is not None and batch_i == 0:
+            torch.set_rng_state(rng_state)
+        batches = iter(loader)
+        if rng_state is not None and batch_i > 0:
+            torch.set_rng_state(rng_state)
+        rng_state = None
+        stop = False
+        for batch in batches:
             keep_rows = usable_rows(batch, config.skip_bad)
             for i in np.flatnonzero(~keep_rows):
                 row = skipped_row(batch, i)
@@ -370,6 +392,21 @@ def finetune(
                 window = 0
             if stop:
                 break
+        if stop and batch_i < epoch_batches:  # `max_steps` inside an epoch: a resume continues it at this batch
+            checkpoint(epoch, batch_i)  # with the finished epochs' best: the val below never enters it
+            stopped = {"epoch": epoch + 1, "batch": batch_i, "epoch_batches": epoch_batches, "step": step}
+            if has_val:
+                stopped["val"] = validate()
+            if dist.is_main:
+                append_jsonl(out / "metrics.jsonl", {**stopped, "stopped": True})
+                save_local_dir(loaded, model, out / "model-last")
+                if best_epoch < 0:  # no finished epoch kept a model: model/ holds the weights at the stop
+                    save_local_dir(loaded, model, out / "model")
+            progress.log(
+                f"stopped by {setting('max_steps')} at step {step}, batch {batch_i}/{epoch_batches} of epoch "
+                f"{epoch + 1}; {setting('resume', True)} continues from there"
+            )
+            break
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": step,
@@ -392,6 +429,8 @@ def finetune(
     if dist.is_main and not (out / "model").exists():
         save_local_dir(loaded, model, out / "model")
         save_local_dir(loaded, model, out / "model-last")
+    if stopped is not None and best_epoch < 0 and "val" in stopped:  # what model/ holds: the weights at the stop
+        best, best_epoch = stopped["val"]["top1"], stopped["epoch"]
     if dist.enabled:  # each rank saw its own share of the bad images
         shares: list[Any] = [None] * dist.world_size
         torch.distributed.all_gather_object(shares, skipped)
@@ -401,6 +440,7 @@ def finetune(
         "best_epoch": best_epoch,
         "best_val_top1": best,
         "steps": step,
+        "stopped": stopped,
         "templates": templates,
         "skipped": [skipped[i] for i in sorted(skipped)],
         "random_weights": loaded.random_weights,

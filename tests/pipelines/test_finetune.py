@@ -121,6 +121,47 @@ def test_resume_after_interrupt_gives_the_same_weights(ballad_data, tmp_path):
     assert any((start[k] - load_model("ballad-micro").model.state_dict()[k]).abs().max() > 1e-4 for k in start)
 
 
+def test_max_steps_then_resume_ends_with_the_uninterrupted_weights(ballad_data, tmp_path):
+    """Catches a stop by `max_steps` inside an epoch that checkpoints the next epoch (the resume skips the rest of
+    the stopped epoch), a resume that restarts the epoch or replays a batch, a schedule that `max_steps` shortens
+    (the stopped run's steps at other rates) and dropout draws that differ after a resume."""
+    import dataclasses
+
+    ds = load_dataset("fmnist-lt")
+    cpu = torch.device("cpu")
+    # 1236 // 128 = 9 steps an epoch; per-step cosine, so every step has its own rate
+    cfg = FinetuneConfig(epochs=2, batch_size=128, lr=0.05, workers=0, schedule="step")
+
+    def micro_with_dropout():
+        """ballad-micro with dropout on the image features while training: the steps draw from torch's generator."""
+        loaded = load_model(MODEL)
+        loaded.model.visual.register_forward_hook(
+            lambda module, args, out: torch.nn.functional.dropout(out, 0.3, training=torch.is_grad_enabled())
+        )
+        return loaded
+
+    whole = finetune(ds, micro_with_dropout(), tmp_path / "a", cfg, cpu)
+    first = finetune(ds, micro_with_dropout(), tmp_path / "b", dataclasses.replace(cfg, max_steps=4), cpu)
+    assert first["steps"] == 4 and first["stopped"]["epoch"] == 1 and first["stopped"]["batch"] == 4
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert (state["epoch"], state["batch_in_epoch"], state["step"], state["best_epoch"]) == (0, 4, 4, -1)
+    assert first["best_epoch"] == 1  # no epoch finished: model/ holds the weights at the stop, and says so
+    second = finetune(
+        ds, micro_with_dropout(), tmp_path / "b", dataclasses.replace(cfg, max_steps=13), cpu, resume=True
+    )
+    assert second["steps"] == 13 and second["stopped"]["epoch"] == 2 and second["stopped"]["batch"] == 4
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["best_epoch"] == 1  # epoch 1 finished in between
+    last = finetune(ds, micro_with_dropout(), tmp_path / "b", cfg, cpu, resume=True)
+    assert last["steps"] == whole["steps"] == 18 and last["stopped"] is None
+    assert last["best_epoch"] == whole["best_epoch"]
+    for folder in ("model-last", "model"):
+        a = load_file(str(tmp_path / "a" / folder / "open_clip_model.safetensors"))
+        b = load_file(str(tmp_path / "b" / folder / "open_clip_model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), folder  # bitwise: the same steps in the same order
+    start = load_model(MODEL).model.state_dict()
+    assert any(not torch.equal(a[k], start[k]) for k in a)
+
+
 def test_crafted_pickle_checkpoint_is_refused(tmp_path):
     class Evil:
         def __reduce__(self):
