@@ -77,7 +77,7 @@ def memory_points(cache: FeatureCache, val: SplitFeatures, test: SplitFeatures) 
         seconds = time.perf_counter() - t
         i = max(range(len(configs)), key=lambda j: scored[j]["top1"])
         head = fitted[i].head or HEADS.get(family).fit(data, configs[i]).head
-        chosen = {k: v for k, v in configs[i].to_dict().items() if k in HEADS.get(family).params}
+        chosen = {k: v for k, v in configs[i].to_dict().items() if k in HEADS.get(family).reads and k != "seed"}
         out.append(
             {
                 "name": f"{family} (best of {len(configs)}: "

@@ -120,7 +120,8 @@ def cache_verify(source: CacheSource) -> None:
 
 @config_command(app, "fit-adapter", config=AdapterConfig, source=CacheSource, run=RunOutput, placement=Placement)
 def fit_adapter(config: AdapterConfig, source: CacheSource, run: RunOutput, placement: Placement) -> None:
-    """Phase B: train BALLAD's residual linear adapter on cached features (class-balanced by default)."""
+    """Phase B: fit a classifier head on cached features: BALLAD's residual adapter by default (class-balanced), or
+    any head family --head names (a cosine head, a cache of training features, closed-form ones)."""
     from ballad_cache.pipelines.phase_b import run_fit_adapter
 
     device = _device(placement)
@@ -128,10 +129,12 @@ def fit_adapter(config: AdapterConfig, source: CacheSource, run: RunOutput, plac
         meta = run_fit_adapter(source.cache, run.out, config, device, run.overwrite, progress)
     if "val" in meta:
         print_report(report_table(f"adapter {run.out} on val", [("adapter", meta["val"])]))
-    out.print(
-        f"adapter written to {run.out} ({meta['steps']} steps, kept epoch {meta['best_epoch']}, "
-        f"{meta['train_seconds']:.1f}s)"
+    how = (
+        f"{meta['steps']} steps, kept epoch {meta['best_epoch']}"
+        if meta["steps"]
+        else f"{meta['config']['head']} built in one pass"
     )
+    out.print(f"adapter written to {run.out} ({how}, {meta['train_seconds']:.1f}s)")
 
 
 @config_command(app, config=EvalConfig, source=CacheSource, files=EvalFiles)

@@ -78,6 +78,7 @@ def load_head(
     Raises:
         BalladError: the tensors do not make a head of that family for `context` (names `origin` and `fix`).
     """
+    state = {k.removeprefix("memory."): v for k, v in state.items()}  # files of ballad 0.1 before head families
     try:
         return HEADS.get(config.head).load(config, state, context)
     except KeyError as exc:

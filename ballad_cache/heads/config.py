@@ -42,7 +42,11 @@ class AdapterConfig:
     select: str = option("best-val", "Which epoch's weights are kept.", choices=SELECTIONS)
     loss: str = option("ce", "Training loss.", choices=LOSSES)
     la_tau: float = option(1.0, "Logit-adjustment strength of --loss la.")
-    head: str = option("text", "Classifier head (--ratio 0 trains a learnable head alone).", choices=HEADS)
+    head: str = option(
+        "text",
+        "Classifier head family (each reads its own options; cosine with --ratio 0 trains its rows alone).",
+        choices=HEADS,
+    )
     head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
     head_lr: float | None = option(
         None, "Learning rate of a learnable head (default: --lr; tip-f: 1e-3 with AdamW).", min=0.0
@@ -95,12 +99,14 @@ class AdapterConfig:
         return HEADS.get(self.head).scale(self)
 
     def unused_fields(self) -> set[str]:
-        """Fields this configuration does not read: those only some losses or heads read (and its loss and head do
-        not), and those its head ignores (the residual adapter's, for a head built in closed form)."""
+        """Fields this configuration does not read: those its head family does not read, and a loss's own fields
+        (`la_tau`) unless the family trains with that loss."""
         family = HEADS.get(self.head)
-        used = set(LOSSES.get(self.loss).params) | set(family.params)
-        some = {p for n in LOSSES for p in LOSSES.get(n).params} | {p for n in HEADS for p in HEADS.get(n).params}
-        return (some - used) | set(family.ignores)
+        loss_fields = {p for n in LOSSES for p in LOSSES.get(n).params}
+        reads = set(family.reads) - loss_fields
+        if "loss" in family.reads:
+            reads |= set(LOSSES.get(self.loss).params)
+        return {f.name for f in fields(self)} - reads - {"head"}
 
     def unread(self) -> list[str]:
         """Fields set away from their default that this configuration does not read (a run would ignore them)."""
@@ -123,13 +129,9 @@ class AdapterConfig:
 
 
 def readers(field: str) -> list[str]:
-    """The heads and losses that read `field` (for messages that say where an option applies)."""
-    some = {p for n in HEADS for p in HEADS.get(n).params}
-    heads = [
-        n for n in HEADS if field not in HEADS.get(n).ignores and (field not in some or field in HEADS.get(n).params)
-    ]
+    """Where `field` applies: the losses that read it (`--loss la`), else the head families that do."""
     losses = [setting("loss", n) for n in LOSSES if field in LOSSES.get(n).params]
-    return losses or heads
+    return losses or [n for n in HEADS if field in HEADS.get(n).reads]
 
 
 def explain_unread(config: AdapterConfig) -> str | None:
@@ -142,9 +144,10 @@ def explain_unread(config: AdapterConfig) -> str | None:
         where = readers(f)
         applies = f" (read by {', '.join(where)})" if where else ""
         parts.append(f"{setting(f)}{applies}")
-    listed = "; ".join(parts)
-    head, loss = setting("head", config.head), setting("loss", config.loss)
-    return f"{head} with {loss} does not read {listed}; drop it or pick what reads it"
+    by_loss = any(f in LOSSES.get(n).params for f in unread for n in LOSSES)
+    head = setting("head", config.head)
+    what = f"{head} with {setting('loss', config.loss)}" if by_loss else head
+    return f"{what} does not read {'; '.join(parts)}; drop it or pick what reads it"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import setting
-from .registry import ADAPTER_STEP, FAMILIES, TRAINING, FitData, Fitted, HeadFamily, Score, register_head
+from .registry import ADAPTER_STEP, FAMILIES, TRAINING, FitData, Fitted, HeadFamily, Score, fit_record, register_head
 
 if TYPE_CHECKING:
     import torch
@@ -115,6 +115,8 @@ class AdapterFamily(HeadFamily):
 class TextFamily(AdapterFamily):
     """The adapter scored against the fixed class text embeddings at CLIP's scale 100 (BALLAD)."""
 
+    reads = (*ADAPTER_STEP, *TRAINING, "seed")
+
     grids = {
         "ballad": ("BALLAD's adapter", {"loss": ["ce"], "ratio": [0.1, 0.2, 0.4]}),
         "la": ("logit-adjusted adapter", {"loss": ["la"], "la_tau": [0.5, 1.0]}),
@@ -125,7 +127,7 @@ class CosineFamily(AdapterFamily):
     """The adapter with C×d rows initialised from the text embeddings and trained with it, normalised, at
     `head_scale` (LIFT's cosine classifier)."""
 
-    params = ("head_scale", "head_lr")
+    reads = (*ADAPTER_STEP, *TRAINING, "seed", "head_scale", "head_lr")
     trains_rows = True
     grids = {"cosine": ("LIFT's cosine head", {"loss": ["ce", "la"]})}
 
@@ -140,8 +142,7 @@ _TIP = ("alpha", "beta", "gamma", "keys_per_class", "neighbours", "key_view", "a
 class TipFamily(HeadFamily):
     """Tip-Adapter's cache of the training features, balanced by a per-class cap and class weights (closed form)."""
 
-    params: tuple[str, ...] = _TIP
-    ignores: tuple[str, ...] = ADAPTER_STEP + TRAINING
+    reads: tuple[str, ...] = (*_TIP, "seed")  # the seed draws the keys a class keeps
     closed_form = True
     grids = {
         "tip": (
@@ -194,8 +195,7 @@ class TipFamily(HeadFamily):
 class TipFFamily(TipFamily):
     """tip with its keys trained (Tip-Adapter-F: AdamW at `head_lr`) with the configured loss and sampler."""
 
-    params = (*_TIP, "head_lr")
-    ignores = ADAPTER_STEP
+    reads = (*_TIP, "seed", "head_lr", *TRAINING)
     closed_form = False
     grids = {"tip-f": ("cache with trained keys", {"gamma": [0.0, 1.0]})}
 
@@ -250,10 +250,9 @@ class TipFFamily(TipFamily):
 class ClassMeansFamily(HeadFamily):
     """A closed-form head from the class means of one feature per image, blended with the text head."""
 
-    ignores = ADAPTER_STEP + TRAINING
     closed_form = True
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Any:
+    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Head:
         """The head from one normalised feature per image and its label."""
         raise NotImplementedError
 
@@ -288,7 +287,7 @@ class ClassMeansFamily(HeadFamily):
 class GdaFamily(ClassMeansFamily):
     """Gaussian discriminant: class means, one shared covariance shrunk towards its mean variance, uniform prior."""
 
-    params = ("alpha", "shrinkage", "key_view", "adjust_tau")
+    reads = ("alpha", "shrinkage", "key_view", "adjust_tau")
     grids = {
         "gda": (
             "closed-form Gaussian head (112 points)",
@@ -300,7 +299,7 @@ class GdaFamily(ClassMeansFamily):
         )
     }
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Any:
+    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Head:
         """`weight` = M Σ⁻¹ and `bias`."""
         from .memory import gda_from_keys
 
@@ -316,7 +315,7 @@ class GdaFamily(ClassMeansFamily):
 class NcmFamily(ClassMeansFamily):
     """Nearest class mean: cosine to the normalised class means, blended with the text head."""
 
-    params = ("alpha", "key_view", "adjust_tau")
+    reads = ("alpha", "key_view", "adjust_tau")
     grids = {
         "ncm": (
             "class means (28 points)",
@@ -324,7 +323,7 @@ class NcmFamily(ClassMeansFamily):
         )
     }
 
-    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Any:
+    def build(self, keys: torch.Tensor, values: torch.Tensor, config: AdapterConfig, context: HeadContext) -> Head:
         """`prototypes`."""
         from .memory import ncm_from_keys
 
@@ -339,8 +338,7 @@ class NcmFamily(ClassMeansFamily):
 
 def _closed_form_record(t0: float, points: int = 1) -> dict[str, Any]:
     """What adapter.json records of a head built in one pass (no step, no epoch)."""
-    seconds = (time.perf_counter() - t0) / max(points, 1)
-    return {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None, "train_seconds": seconds}
+    return fit_record((time.perf_counter() - t0) / max(points, 1))
 
 
 register_head("text", TextFamily(), help="the fixed class text embeddings at CLIP's scale 100 (BALLAD)")

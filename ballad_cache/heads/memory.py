@@ -431,12 +431,15 @@ def search_class_means(
         groups.setdefault(c.key_view, []).append(i)
     for members in groups.values():
         keys, values = image_keys(train, configs[members[0]], cap=False)
-        terms: dict[float, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         for i in members:
             c = configs[i]
-            if c.shrinkage not in terms:
-                terms[c.shrinkage] = build(keys, values, c, context).extra_logits(q)
-            finish(i, terms[c.shrinkage])
+            # the term depends on every field but α and τ, which `finish` applies: points that differ only there
+            # share it (one per shrinkage for gda)
+            key = repr(sorted({**c.to_dict(), "alpha": 0.0, "adjust_tau": 0.0}.items()))
+            if key not in terms:
+                terms[key] = build(keys, values, c, context).extra_logits(q)
+            finish(i, terms[key])
     return results
 
 

@@ -7,7 +7,7 @@ A fitted head scores features (`Head.logits`: the one scoring path of `fit-adapt
 (`Head.fold`). Adding a family is one class and one `register_head` call, in any file:
 
     class ProjectionFamily(HeadFamily):
-        params = ("alpha",)
+        reads = ("alpha", "seed")
         def fit(self, data, config, device="cpu", progress=None): ...
         def load(self, config, state, context): ...
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 LOGIT_SCALE = 100.0  # CLIP's learned scale, fixed at 100 as in BALLAD (phase A and the text head)
 
-# AdapterConfig fields of the residual adapter's SGD step, and of a training loop over the index stream
+# AdapterConfig fields of the residual adapter's SGD step, and of a training loop over the index stream (the
+# loss's own fields, `la_tau` for `la`, are read where the loss is: `LossTerm.params`)
 ADAPTER_STEP = ("ratio", "lr", "momentum", "weight_decay", "schedule", "precision")
 TRAINING = ("sampler", "samples_per_class", "epochs", "batch_size", "select", "loss", "la_tau", "keep_last_batch")
 
@@ -51,6 +52,10 @@ class HeadContext:
     text: torch.Tensor  # C×d class embeddings, L2-normalised
     log_prior: torch.Tensor  # C, log of the training class frequencies
     folded: bool = False
+
+    def adjusted(self, logits: torch.Tensor, tau: float | None) -> torch.Tensor:
+        """Post-hoc logit adjustment `logits - tau * log prior` (Menon et al.); `logits` unchanged without tau."""
+        return logits if tau is None else logits - tau * self.log_prior.to(logits.device, logits.dtype)
 
     @property
     def num_classes(self) -> int:
@@ -108,8 +113,8 @@ Score = Callable[["torch.Tensor"], dict[str, float]]  # val logits -> report
 class HeadFamily:
     """A registered `--head`: its metadata and its behaviour (override `fit` and `load`; the rest has defaults)."""
 
-    params: tuple[str, ...] = ()  # AdapterConfig fields only some families read, this one among them
-    ignores: tuple[str, ...] = ()  # AdapterConfig fields this family does not read (a sweep keeps their defaults)
+    reads: tuple[str, ...] = ()  # the AdapterConfig fields this family reads (others are refused, or kept at their
+    # defaults in a sweep); `loss` among them brings the chosen loss's own fields (`la_tau` for `la`)
     grids: dict[str, tuple[str, dict[str, list[Any]]]] = {}  # `sweep --family NAME`: (help, axes) it offers
     trains_rows: bool = False  # C×d class rows initialised from the text and trained (the cosine head)
     closed_form: bool = False  # built from the cache in one pass: a sweep point keeps no tensors, it is rebuilt
@@ -172,10 +177,18 @@ def register_head(name: str, family: HeadFamily, *, help: str = "", replace: boo
         help: one line for `--help`.
         replace: replace an existing registration (tests, plugins).
     """
+    clash = [g for g in family.grids if g in FAMILIES and not replace]
+    if clash:  # checked first: a refused registration leaves nothing half-registered
+        raise ValueError(f"family '{clash[0]}' is already registered")
     HEADS.register(name, family, help=help, replace=replace)
     for grid, (grid_help, axes) in family.grids.items():
         FAMILIES.register(grid, {"head": [name], **axes}, help=grid_help, replace=replace)
     return family
+
+
+def fit_record(seconds: float) -> dict[str, Any]:
+    """What adapter.json records of a fit where the family records nothing of its own: no step, no epoch."""
+    return {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None, "train_seconds": seconds}
 
 
 def unregister_head(name: str) -> None:

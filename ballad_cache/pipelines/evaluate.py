@@ -8,16 +8,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from ..atomic import write_bytes, write_json
 from ..errors import BalladError, setting
 from ..heads.adapter import AdapterHead
 from ..heads.artifacts import Adapter, cache_context
 from ..heads.config import AdapterConfig
 from ..heads.metrics import classification_report, summary
-from ..inputs.longtail import ShotThresholds, class_log_prior, shot_groups
+from ..inputs.longtail import ShotThresholds, shot_groups
 from ..store.cache import FeatureCache
 from ..store.runs import RunFolder
 from .configs import EvalConfig
@@ -26,11 +23,6 @@ from .configs import EvalConfig
 def result_folder(out: str | Path, overwrite: bool = False) -> RunFolder:
     """The run folder of `evaluate --out`: a finished result is replaced only with `overwrite`."""
     return RunFolder(out, "evaluate", ("result.json",), overwrite=overwrite)
-
-
-def logit_adjust(logits: torch.Tensor, train_counts: np.ndarray, tau: float) -> torch.Tensor:
-    """Subtract `tau * log(prior)` (prior from training counts); classes with no image get prior 1/N."""
-    return logits - tau * class_log_prior(train_counts).to(logits.dtype)
 
 
 def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalConfig) -> dict[str, Any]:
@@ -43,15 +35,18 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
     counts = cache.train_counts
     rows = cache.load_split(config.split).eval_view()
     heads: dict[str, dict[str, Any]] = {}
-    zero = AdapterHead(AdapterConfig(), cache_context(cache), None).logits(rows.features)  # norm(f) · textᵀ
+    context = cache_context(cache)
+    zero = AdapterHead(AdapterConfig(), context, None).logits(rows.features)  # norm(f) · textᵀ
     heads["zero-shot"] = classification_report(zero, rows.labels, counts, thresholds)
     best = zero
     if adapter is not None:
         best = adapter.logits(rows.features)
+        context = adapter.head.context  # its prior: the training counts recorded at the fit
         heads["adapter"] = classification_report(best, rows.labels, counts, thresholds)
     if config.tau is not None:
         name = "adapter+LA" if adapter is not None else "zero-shot+LA"
-        heads[name] = classification_report(logit_adjust(best, counts, config.tau), rows.labels, counts, thresholds)
+        adjusted = context.adjusted(best, config.tau)  # as the exported classifier adjusts (`Classifier.score`)
+        heads[name] = classification_report(adjusted, rows.labels, counts, thresholds)
     if config.knn:
         from ..heads.knn import knn_scores
 

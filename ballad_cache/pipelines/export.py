@@ -69,10 +69,9 @@ class Classifier:
         return self.context.log_prior
 
     def score(self, features: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        """Class logits (CPU) of image features through the head, `- tau * log_prior` with `tau`: the scoring path
-        `evaluate`, `sweep` and `predict` share."""
-        logits = self.head.logits(features)
-        return logits if tau is None else logits - tau * self.context.log_prior
+        """Class logits (CPU) of image features through the head (`Head.logits`, the scoring path `evaluate` and a
+        sweep's ranking take too), adjusted by `tau` as `evaluate --tau` adjusts them (`HeadContext.adjusted`)."""
+        return self.context.adjusted(self.head.logits(features).cpu(), tau)
 
     def logits(self, images: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         """Class logits of preprocessed images."""

@@ -26,7 +26,7 @@ from ..heads.artifacts import (
 )
 from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
-from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head
+from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, fit_record
 from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
@@ -84,11 +84,6 @@ def fit_on_cache(
         record["val"] = report_of(fitted.head, data.val, cache)
     save_adapter(out, fitted.head, cache, record)
     return read_json(Path(out) / ADAPTER_META)
-
-
-def fit_record(seconds: float) -> dict[str, Any]:
-    """What adapter.json records of a fit where the family records nothing of its own: no step, no epoch."""
-    return {"steps": 0, "best_epoch": 0, "val_top1_per_epoch": [], "final_loss": None, "train_seconds": seconds}
 
 
 def _report(logits: torch.Tensor, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
@@ -260,6 +255,8 @@ def run_sweep(
         chosen = [configs[i] for i in members]
         for j, point in family.sweep(data, chosen, lambda lg: _report(lg, val, cache), device, progress):
             i = members[j]  # saved as it finishes: a stopped sweep keeps it
+            if point.head is None and not family.closed_form:
+                raise ValueError(f"head family '{head}' yielded a point without its head; only closed-form ones may")
             _save_point(points_dir, keys[i], configs[i], point, cache.fingerprint, keep=not family.closed_form)
         if family.closed_form:
             progress.log(f"sweep: {len(members)} {head} points in {time.perf_counter() - t0:.1f} s")

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ballad_cache.heads.artifacts import load_adapter
 from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.registry import (
-    ADAPTER_STEP,
     FAMILIES,
     HEADS,
-    TRAINING,
     FitData,
     Fitted,
     Head,
@@ -29,6 +30,7 @@ from ballad_cache.heads.registry import (
 )
 from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.models.clip import load_model, save_local_dir
+from ballad_cache.pipelines.export import load_classifier
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
@@ -49,13 +51,12 @@ class ProjectionHead(Head):
 
 
 class ProjectionFamily(HeadFamily):
-    params = ("alpha",)
-    ignores = ADAPTER_STEP + TRAINING
+    reads = ("alpha",)
     grids = {"proj": ("a random projection blended with the text head", {"alpha": [0.5, 4.0]})}
 
     def fit(self, data: FitData, config: AdapterConfig, device="cpu", progress=None) -> Fitted:
-        gen = torch.Generator().manual_seed(config.seed)
-        projection = F.normalize(torch.randn(data.context.num_classes, data.context.dim, generator=gen), dim=-1)
+        # unseeded on purpose: a command that fitted again instead of loading the saved tensors scores otherwise
+        projection = F.normalize(torch.randn(data.context.num_classes, data.context.dim), dim=-1)
         return Fitted(ProjectionHead(config, data.context, projection))
 
     def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
@@ -73,19 +74,24 @@ def projection_head():
     assert "proj" not in HEADS and "proj" not in FAMILIES
 
 
-def expected_logits(cache: FeatureCache, features: torch.Tensor, alpha: float, seed: int = 0) -> torch.Tensor:
-    """The family's formula, written here in float64 from the cache's text embeddings and the seeded projection."""
+def expected_logits(cache: FeatureCache, features: torch.Tensor, alpha: float, weights: Path) -> torch.Tensor:
+    """The family's formula, written here in float64 from the cache's text embeddings and the projection saved in
+    `weights`."""
     text = cache.text_embeddings().double()
-    gen = torch.Generator().manual_seed(seed)
-    projection = F.normalize(torch.randn(text.shape[0], text.shape[1], generator=gen), dim=-1).double()
+    projection = load_file(str(weights))["projection"].double()
     f = F.normalize(features.double(), dim=-1)
     return 100.0 * f @ text.T + alpha * 100.0 * f @ projection.T
 
 
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100.0 * float((logits.argmax(1) == labels).double().mean())
+
+
 def test_a_head_registered_here_runs_through_every_command(projection_head, ballad_data, tmp_path):
     """Catches a command that decides by head name (a family it does not know is refused, scored as another head, or
-    saved without its tensors): fit-adapter, sweep (the family's grid and explicit axes), evaluate, export and
-    predict all run on the new family, and predict classifies the test images as evaluate scores them."""
+    saved without its tensors) or fits a head again where it should load it: fit-adapter, sweep (the family's grid
+    and explicit axes), evaluate, export and predict all run on the new family; the exported classifier scores
+    features bitwise as the adapter evaluate loads, and predict classifies the test images as evaluate scores them."""
     loaded = load_model("ballad-micro")
     save_local_dir(loaded, loaded.model, tmp_path / "a")
     model = f"local-dir:{tmp_path / 'a'}"
@@ -98,25 +104,24 @@ def test_a_head_registered_here_runs_through_every_command(projection_head, ball
     )
     cache = FeatureCache(tmp_path / "cache")
     common = ["--cache", str(cache.path), "--device", "cpu"]
+    val = cache.load_split("val").eval_view()
+    test = cache.load_split("test").eval_view()
 
     fit = runner.invoke(app, ["fit-adapter", *common, "--out", str(tmp_path / "ad"), "--head", "proj", "--alpha", "4"])
     assert fit.exit_code == 0, fit.output
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["config"]["head"] == "proj" and meta["config"]["alpha"] == 4.0
-
-    val = cache.load_split("val").eval_view()
-    by_formula = expected_logits(cache, val.features, 4.0).argmax(1)
-    assert meta["val"]["top1"] == pytest.approx(100.0 * float((by_formula == val.labels).double().mean()), abs=1e-6)
+    weights = tmp_path / "ad" / "adapter.safetensors"
+    assert meta["val"]["top1"] == pytest.approx(top1(expected_logits(cache, val.features, 4.0, weights), val.labels))
 
     sweep = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw"), "--family", "proj"])
     assert sweep.exit_code == 0, sweep.output
     rows = list(csv.DictReader((tmp_path / "sw" / "results.csv").read_text().splitlines()))
     assert sorted(float(r["alpha"]) for r in rows) == [0.5, 4.0] and {r["head"] for r in rows} == {"proj"}
-    for r in rows:  # each point ranked by the family's own logits
-        top1 = 100.0 * float(
-            (expected_logits(cache, val.features, float(r["alpha"])).argmax(1) == val.labels).double().mean()
-        )
-        assert float(r["val_top1"]) == pytest.approx(top1, abs=0.005)
+    for r in rows:  # each point ranked by the family's own logits (results.csv prints 2 decimals)
+        point = tmp_path / "sw" / "points" / f"{r['key']}.safetensors"
+        expected = top1(expected_logits(cache, val.features, float(r["alpha"]), point), val.labels)
+        assert float(r["val_top1"]) == pytest.approx(expected, abs=0.005)
     axes = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw2"), "--head", "proj", "--alpha", "1,2"])
     assert axes.exit_code == 0, axes.output
     assert (tmp_path / "sw2" / "best" / "adapter.safetensors").exists()
@@ -124,19 +129,37 @@ def test_a_head_registered_here_runs_through_every_command(projection_head, ball
     ev = runner.invoke(app, ["evaluate", *common[:2], "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "ev")])
     assert ev.exit_code == 0, ev.output
     result = json.loads((tmp_path / "ev" / "result.json").read_text())["heads"]
-    test = cache.load_split("test").eval_view()
-    formula_top1 = 100.0 * float((expected_logits(cache, test.features, 4.0).argmax(1) == test.labels).double().mean())
-    assert result["adapter"]["top1"] == pytest.approx(formula_top1, abs=1e-6)
-    assert result["adapter"]["per_class"] != result["zero-shot"]["per_class"]  # the projection changed predictions
+    assert result["adapter"]["top1"] == pytest.approx(
+        top1(expected_logits(cache, test.features, 4.0, weights), test.labels)
+    )
 
     ex = runner.invoke(
         app, ["export", "--model", model, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "e")]
     )
     assert ex.exit_code == 0, ex.output
+    exported = load_classifier(f"local-dir:{tmp_path / 'e'}")
+    evaluated = load_adapter(tmp_path / "ad", cache)
+    assert torch.equal(exported.score(test.features), evaluated.logits(test.features))  # one scoring path
+    zero = 100.0 * F.normalize(test.features.float(), dim=-1) @ cache.text_embeddings().float().T
+    assert (evaluated.logits(test.features) - zero).abs().max() > 1.0  # the projection term is there
     out = tmp_path / "preds.csv"
     args = ["predict", "--model", f"local-dir:{tmp_path / 'e'}", "--data", "fmnist-lt", "--split", "test"]
     pr = runner.invoke(app, [*args, "--out", str(out), "--workers", "0", "--device", "cpu"])
     assert pr.exit_code == 0, pr.output
     preds = np.array([int(r["pred"]) for r in csv.DictReader(out.open())])
-    cached = expected_logits(cache, test.features, 4.0).argmax(1).numpy()[np.argsort(test.index.numpy())]
-    assert (preds == cached).mean() >= 0.995  # float16 cached features against float32 encoded ones: near-ties
+    cached = evaluated.logits(test.features).argmax(1).numpy()[np.argsort(test.index.numpy())]
+    # predict encodes the images in float32, the cache holds them in float16: only a near-tie may flip
+    assert (preds == cached).mean() >= 0.995
+
+
+def test_a_registered_family_changes_no_other_familys_options(projection_head):
+    """Catches a family's fields leaking into what the others read: registering one that reads `alpha` and not
+    `seed` leaves tip reading alpha and the text head reading seed, and refuses only what the new head ignores."""
+    from ballad_cache.pipelines.phase_b import expand_grid
+
+    assert AdapterConfig(head="tip", alpha=2.0, seed=3).unread() == []
+    assert AdapterConfig(head="text", seed=3, ratio=0.3).unread() == []
+    assert AdapterConfig(head="proj", alpha=2.0).unread() == []
+    assert AdapterConfig(head="proj", seed=3, ratio=0.3).unread() == ["ratio", "seed"]
+    points = expand_grid(AdapterConfig(), head=["text", "proj"], seed=[1, 2])
+    assert sorted((p.head, p.seed) for p in points) == [("proj", 0), ("text", 1), ("text", 2)]
