@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -8,12 +9,40 @@ from cli.main import app
 runner = CliRunner()
 
 
+STEPS = ["finetune", "extract", "fit_adapter", "sweep", "evaluate", "export_predict"]
+# each step's folder and the command whose config.json it holds
+STEP_FOLDERS = {
+    "finetune": "finetune",
+    "cache": "extract-features",
+    "adapter": "fit-adapter",
+    "sweep": "sweep",
+    "evaluate": "evaluate",
+    "export": "export",
+}
+# results a rerun must reuse, not rewrite
+RESULTS = [
+    "finetune/model/open_clip_model.safetensors",
+    "cache/train-00000.h5",
+    "adapter/adapter.safetensors",
+    "evaluate/result.json",
+    "export/classifier.safetensors",
+]
+
+
+def _stamps(folder):
+    """Bytes and modification time of each result file: equal only for a file not written again."""
+    return {name: ((folder / name).read_bytes(), (folder / name).stat().st_mtime_ns) for name in RESULTS}
+
+
 @pytest.mark.slow
 def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
+    """Catches a rerun that redoes finished steps, a step folder without the config.json of what made it, and a
+    demo with another model that reports itself over the first model's phase A, cache and adapter."""
     args = ["demo", "--out", str(tmp_path / "demo"), "--size", "tiny", "--model", "ballad-tiny", "--device", "cpu"]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "demo" / "report" / "summary.json").read_text())
+    assert summary["model"] == "ballad-tiny" and summary["reused"] == []
     assert [row["head"] for row in summary["rows"]] == ["zero-shot", "adapter", "adapter+LA", "knn@10"]
     assert set(summary["seconds"]) == {"finetune", "extract", "fit_adapter", "sweep", "evaluate", "export_predict"}
     assert summary["train_class_counts"] == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
@@ -57,16 +86,42 @@ def test_tiny_demo_runs_the_whole_pipeline(ballad_data, tmp_path):
         "export/classifier.json",
     ):
         assert (tmp_path / "demo" / step).exists(), step
-    r = runner.invoke(app, args)
-    assert r.exit_code == 0 and "already done" in r.output  # a rerun reuses finished steps
+    for folder, command in STEP_FOLDERS.items():
+        config = json.loads((demo / folder / "config.json").read_text())
+        assert config["command"] == command, folder
+    assert json.loads((demo / "finetune" / "config.json").read_text())["model"] == "ballad-tiny"
+    assert json.loads((demo / "config.json").read_text())["config"]["model"] == "ballad-tiny"
+    stamps = _stamps(demo)
+    r = runner.invoke(app, args)  # a rerun reuses every finished step
+    assert r.exit_code == 0, r.output
+    again = json.loads((demo / "report" / "summary.json").read_text())
+    assert again["reused"] == STEPS and again["rows"] == summary["rows"]
+    assert _stamps(demo) == stamps
+    # another model into the same folder: refused at the first step, naming the model both ways; nothing changes
+    configs = {p: p.read_bytes() for p in demo.rglob("config.json")}
+    r = runner.invoke(app, [*args[:-4], "--model", "ballad-lite", "--device", "cpu"])
+    assert r.exit_code == 1, r.output
+    message = " ".join(r.output.split())  # the console wraps long lines
+    assert "model 'ballad-tiny' -> 'ballad-lite'" in message and "--overwrite" in message
+    assert _stamps(demo) == stamps and {p: p.read_bytes() for p in demo.rglob("config.json")} == configs
+    assert json.loads((demo / "report" / "summary.json").read_text())["model"] == "ballad-tiny"
+
+
+def listed_commands(help_text: str) -> list[str]:
+    """The names in the Commands panel of a --help page: each row of the panel starts with one (its help text may
+    mention other commands, and wrapped help lines start blank)."""
+    panel = help_text.split("Commands")[-1]
+    return [m.group(1) for line in panel.splitlines() if (m := re.match(r"\W (\w[\w-]*) ", line))]
 
 
 def test_help_lists_every_command():
+    """Catches a command missing from --help (the words also appear in other commands' help text)."""
     r = runner.invoke(app, ["--help"])
-    for cmd in ("finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "demo", "cache", "data"):
-        assert cmd in r.output
+    assert r.exit_code == 0
+    expected = {"finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict", "demo"}
+    assert expected | {"cache", "data"} <= set(listed_commands(r.output)), r.output
     r = runner.invoke(app, ["cache", "--help"])
-    assert "info" in r.output and "verify" in r.output
+    assert {"info", "verify"} <= set(listed_commands(r.output)), r.output
 
 
 @pytest.mark.slow
