@@ -11,19 +11,35 @@ import torch.nn.functional as F
 from ..registry import PRECISIONS, Registry
 from .clip import ClipModel
 
+FP32 = "fp32"  # the precision without autocast, in PRECISIONS and every registry extending it
 
-def autocast(
-    device: torch.device, precision: str, registry: Registry[str] = PRECISIONS
-) -> contextlib.AbstractContextManager:
-    """Autocast to the dtype `registry` (default `PRECISIONS`) registers for `precision`: nothing for float32;
-    bfloat16 on GPU only (on CPU, bf16 autocast of a whole encoder is slow); float16 on every device, since it runs
-    models whose weights are stored in float16 (phase A's `fp16-official`).
+
+def effective_precision(device: torch.device, precision: str, registry: Registry[str] = PRECISIONS) -> str:
+    """The precision `autocast` runs `precision` in on `device`: the one asked for, bfloat16 on CPU included (slow
+    on CPUs without native bfloat16, but what was asked), except bf16 on a CUDA GPU without bfloat16, which runs
+    fp32: torch's autocast would turn itself off there with only a warning, and a cache must record what ran.
 
     Raises:
         ValueError: an unknown precision (the message lists the registered ones).
     """
     dtype = registry.get(precision)
-    if dtype == "float32" or (dtype == "bfloat16" and device.type != "cuda"):
+    if dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return FP32
+    return precision
+
+
+def autocast(
+    device: torch.device, precision: str, registry: Registry[str] = PRECISIONS
+) -> contextlib.AbstractContextManager:
+    """Autocast to the dtype `registry` (default `PRECISIONS`) registers for the precision that runs on `device`
+    (`effective_precision`): nothing for float32; bfloat16 on GPU and CPU; float16 on every device, since it runs
+    models whose weights are stored in float16 (phase A's `fp16-official`).
+
+    Raises:
+        ValueError: an unknown precision (the message lists the registered ones).
+    """
+    dtype = registry.get(effective_precision(device, precision, registry))
+    if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=getattr(torch, dtype))
 

@@ -30,7 +30,7 @@ from ..inputs.reader import (
 )
 from ..inputs.transforms import image_size, train_transform
 from ..models.clip import LoadedModel, PromptBank
-from ..models.encoder import ImageEncoder
+from ..models.encoder import ImageEncoder, effective_precision
 from ..progress import NullProgress, Progress
 from ..store.cache import (
     MANIFEST,
@@ -294,11 +294,21 @@ def extract_features(
         dist: this process's rank; one process when None.
         progress: progress sink.
         encoder: replaces `ImageEncoder(loaded.model, device, config.precision)` (benchmarks, tests).
+
+    The cache records (and fingerprints) the precision that runs on `device` (`effective_precision`): bf16 on a GPU
+    without bfloat16 runs, and is recorded, as fp32, which is said in one line.
     """
     config = resolve_splits(config, dataset)
     device_views = device_views_of(loaded, config)  # refuses what the device cannot run before anything is written
     dist = dist or DistContext()
     progress = progress or NullProgress()
+    ran = effective_precision(device, config.precision)
+    if ran != config.precision:
+        progress.log(
+            f"{setting('precision', config.precision)} cannot run on {device}; extracting in {ran} (the cache says "
+            f"{ran})"
+        )
+        config = replace(config, precision=ran)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     templates = templates_of(dataset, config)

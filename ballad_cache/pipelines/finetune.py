@@ -31,7 +31,7 @@ from ..inputs.longtail import ShotThresholds
 from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..inputs.transforms import train_transform
 from ..models.clip import ClipModel, LoadedModel, PromptBank, convert_weights_official, save_local_dir
-from ..models.encoder import autocast
+from ..models.encoder import autocast, effective_precision
 from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
@@ -250,6 +250,9 @@ def finetune(
     opt = OPTIMIZERS.get(config.optimizer)(params, config, fused)
     if config.idle_reason() and dist.is_main:
         progress.log(f"warning: this phase A trains nothing: {config.idle_reason()}")
+    ran = effective_precision(device, config.precision, FINETUNE_PRECISIONS)
+    if ran != config.precision and dist.is_main:  # bf16 on a GPU without bfloat16
+        progress.log(f"warning: {setting('precision', config.precision)} cannot run on {device}; phase A runs {ran}")
     train = dataset.split("train")
     per_rank = config.batch_size // dist.world_size
     usable = len(train) - len(train) % dist.world_size

@@ -219,3 +219,36 @@ def test_each_rank_encodes_its_own_shards_and_only_rank_0_writes_the_manifest(mi
     assert not (tmp_path / "manifest.json").exists() and encoder.rows == 3  # rows 2, 3 and 6
     manifest = extract_features(dataset, micro, tmp_path, config, CPU, dist=OneOfTwoRanks(0, 2), encoder=encoder)
     assert manifest is not None and manifest["splits"]["train"]["rows"] == 7 and encoder.rows == 3 + 4
+
+
+def test_the_cache_records_the_precision_that_ran(micro, tmp_path, monkeypatch):
+    """Catches a cache fingerprinted bf16 whose features were computed in float32 (bf16 asked for on CPU, where it
+    runs), and one fingerprinted bf16 where fp32 ran instead (a GPU without bfloat16, played here on CPU)."""
+    from ballad_cache.pipelines import extract as extract_module
+    from ballad_cache.progress import NullProgress
+
+    dataset = pixel_dataset(train=4, test=2)
+    base = {"workers": 0, "splits": ("train",), "train_views": 0, "dtype": "float32"}
+    fp32 = extract_features(dataset, micro, tmp_path / "fp32", ExtractConfig(**base), CPU)
+    bf16 = extract_features(dataset, micro, tmp_path / "bf16", ExtractConfig(precision="bf16", **base), CPU)
+    assert bf16["config"]["precision"] == "bf16" and bf16["config_fingerprint"] != fp32["config_fingerprint"]
+    features_fp32 = FeatureCache(tmp_path / "fp32").load_split("train").features
+    assert not torch.equal(FeatureCache(tmp_path / "bf16").load_split("train").features, features_fp32)
+
+    class Said(NullProgress):
+        lines: list[str] = []
+
+        def log(self, message: str) -> None:
+            self.lines.append(message)
+
+    no_bf16 = extract_module.effective_precision
+    monkeypatch.setattr(
+        extract_module, "effective_precision", lambda device, p: "fp32" if p == "bf16" else no_bf16(device, p)
+    )
+    said = Said()
+    ran = extract_features(
+        dataset, micro, tmp_path / "gpu", ExtractConfig(precision="bf16", **base), CPU, progress=said
+    )
+    assert ran["config"]["precision"] == "fp32" and ran["config_fingerprint"] == fp32["config_fingerprint"]
+    assert torch.equal(FeatureCache(tmp_path / "gpu").load_split("train").features, features_fp32)
+    assert any("`precision='bf16'` cannot run on cpu; extracting in fp32" in line for line in said.lines), said.lines
