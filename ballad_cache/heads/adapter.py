@@ -66,8 +66,9 @@ def adapter_logits(
 
     `text` is the class text embeddings or a cosine head's rows (normalised here; text embeddings already are).
     """
-    x = F.normalize(features.float(), dim=-1) if weight is None else adapt(features.float(), weight, ratio)
-    return scale * x @ F.normalize(text.float(), dim=-1).T.to(x.dtype)
+    # in the weight's dtype (float32 for a loaded head; float64 where a test scores float64 weights)
+    x = F.normalize(features.float(), dim=-1) if weight is None else adapt(features, weight, ratio)
+    return scale * x @ F.normalize(text.to(x.dtype), dim=-1).T
 
 
 @dataclass
@@ -121,6 +122,10 @@ def fit_adapters(
         init: initial weights (d×d or K×d×d) replacing `nn.Linear`'s default init under each config's seed.
         on_epoch: called with (1-based epoch, K×d×d weights at its end).
 
+    Training runs in the rows' dtype, at least float32: the cache's float16/float32 rows train in float32, float64
+    rows in float64 (tests check the training against float64 references: float32 rounding, amplified over many
+    steps, differs between CPUs; float64's is 2^29 times finer).
+
     The configurations' `precision` runs the step's matmuls in fp32, or in bf16 (fp32 loss, weights and optimizer
     state); bf16 pays off on GPUs and on CPUs with native bfloat16 (AVX-512-BF16, AMX), and is far slower on CPUs
     without.
@@ -137,20 +142,21 @@ def fit_adapters(
     cfg0 = configs[0]
     k = len(configs)
     dim = rows.features.shape[1]
+    dtype = torch.promote_types(rows.features.dtype, torch.float32)  # every tensor below in it (see above)
     feats = rows.features.to(device)
-    text = text.to(device, torch.float32).clone()  # a plain tensor even if made in inference mode
+    text = text.to(device, dtype).clone()  # a plain tensor even if made in inference mode
     if init is None:
-        w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device)  # K×d×d
+        w = torch.stack([init_weight(dim, c.seed) for c in configs]).to(device, dtype)  # K×d×d
     else:
-        w = init.detach().float().reshape(-1, dim, dim).expand(k, dim, dim).clone().to(device)
-    ratio = torch.tensor([c.ratio for c in configs], device=device).view(k, 1, 1)
-    mom = torch.tensor([c.momentum for c in configs], device=device).view(k, 1, 1)
-    wd = torch.tensor([c.weight_decay for c in configs], device=device).view(k, 1, 1)
+        w = init.detach().to(dtype).reshape(-1, dim, dim).expand(k, dim, dim).clone().to(device)
+    ratio = torch.tensor([c.ratio for c in configs], device=device, dtype=dtype).view(k, 1, 1)
+    mom = torch.tensor([c.momentum for c in configs], device=device, dtype=dtype).view(k, 1, 1)
+    wd = torch.tensor([c.weight_decay for c in configs], device=device, dtype=dtype).view(k, 1, 1)
     buf = torch.zeros_like(w)
     num_classes = text.shape[0]
-    scale = torch.tensor([c.logit_scale for c in configs], device=device).view(k, 1, 1)
+    scale = torch.tensor([c.logit_scale for c in configs], device=device, dtype=dtype).view(k, 1, 1)
     # the prior of the training images, for losses that adjust logits (Menon et al.)
-    log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes)).to(device)
+    log_prior = class_log_prior(np.bincount(rows.image_labels, minlength=num_classes)).to(device, dtype)
     # learnable heads (LIFT's cosine): C×d rows initialised from the text embeddings, normalised in the forward
     # pass; fixed heads ride along with a zero learning rate, so one batched step serves both
     cosine = [HEADS.get(c.head).trains_rows for c in configs]
@@ -173,7 +179,7 @@ def fit_adapters(
         [f(c.lr, s, n, int(step_epoch[s]), cfg0.epochs) for f, c in zip(schedules, configs, strict=True)]
         for s in range(n)
     ]
-    lr_table = torch.tensor(lr_rows, device=device, dtype=torch.float32).view(n, k, 1, 1)
+    lr_table = torch.tensor(lr_rows, device=device, dtype=dtype).view(n, k, 1, 1)
     head_lr_table = torch.zeros_like(lr_table)
     for j, c in enumerate(configs):
         if cosine[j]:
@@ -182,8 +188,8 @@ def fit_adapters(
                 head_lr_table[:, j] = lr_table[:, j] * (base / c.lr)
             else:  # the adapter is frozen (lr 0): the head follows the same schedule from its own rate
                 rates = [schedules[j](base, s, n, int(step_epoch[s]), cfg0.epochs) for s in range(n)]
-                head_lr_table[:, j] = torch.tensor(rates, device=device).view(n, 1, 1)
-    loss_dev = torch.zeros(k, n, device=device)
+                head_lr_table[:, j] = torch.tensor(rates, device=device, dtype=dtype).view(n, 1, 1)
+    loss_dev = torch.zeros(k, n, device=device, dtype=dtype)
     report_every = max(1, n // 200)  # a progress update reads the loss back: a device sync
     select_best = [c.select == "best-val" and val is not None for c in configs]
     best_w = w.clone() if any(select_best) else None
@@ -198,7 +204,7 @@ def fit_adapters(
     for e, count in enumerate(per_epoch):
         for _ in range(count):
             idx = flat[bounds[step] : bounds[step + 1]]
-            x = feats.index_select(0, idx).float()  # B×d
+            x = feats.index_select(0, idx).to(dtype)  # B×d
             y = row_labels.index_select(0, idx)
             lr = lr_table[step]
             for (a, b), groups in zip(spans, span_losses, strict=True):
@@ -272,7 +278,7 @@ def val_accuracy(
     device = weights.device
     correct = np.zeros(len(ratios))
     for a in range(0, len(labels), rows_per_chunk):
-        x = features[a : a + rows_per_chunk].to(device, torch.float32)
+        x = features[a : a + rows_per_chunk].to(device, weights.dtype)
         y = labels[a : a + rows_per_chunk].to(device)
         for j, r in enumerate(ratios):
             pred = adapter_logits(x, weights[j], r, text[j] if text.dim() == 3 else text).argmax(dim=1)
@@ -347,12 +353,12 @@ def adapter_step(
     leaf = w.detach().view(k * dim, dim).requires_grad_()
     with _matmul_precision(x.device, precision):
         h = (x @ leaf.T).view(b, k, dim).transpose(0, 1)  # k×B×d, one matmul for the chunk
-    h = F.normalize(ratio * h.float() + (1.0 - ratio) * x.unsqueeze(0), dim=-1)
+    h = F.normalize(ratio * h.to(x.dtype) + (1.0 - ratio) * x.unsqueeze(0), dim=-1)
     leaves = [leaf]
     if heads is None:
         with _matmul_precision(x.device, precision):
             logits = (LOGIT_SCALE * h.reshape(k * b, dim) @ text.T).view(k, b, -1)
-        logits = logits.float()
+        logits = logits.to(x.dtype)
         if scale is not None:
             logits = logits * (scale / LOGIT_SCALE)
     else:
@@ -360,7 +366,7 @@ def adapter_step(
         leaves.append(head_leaf)
         with _matmul_precision(x.device, precision):
             logits = torch.bmm(h, F.normalize(head_leaf, dim=-1).transpose(1, 2))
-        logits = logits.float() * (scale if scale is not None else LOGIT_SCALE)
+        logits = logits.to(x.dtype) * (scale if scale is not None else LOGIT_SCALE)
     if not losses:
         per = cross_entropy(logits, y)
     elif len(losses) == 1 and losses[0].rows is None:

@@ -40,7 +40,9 @@ class LossContext:
             import torch
 
             values = [float(getattr(c, name)) for c in self.configs]
-            self._params[name] = torch.tensor(values, device=self.log_prior.device).view(-1, 1, 1)
+            # the prior's dtype: float32 in training, float64 where a test trains in float64 (heads/adapter.py)
+            param = torch.tensor(values, device=self.log_prior.device, dtype=self.log_prior.dtype)
+            self._params[name] = param.view(-1, 1, 1)
         return self._params[name]
 
 

@@ -15,12 +15,36 @@ from ballad_cache.inputs.longtail import class_log_prior
 from ballad_cache.pipelines.phase_b import expand_grid, family_grid
 from ballad_cache.store.cache import SplitFeatures
 from cli.main import app
+from tests.heads.rounding import EPS32, EPS64
 
 runner = CliRunner()
+
+# The heads compute in float32 what the references here compute in float64. Bounds, in eps32 units of the sizes
+# they multiply: a normalisation moves each coordinate by (d + 2)·eps/2 of itself, a dot product of length n is off
+# by n·eps/2 · Σ|xᵢyᵢ|, each further multiplication or addition by eps/2 of its result; written with eps (twice
+# the unit roundoff), each bound holds twice over.
 
 
 def unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def dot_slack(f: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """How far float32 f̂·rowᵀ can be from the float64 one (f normalised in float32, rows exact): the normalisation's
+    (d + 2)·eps/2 and the dot product's d·eps/2 of Σ|f̂ᵢ rowᵢ|, with a multiplication to spare."""
+    d = f.shape[1]
+    return (2 * d + 3) * EPS32 * (np.abs(f) @ np.abs(rows).T)
+
+
+def normalised_sum_slack(parts: np.ndarray, rounded: float) -> tuple[np.ndarray, np.ndarray]:
+    """unit(Σ parts) in float64 and how far float32's can be from it per coordinate: each part off by `rounded` eps
+    of each coordinate before the sum, n − 1 additions (n·eps of Σ|partsᵢ|), then δp ≤ (δs + |p|·‖δs‖) / ‖s‖ and
+    the normalisation's own (d + 2)·eps."""
+    total = parts.sum(axis=0)
+    error = (len(parts) + rounded) * EPS32 * np.abs(parts).sum(axis=0)
+    norm = np.linalg.norm(total)
+    p = total / norm
+    return p, (error + np.abs(p) * np.linalg.norm(error)) / norm + (len(p) + 2) * EPS32 * np.abs(p)
 
 
 def prior(cache) -> torch.Tensor:
@@ -56,18 +80,35 @@ def test_tip_logits_are_the_formula(lt_cache):
     counts = np.bincount(labels, minlength=10).astype(np.float64)
     f, t = unit(test.features.double().numpy()), text.double().numpy()
     log_prior = np.log(counts / counts.sum())
+    # float32 rounding: an affinity f̂·k̂ carries both normalisations and its dot product; the kernel then
+    # β·δa + (2β|1 − a| + 4)·eps relative (1 − a, β·, exp, · w, w's float32 n^−γ); the cache term, a sum of n
+    # positive kernels, n·eps of itself more; the text logits `dot_slack`; α·, τ·(float32 prior) and the two
+    # additions eps of their sizes
+    affinity_slack = dot_slack(f, keys)
+    text_logits = 100 * f @ t.T
+    text_slack = 100 * dot_slack(f, t)
     for neighbours in (0, 7):
         config = AdapterConfig(head="tip", alpha=2.0, beta=3.0, gamma=0.5, adjust_tau=0.7, neighbours=neighbours)
         head = build_memory_head(train, config, context(lt_cache))
         ours = head.logits(test.features).double().numpy()
         affinity = f @ keys.T
+        used = np.ones_like(affinity, dtype=bool)
         if neighbours:
-            cut = np.sort(affinity, axis=1)[:, -neighbours][:, None]
-            affinity = np.where(affinity >= cut, affinity, -np.inf)  # only the 7 nearest keys count
-        kernel = np.exp(-3.0 * (1 - affinity)) * counts[labels] ** -0.5
-        cache_term = kernel @ np.eye(10)[labels]
-        expected = 100 * f @ t.T + 2.0 * cache_term - 0.7 * log_prior
-        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-3)
+            order = np.argsort(-affinity, axis=1)
+            kth, nxt = order[:, neighbours - 1 : neighbours], order[:, neighbours : neighbours + 1]
+            gap = np.take_along_axis(affinity, kth, 1) - np.take_along_axis(affinity, nxt, 1)
+            # the same 7 keys in float32: the 7th beats the 8th by more than both their rounding
+            assert (gap > np.take_along_axis(affinity_slack, kth, 1) + np.take_along_axis(affinity_slack, nxt, 1)).all()
+            used = affinity >= np.take_along_axis(affinity, kth, 1)  # only the 7 nearest keys count
+        kernel = np.where(used, np.exp(-3.0 * (1 - affinity)) * counts[labels] ** -0.5, 0.0)
+        kernel_rel = 3.0 * affinity_slack + (2 * 3.0 * np.abs(1 - affinity) + 4) * EPS32
+        one_hot = np.eye(10)[labels]
+        cache_term = kernel @ one_hot
+        term_slack = (kernel * kernel_rel) @ one_hot + used.sum(1, keepdims=True) * EPS32 * cache_term
+        expected = text_logits + 2.0 * cache_term - 0.7 * log_prior
+        sizes = np.abs(text_logits) + 2.0 * cache_term + 0.7 * np.abs(log_prior)
+        slack = text_slack + 2.0 * term_slack + 3 * EPS32 * sizes
+        assert (np.abs(ours - expected) <= slack).all(), neighbours
 
 
 def test_balancing_changes_the_per_class_key_mass_as_stated(lt_cache):
@@ -86,7 +127,8 @@ def test_balancing_changes_the_per_class_key_mass_as_stated(lt_cache):
         head = build_memory_head(train, AdapterConfig(head="tip", gamma=gamma), context(lt_cache))
         values = head.tensors["values"].numpy()
         per_class = np.bincount(values, weights=head.tensors["class_weight"].numpy()[values], minlength=10)
-        np.testing.assert_allclose(per_class, mass, rtol=1e-5)
+        # n_c keys weigh n_c · float32(n_c^−γ): one float32 rounding (eps/2) of the exact mass
+        np.testing.assert_allclose(per_class, mass, rtol=EPS32, atol=0)
 
 
 def test_ncm_is_the_normalised_class_means(lt_cache):
@@ -95,12 +137,16 @@ def test_ncm_is_the_normalised_class_means(lt_cache):
     train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
     text = lt_cache.text_embeddings()
     x, y = unit(train.features.double().numpy()), train.labels.numpy()
-    protos = unit(np.stack([x[y == c].mean(axis=0) for c in range(10)]))
     head = build_memory_head(train, AdapterConfig(head="ncm", alpha=1.5), context(lt_cache))
-    np.testing.assert_allclose(head.tensors["prototypes"].numpy(), protos, atol=1e-6)
-    f = unit(test.features.double().numpy())
-    expected = 100 * f @ text.double().numpy().T + 1.5 * 100 * f @ protos.T
-    np.testing.assert_allclose(head.logits(test.features).numpy(), expected, rtol=1e-4, atol=1e-3)
+    stored = head.tensors["prototypes"].double().numpy()
+    for c in range(10):  # the keys are normalised in float32 ((d + 2)·eps/2 each), then summed and normalised
+        protos, slack = normalised_sum_slack(x[y == c], rounded=x.shape[1] + 2)
+        assert (np.abs(stored[c] - protos) <= slack).all(), c
+    f, t = unit(test.features.double().numpy()), text.double().numpy()
+    expected = 100 * f @ t.T + 1.5 * 100 * f @ stored.T  # the stored prototypes: checked above
+    sizes = 100 * np.abs(f @ t.T) + 1.5 * 100 * np.abs(f @ stored.T)
+    slack = 100 * dot_slack(f, t) + 1.5 * 100 * dot_slack(f, stored) + 2 * EPS32 * sizes
+    assert (np.abs(head.logits(test.features).numpy() - expected) <= slack).all()
 
 
 def test_gda_is_lda_with_a_uniform_prior_and_the_stated_shrinkage(lt_cache):
@@ -108,7 +154,10 @@ def test_gda_is_lda_with_a_uniform_prior_and_the_stated_shrinkage(lt_cache):
     covariances shrunk to (1 − s)Σ + s·tr(Σ)/d·I, W = M Σ⁻¹, b = −½ diag(M Σ⁻¹ Mᵀ) (scikit-learn's
     LinearDiscriminantAnalysis(solver='lsqr', shrinkage=s, priors=uniform) up to its constant log prior)."""
     train = lt_cache.load_split("train")
-    x, y = unit(train.features.double().numpy()), train.labels.numpy()
+    # the head's keys: its own float32 normalisation of the rows (the same op on the same rows, bitwise); from them on
+    # both sides compute in float64
+    x = torch.nn.functional.normalize(train.features.float(), dim=-1).double().numpy()
+    y = train.labels.numpy()
     d, s = x.shape[1], 0.3
     means = np.stack([x[y == c].mean(axis=0) for c in range(10)])
     covs = [np.cov(x[y == c].T, bias=True) for c in range(10)]
@@ -117,8 +166,12 @@ def test_gda_is_lda_with_a_uniform_prior_and_the_stated_shrinkage(lt_cache):
     w = np.linalg.solve(cov, means.T).T
     b = -0.5 * np.einsum("cd,cd->c", w, means)
     head = build_memory_head(train, AdapterConfig(head="gda", shrinkage=s), context(lt_cache))
-    np.testing.assert_allclose(head.tensors["weight"].numpy(), w, rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(head.tensors["bias"].numpy(), b, rtol=1e-4, atol=1e-3)
+    # float64 sums of at most n + d terms, solved at Σ's condition number κ (relative error κ·(n + d)·eps64), then
+    # stored as float32 (eps32/2 of each value)
+    spread = np.linalg.cond(cov) * (len(x) + d) * EPS64
+    for name, value in (("weight", w), ("bias", b)):
+        slack = EPS32 * np.abs(value) + spread * np.abs(value).max()
+        assert (np.abs(head.tensors[name].double().numpy() - value) <= slack).all(), name
 
 
 def test_the_batched_search_equals_each_point_alone(lt_cache):
@@ -142,7 +195,8 @@ def test_the_batched_search_equals_each_point_alone(lt_cache):
     batched = search_points(configs, train, val, context(lt_cache))
     for config, logits in zip(configs, batched, strict=True):
         alone = build_memory_head(train, config, context(lt_cache)).logits(val.features)
-        torch.testing.assert_close(logits, alone, rtol=1e-5, atol=1e-4)
+        # the search runs the point's own float32 ops on the same rows (val is one affinity chunk), so bitwise
+        assert torch.equal(logits, alone), config
 
 
 def test_the_search_never_reads_the_test_split(lt_cache, tmp_path, monkeypatch):
@@ -259,22 +313,29 @@ def test_keys_are_the_mean_of_each_images_augmented_views_and_gda_logits_blend(l
     )
     config = AdapterConfig(head="tip")
     head = build_memory_head(split, config, HeadContext(torch.zeros(3, feats.shape[1]), class_log_prior([4, 4, 4])))
-    expected = unit(np.stack([feats[(index == i) & (view > 0)].mean(axis=0) for i in range(images)]))
-    np.testing.assert_allclose(head.tensors["keys"].numpy(), expected, atol=1e-6)
+    keys = head.tensors["keys"].double().numpy()
+    for i in range(images):  # the mean of the 3 augmented views; float32 storage rounds each by eps/2
+        expected, slack = normalised_sum_slack(feats[(index == i) & (view > 0)], rounded=1)
+        assert (np.abs(keys[i] - expected) <= slack).all(), i
     assert head.tensors["values"].tolist() == [i % 3 for i in range(images)]
     eval_keys = build_memory_head(
         split,
         AdapterConfig(head="tip", key_view="eval"),
         HeadContext(torch.zeros(3, feats.shape[1]), class_log_prior([4, 4, 4])),
     )
-    np.testing.assert_allclose(eval_keys.tensors["keys"].numpy(), feats[view == 0], atol=1e-6)
+    for i, row in enumerate(feats[view == 0]):
+        expected, slack = normalised_sum_slack(row[None], rounded=1)
+        assert (np.abs(eval_keys.tensors["keys"][i].double().numpy() - expected) <= slack).all(), i
 
     train, test = lt_cache.load_split("train"), lt_cache.load_split("test")
     gda = build_memory_head(train, AdapterConfig(head="gda", alpha=0.3, adjust_tau=0.8), context(lt_cache))
     f, t = unit(test.features.double().numpy()), lt_cache.text_embeddings().double().numpy()
     w, b = gda.tensors["weight"].double().numpy(), gda.tensors["bias"].double().numpy()
-    expected = 100 * f @ t.T + 0.3 * (f @ w.T + b) - 0.8 * prior(lt_cache).double().numpy()
-    np.testing.assert_allclose(gda.logits(test.features).numpy(), expected, rtol=1e-4, atol=1e-2)
+    log_prior = prior(lt_cache).double().numpy()
+    expected = 100 * f @ t.T + 0.3 * (f @ w.T + b) - 0.8 * log_prior
+    sizes = 100 * np.abs(f @ t.T) + 0.3 * (np.abs(f @ w.T) + np.abs(b)) + 0.8 * np.abs(log_prior)
+    slack = 100 * dot_slack(f, t) + 0.3 * dot_slack(f, w) + 4 * EPS32 * sizes
+    assert (np.abs(gda.logits(test.features).numpy() - expected) <= slack).all()
     with pytest.raises(Exception, match="shrinkage"):
         AdapterConfig(head="gda", shrinkage=0.0)
 

@@ -34,6 +34,7 @@ from ballad_cache.pipelines.export import load_classifier
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
+from tests.heads.rounding import EPS32, FRESH32, HALF16, decided, feature_slack, top1_range
 
 runner = CliRunner()
 
@@ -83,8 +84,24 @@ def expected_logits(cache: FeatureCache, features: torch.Tensor, alpha: float, w
     return 100.0 * f @ text.T + alpha * 100.0 * f @ projection.T
 
 
-def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return 100.0 * float((logits.argmax(1) == labels).double().mean())
+def head_slack(cache: FeatureCache, features: torch.Tensor, alpha: float, weights: Path) -> torch.Tensor:
+    """How far the head's float32 logits can be from `expected_logits` (the same float32 text and projection rows):
+    float32's normalisation of f moves each coordinate by (d + 2)·eps/2, each dot product is off by d·eps/2 of
+    Σ|f̂||row|, the scalings and the sum by eps/2 of their sizes; in eps, twice over."""
+    text = cache.text_embeddings().double().abs()
+    projection = load_file(str(weights))["projection"].double().abs()
+    f = F.normalize(features.double(), dim=-1).abs()
+    return (2 * f.shape[1] + 6) * EPS32 * (100.0 * f @ text.T + alpha * 100.0 * f @ projection.T)
+
+
+def top1_bounds(cache: FeatureCache, split, alpha: float, weights: Path) -> tuple[float, float]:
+    """The top-1 the float32 head can give on `split` (`top1_range` of the formula within `head_slack`); at most one
+    row may be a near-tie (the projection is drawn unseeded, so the rows near a tie differ from run to run)."""
+    scores = expected_logits(cache, split.features, alpha, weights)
+    low, high = top1_range(scores, split.labels.long(), head_slack(cache, split.features, alpha, weights))
+    assert high - low <= 100 / len(split.labels), (low, high)
+    percent = 100 * EPS32  # a top-1 reported through a float32 mean: eps/2 of at most 100
+    return low - percent, high + percent
 
 
 def test_a_head_registered_here_runs_through_every_command(projection_head, ballad_data, tmp_path):
@@ -112,16 +129,16 @@ def test_a_head_registered_here_runs_through_every_command(projection_head, ball
     meta = json.loads((tmp_path / "ad" / "adapter.json").read_text())
     assert meta["config"]["head"] == "proj" and meta["config"]["alpha"] == 4.0
     weights = tmp_path / "ad" / "adapter.safetensors"
-    assert meta["val"]["top1"] == pytest.approx(top1(expected_logits(cache, val.features, 4.0, weights), val.labels))
+    low, high = top1_bounds(cache, val, 4.0, weights)
+    assert low <= meta["val"]["top1"] <= high
 
     sweep = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw"), "--family", "proj"])
     assert sweep.exit_code == 0, sweep.output
     rows = list(csv.DictReader((tmp_path / "sw" / "results.csv").read_text().splitlines()))
     assert sorted(float(r["alpha"]) for r in rows) == [0.5, 4.0] and {r["head"] for r in rows} == {"proj"}
     for r in rows:  # each point ranked by the family's own logits (results.csv prints 2 decimals)
-        point = tmp_path / "sw" / "points" / f"{r['key']}.safetensors"
-        expected = top1(expected_logits(cache, val.features, float(r["alpha"]), point), val.labels)
-        assert float(r["val_top1"]) == pytest.approx(expected, abs=0.005)
+        low, high = top1_bounds(cache, val, float(r["alpha"]), tmp_path / "sw" / "points" / f"{r['key']}.safetensors")
+        assert low - 0.005 <= float(r["val_top1"]) <= high + 0.005
     axes = runner.invoke(app, ["sweep", *common, "--out", str(tmp_path / "sw2"), "--head", "proj", "--alpha", "1,2"])
     assert axes.exit_code == 0, axes.output
     assert (tmp_path / "sw2" / "best" / "adapter.safetensors").exists()
@@ -129,9 +146,8 @@ def test_a_head_registered_here_runs_through_every_command(projection_head, ball
     ev = runner.invoke(app, ["evaluate", *common[:2], "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "ev")])
     assert ev.exit_code == 0, ev.output
     result = json.loads((tmp_path / "ev" / "result.json").read_text())["heads"]
-    assert result["adapter"]["top1"] == pytest.approx(
-        top1(expected_logits(cache, test.features, 4.0, weights), test.labels)
-    )
+    low, high = top1_bounds(cache, test, 4.0, weights)
+    assert low <= result["adapter"]["top1"] <= high
 
     ex = runner.invoke(
         app, ["export", "--model", model, "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "e")]
@@ -147,9 +163,15 @@ def test_a_head_registered_here_runs_through_every_command(projection_head, ball
     pr = runner.invoke(app, [*args, "--out", str(out), "--workers", "0", "--device", "cpu"])
     assert pr.exit_code == 0, pr.output
     preds = np.array([int(r["pred"]) for r in csv.DictReader(out.open())])
-    cached = evaluated.logits(test.features).argmax(1).numpy()[np.argsort(test.index.numpy())]
-    # predict encodes the images in float32, the cache holds them in float16: only a near-tie may flip
-    assert (preds == cached).mean() >= 0.995
+    order = np.argsort(test.index.numpy())
+    cached = evaluated.logits(test.features)[order].double()
+    # predict encodes the images afresh: the cache holds the same features as float16 (half an ulp, 2⁻¹¹ of each
+    # coordinate) and float32's rounding of the tower on other batches adds far less (FRESH32), so a row counts
+    # where its margin exceeds what such moves of the features can make, plus the head's rounding
+    slack = feature_slack(lambda f: expected_logits(cache, f, 4.0, weights), test.features[order], HALF16, FRESH32)
+    sure = decided(cached, slack + head_slack(cache, test.features[order], 4.0, weights))
+    assert (preds[sure.numpy()] == cached.argmax(1).numpy()[sure.numpy()]).all()
+    assert sure.double().mean() >= 0.5  # the check decides most rows (the projection is drawn unseeded)
 
 
 def test_a_registered_family_changes_no_other_familys_options(projection_head):

@@ -14,6 +14,7 @@ from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.terms import LOSSES, LossContext, cross_entropy, register_loss
 from ballad_cache.pipelines.phase_b import expand_grid, point_key
 from cli.main import app
+from tests.heads.rounding import assert_trained_alike, float64_rows
 
 runner = CliRunner()
 
@@ -52,14 +53,17 @@ def test_a_loss_registered_in_a_test_trains_through_fit_adapter_and_sweep(lt_cac
 
 
 def test_mixed_losses_in_one_chunk_train_as_each_alone(lt_cache):
-    """ce and la adapters batched in one chunk give the weights each gets when fitted alone (per-loss groups)."""
-    rows = TrainRows.from_split(lt_cache.load_split("train"))
-    text = lt_cache.text_embeddings()
+    """ce and la adapters batched in one chunk give the weights each gets when fitted alone (per-loss groups). The
+    fits run in float64: a batched matmul may sum in another order, within `training_bound` of the movement."""
+    from ballad_cache.heads.adapter import init_weight
+
+    rows = float64_rows(TrainRows.from_split(lt_cache.load_split("train")))
+    text = lt_cache.text_embeddings().double()
     configs = [AdapterConfig(epochs=2, batch_size=64, select="last", loss=loss) for loss in ("ce", "la", "ce")]
     together = fit_adapters(rows, text, configs, chunk=3)
     for j, c in enumerate(configs):
         alone = fit_adapters(rows, text, [c])
-        torch.testing.assert_close(together.weights[j], alone.weights[0], rtol=0, atol=1e-6)
+        assert_trained_alike(together.weights[j], alone.weights[0], init_weight(32, c.seed), alone.steps, 32 + 10)
     assert not torch.allclose(together.weights[0], together.weights[1])
 
 
