@@ -23,6 +23,15 @@ TMP_SUFFIX = ".tmp"
 LOCK_FILE = ".ballad.lock"  # a run folder's lock (`RunLock`)
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `final`; on success move it to `final`, on any error delete it.
@@ -39,6 +48,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        # a plain file's mode (0666 less the umask): some writers (safetensors) create their file 0600, which would
+        # keep an exported model from the other users of a shared folder
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, final)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):

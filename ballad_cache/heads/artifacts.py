@@ -100,7 +100,7 @@ def save_adapter(folder: str | Path, head: Head, cache: FeatureCache, extra: dic
         "config_sha256": sha256_json(config.to_dict()),  # and the config
         "config": config.to_dict(),
         "cache_fingerprint": cache.fingerprint,
-        "cache": str(cache.path),
+        "cache": str(Path(cache.path).resolve()),  # absolute: export finds it from any working folder
         "model": cache.manifest["model"],
         "templates": cache.manifest.get("templates", []),
         "template_set": cache.manifest.get("config", {}).get("templates"),
@@ -144,6 +144,14 @@ def load_adapter(folder: str | Path, cache: FeatureCache) -> Adapter:
             f"({why}); refit it on {cache.path}"
         )
     counts = meta.get("train_class_counts")
-    context = cache_context(cache, counts if isinstance(counts, list) else None)
+    if counts is not None and not (
+        isinstance(counts, list)
+        and len(counts) == cache.num_classes
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts)
+    ):
+        raise BalladError(
+            f"{folder / ADAPTER_META}: train_class_counts is not {cache.num_classes} counts (edited?); refit it"
+        )
+    context = cache_context(cache, counts)
     head = load_head(config, state, context, weights, "refit it")
     return Adapter(head, config, str(meta.get("cache_fingerprint")), meta)

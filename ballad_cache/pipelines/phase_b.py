@@ -158,10 +158,12 @@ def _refuse_unread(points: list[AdapterConfig], given: dict[str, list[Any]]) -> 
 
 def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[AdapterConfig]:
     """The points of `sweep --family NAME` (`all`: every family), each family's grid (`FAMILIES`) over a base of
-    the single values in `axes`.
+    the single values in `axes`; a value set away from its default on an axis the family's grid sweeps replaces
+    that axis (`--family tip --beta 3` sweeps tip's grid at β 3).
 
     Raises:
-        ValueError: an axis with several values (a family brings its own grid), or an unknown family.
+        ValueError: an axis with several values (a family brings its own grid), a head other than the family's,
+            or an unknown family.
     """
     axes = {k: v for k, v in (axes or {}).items() if v}
     several = [k for k, v in axes.items() if len(v) > 1]
@@ -170,11 +172,16 @@ def family_grid(family: str, axes: dict[str, list[Any]] | None = None) -> list[A
         raise ValueError(
             f"{family_} sweeps its own grid; give {setting(several[0])} one value (or sweep without {family_})"
         )
-    base = AdapterConfig.from_dict({**AdapterConfig().to_dict(), **{k: v[0] for k, v in axes.items()}})
+    defaults = AdapterConfig().to_dict()
+    base = AdapterConfig.from_dict({**defaults, **{k: v[0] for k, v in axes.items()}})
     names = [n for n in FAMILIES if n != "all"] if family == "all" else [family]
+    given = {k: v for k, v in axes.items() if v[0] != defaults.get(k)}
+    if "head" in given and any(given["head"] != FAMILIES.get(n).get("head", given["head"]) for n in names):
+        raise ValueError(f"{setting('family')} picks the head; drop {setting('head')} or sweep without it")
     out: dict[str, AdapterConfig] = {}
     for name in names:
-        for config in expand_grid(base, **FAMILIES.get(name)):
+        grid = {k: (given[k] if k in given else v) for k, v in FAMILIES.get(name).items()}
+        for config in expand_grid(base, **grid):
             out.setdefault(point_key(config, ""), config)
     points = list(out.values())
     _refuse_unread(points, axes)
@@ -309,8 +316,9 @@ def _point_done(folder: Path, key: str, config: AdapterConfig, fingerprint: str)
     try:
         body = read_json(meta)
     except BalladError:
-        return False
-    if not isinstance(body, dict):  # not something a sweep wrote: refused rather than written over
+        body = None
+    if not isinstance(body, dict) or not {"config", "val", "cache_fingerprint"} <= set(body):
+        # not what a sweep writes (its files are replaced whole): refused rather than written over
         raise BalladError(f"{meta} is not a sweep point record; delete it and rerun the sweep")
     return body.get("cache_fingerprint") == fingerprint
 

@@ -86,3 +86,54 @@ def test_a_damaged_sweep_point_is_one_line(lt_cache, tmp_path):
     point.write_text("[1, 2]")
     with pytest.raises(BalladError, match=f"{point.name} is not a sweep point record"):
         run_sweep(lt_cache, grid, tmp_path / "s")
+
+
+def test_family_grids_take_a_single_value_for_their_own_axes(lt_cache):
+    """Catches `sweep --family tip --beta 3` sweeping tip's own β grid as if 3 had not been given, and a --head that
+    contradicts the family accepted without a word."""
+    import pytest
+
+    from ballad_cache.pipelines.phase_b import family_grid
+
+    points = family_grid("tip", {"beta": [3.0]})
+    assert {p.beta for p in points} == {3.0} and len(points) == 1008 // 6
+    assert {(p.alpha, p.neighbours) for p in family_grid("tip", {"alpha": [2.0], "neighbours": [5]})} == {(2.0, 5)}
+    with pytest.raises(ValueError, match="picks the head"):
+        family_grid("ncm", {"head": ["gda"]})
+
+
+def test_an_edited_or_moved_adapter_record_is_refused_or_found(lt_cache, tmp_path, monkeypatch):
+    """Catches an adapter.json whose training counts were edited reaching the scoring as a shape error (a
+    traceback), a sweep point JSON of another shape silently retrained, and the cache recorded relative to the
+    working folder (export from elsewhere could not find it)."""
+    import pytest
+
+    from ballad_cache.errors import BalladError
+
+    monkeypatch.chdir(lt_cache.path.parent)
+    fit_on_cache(lt_cache.__class__("cache"), AdapterConfig(epochs=2, batch_size=64), tmp_path / "a")
+    meta_path = tmp_path / "a" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["cache"] == str(lt_cache.path.resolve())
+    meta["train_class_counts"] = [1, 2]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(BalladError, match="train_class_counts is not 10 counts"):
+        load_adapter(tmp_path / "a", lt_cache)
+    grid = expand_grid(AdapterConfig(epochs=2, batch_size=64), ratio=[0.05, 0.4])
+    result = run_sweep(lt_cache, grid, tmp_path / "s")
+    point = tmp_path / "s" / "points" / f"{result.points[1]['key']}.json"
+    point.write_text("{}")
+    with pytest.raises(BalladError, match="is not a sweep point record"):
+        run_sweep(lt_cache, grid, tmp_path / "s")
+
+
+def test_written_files_have_a_plain_files_mode(lt_cache, tmp_path):
+    """Catches adapters and weights written 0600 (safetensors' own mode), unreadable to the other users of a shared
+    folder: every file fit-adapter writes has 0666 less the umask."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)  # read it back as it was
+    fit_on_cache(lt_cache, AdapterConfig(epochs=2, batch_size=64), tmp_path / "a")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert modes == {"adapter.safetensors": 0o666 & ~mask, "adapter.json": 0o666 & ~mask}
