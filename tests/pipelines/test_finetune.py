@@ -16,12 +16,36 @@ from tests.conftest import run_ballad
 MODEL = "ballad-micro"  # fast; the first test and the demo test run ballad-tiny
 
 
+class EpochWeights(NullProgress):
+    """The model's weights at the end of each epoch, taken when phase A logs the epoch's line."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.epochs: dict[int, dict[str, torch.Tensor]] = {}
+
+    def log(self, message: str) -> None:
+        if message.startswith("epoch "):
+            epoch = int(message.split()[1].rstrip(":"))
+            self.epochs[epoch] = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+
 def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_path):
+    """Catches model/ holding other weights than the best val epoch's (the last epoch's, or weights changed by the
+    save), and model-last/ other than the last epoch's."""
     import open_clip
 
     ds = load_dataset("fmnist-lt")
     cfg = FinetuneConfig(epochs=3, batch_size=32, lr=3e-4, warmup_steps=10, workers=0, **DEMO_PHASE_A)
-    result = finetune(ds, load_model("ballad-tiny"), tmp_path, cfg, torch.device("cpu"))
+    loaded = load_model("ballad-tiny")
+    weights = EpochWeights(loaded.model)
+    result = finetune(ds, loaded, tmp_path, cfg, torch.device("cpu"), progress=weights)
+    assert sorted(weights.epochs) == [1, 2, 3]
+    best = weights.epochs[result["best_epoch"]]
+    for folder, expected in (("model", best), ("model-last", weights.epochs[3])):
+        stored = load_file(str(tmp_path / folder / "open_clip_model.safetensors"))
+        assert set(stored) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(stored[name], tensor), (folder, name)
     assert result["best_val_top1"] >= result["start"]["top1"] + 15.0  # observed 2.0 -> 30.0
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "val" in r] == [0, 1, 2, 3]
