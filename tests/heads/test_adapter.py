@@ -17,7 +17,7 @@ from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
 from tests.conftest import longtail_features, make_cache
-from tests.heads.rounding import EPS32, assert_trained_alike, float64_rows, training_bound
+from tests.rounding import EPS32, assert_trained_alike, float64_rows, training_bound
 
 runner = CliRunner()
 COUNTS = [200, 120, 80, 50, 30, 18, 12, 8, 6, 5]

@@ -16,7 +16,7 @@ from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.pipelines.phase_b import expand_grid, fit_on_cache
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
-from tests.heads.rounding import AMPLIFICATION, EPS32, EPS64, assert_trained_alike, decided, float64_rows
+from tests.rounding import AMPLIFICATION, EPS32, EPS64, assert_trained_alike, decided, float64_rows
 
 runner = CliRunner()
 COUNTS = [200, 120, 80, 50, 30, 18, 12, 8, 6, 5]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ballad_cache.heads.knn import knn_scores
-from tests.heads.rounding import EPS32
+from tests.rounding import EPS32
 
 
 def test_knn_scores_equal_a_brute_force_weighted_vote():

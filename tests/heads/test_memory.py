@@ -15,7 +15,7 @@ from ballad_cache.inputs.longtail import class_log_prior
 from ballad_cache.pipelines.phase_b import expand_grid, family_grid
 from ballad_cache.store.cache import SplitFeatures
 from cli.main import app
-from tests.heads.rounding import EPS32, EPS64
+from tests.rounding import EPS32, EPS64
 
 runner = CliRunner()
 

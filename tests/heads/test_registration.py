@@ -34,7 +34,7 @@ from ballad_cache.pipelines.export import load_classifier
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
-from tests.heads.rounding import EPS32, FRESH32, HALF16, decided, feature_slack, top1_range
+from tests.rounding import EPS32, FRESH32, HALF16, decided, feature_slack, top1_range
 
 runner = CliRunner()
 

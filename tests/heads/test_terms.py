@@ -14,7 +14,7 @@ from ballad_cache.heads.config import AdapterConfig
 from ballad_cache.heads.terms import LOSSES, LossContext, cross_entropy, register_loss
 from ballad_cache.pipelines.phase_b import expand_grid, point_key
 from cli.main import app
-from tests.heads.rounding import assert_trained_alike, float64_rows
+from tests.rounding import assert_trained_alike, float64_rows
 
 runner = CliRunner()
 

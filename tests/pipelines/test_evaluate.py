@@ -8,20 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ballad_cache.pipelines.evaluate import EvalConfig, evaluate_cache
-
-EPS32 = float(np.finfo(np.float32).eps)
-
-
-def top1_range(scores: torch.Tensor, labels: torch.Tensor, slack: torch.Tensor) -> tuple[float, float]:
-    """The top-1 (percent) that float32 logits within `slack` of the float64 `scores` can give: a row counts as right
-    when its label's score beats every other by more than both slacks, as wrong when another beats it by more, and
-    either way when the margin is within rounding (a near-tie may go either way on another CPU)."""
-    own = scores.gather(1, labels[:, None])
-    own_slack = slack.gather(1, labels[:, None])
-    others = scores.scatter(1, labels[:, None], -torch.inf)
-    right = ((own - own_slack) > (others + slack)).all(dim=1)
-    wrong = ((others - slack) > (own + own_slack)).any(dim=1)
-    return 100 * float(right.double().mean()), 100 * float(1 - wrong.double().mean())
+from tests.rounding import EPS32, top1_range
 
 
 def test_zero_shot_and_logit_adjustment_match_a_recomputation(lt_cache):

@@ -22,7 +22,7 @@ from ballad_cache.pipelines.extract import ExtractConfig, extract_features
 from ballad_cache.pipelines.phase_b import fit_on_cache
 from ballad_cache.store.cache import FeatureCache
 from cli.main import app
-from tests.heads.rounding import EPS32, FRESH32, HALF16, decided, feature_slack
+from tests.rounding import EPS32, FRESH32, HALF16, decided, feature_slack
 
 runner = CliRunner()
 
