@@ -1,4 +1,5 @@
-"""Beyond BALLAD on the same cache: logit-adjusted loss, cosine head, prompt ensembles, all in one sweep."""
+"""Beyond BALLAD on the same cache (heads/families: the text and cosine families; heads/adapter): logit-adjusted
+loss, cosine head, prompt ensembles, all in one sweep."""
 
 import csv
 import json

@@ -1,4 +1,5 @@
-"""Heads that remember (tip, tip-f, gda, ncm) against arithmetic written here, and through every command."""
+"""Heads that remember (heads/memory and their families in heads/families: tip, tip-f, gda, ncm) against arithmetic
+written here, and through every command."""
 
 from __future__ import annotations
 

@@ -1,3 +1,6 @@
+"""Dataset specs (inputs/datasets, inputs/splits and the sources in inputs/sources: fmnist, cifar, folder,
+description): loading, long-tail profiles, bad input."""
+
 from pathlib import Path
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Model loading: fail fast offline, prompt encoding at the shortest context is exact."""
+"""Model loading (models/clip): fail fast offline, prompt encoding at the shortest context is exact."""
 
 import socket
 
