@@ -1,6 +1,6 @@
-"""heads/registry: a head family registered in this file alone goes through every command: fit-adapter, sweep, evaluate, export and
-predict, with no line of `ballad` naming it. The family: a fixed random projection of the features (seeded, C×d,
-rows normalised) blended with the text head, `100 · f·Tᵀ + α · 100 · f·Pᵀ`."""
+"""heads/registry: a head family registered in this file alone goes through every command (fit-adapter, sweep,
+evaluate, export and predict) with no line of `ballad` naming it. The family: a fixed random projection of the
+features (drawn at the fit, C×d, rows normalised) blended with the text head, `100 · f·Tᵀ + α · 100 · f·Pᵀ`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`wds:` datasets (inputs/sources/webdataset): webdataset tar shards read by seeking, equal to the folder they were packed from."""
+"""`wds:` datasets (inputs/sources/webdataset): webdataset tar shards read by seeking, equal to the folder they were
+packed from."""
 
 from __future__ import annotations
 
