@@ -139,7 +139,17 @@ class CosineFamily(AdapterFamily):
 _TIP = ("alpha", "beta", "gamma", "keys_per_class", "neighbours", "key_view", "adjust_tau")
 
 
-class TipFamily(HeadFamily):
+class TipKeysFamily(HeadFamily):
+    """A head of Tip-Adapter's cache: the keys, their labels and class weights (`heads/memory.py` `TipHead`)."""
+
+    def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
+        """`keys`, `values`, `class_weight`."""
+        from .memory import TipHead
+
+        return TipHead.from_state(config, state, context)
+
+
+class TipFamily(TipKeysFamily):
     """Tip-Adapter's cache of the training features, balanced by a per-class cap and class weights (closed form)."""
 
     reads: tuple[str, ...] = (*_TIP, "seed")  # the seed draws the keys a class keeps
@@ -185,18 +195,11 @@ class TipFamily(HeadFamily):
         record = _closed_form_record(t0, len(configs))
         yield from ((i, Fitted(None, dict(record), report)) for i, report in enumerate(reports))
 
-    def load(self, config: AdapterConfig, state: dict[str, torch.Tensor], context: HeadContext) -> Head:
-        """`keys`, `values`, `class_weight`."""
-        from .memory import TipHead
 
-        return TipHead.from_state(config, state, context)
-
-
-class TipFFamily(TipFamily):
+class TipFFamily(TipKeysFamily):
     """tip with its keys trained (Tip-Adapter-F: AdamW at `head_lr`) with the configured loss and sampler."""
 
     reads = (*_TIP, "seed", "head_lr", *TRAINING)
-    closed_form = False
     grids = {"tip-f": ("cache with trained keys", {"gamma": [0.0, 1.0]})}
 
     def idle_reason(self, config: AdapterConfig) -> str | None:
@@ -211,6 +214,8 @@ class TipFFamily(TipFamily):
         self, data: FitData, config: AdapterConfig, device: str | torch.device = "cpu", progress: Progress | None = None
     ) -> Fitted:
         """tip's head, then its keys trained; the best val epoch kept."""
+        import torch
+
         from ..errors import BalladError
         from .memory import image_keys, tip_head, train_tip_f
         from .terms import LOSSES
@@ -222,29 +227,11 @@ class TipFFamily(TipFamily):
         head, tops, best_epoch, steps = train_tip_f(
             tip_head(keys, values, config, data.context), data.train, config, loss, val, progress
         )
-        import torch
-
         if not torch.isfinite(head.tensors["keys"]).all():
             raise BalladError(f"tip-f diverged: its keys hold NaN/Inf after {steps} steps; lower {setting('head_lr')}")
-        record = {
-            "steps": steps,
-            "best_epoch": best_epoch,
-            "val_top1_per_epoch": [round(t, 4) for t in tops],
-            "final_loss": None,
-            "train_seconds": time.perf_counter() - t0,
-        }
+        record = fit_record(time.perf_counter() - t0)
+        record.update(steps=steps, best_epoch=best_epoch, val_top1_per_epoch=[round(t, 4) for t in tops])
         return Fitted(head, record)
-
-    def sweep(
-        self,
-        data: FitData,
-        configs: Sequence[AdapterConfig],
-        score: Score,
-        device: str | torch.device = "cpu",
-        progress: Progress | None = None,
-    ) -> Iterator[tuple[int, Fitted]]:
-        """Each point trained on its own."""
-        return HeadFamily.sweep(self, data, configs, score, device, progress)
 
 
 class ClassMeansFamily(HeadFamily):

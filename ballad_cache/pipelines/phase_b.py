@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ..heads.artifacts import (
 )
 from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
-from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, fit_record
+from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, HeadContext, fit_record
 from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
@@ -35,22 +36,27 @@ from ..store.runs import RunFolder
 SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
 
 
-def fit_data(cache: FeatureCache, train: SplitFeatures | None = None, need_val: bool = False) -> FitData:
-    """What a head family fits on: the cache's train split (`train` when the caller has it loaded), its class
-    text embeddings and prior, and its val split's eval view where it has one.
+def fit_data(cache: FeatureCache) -> FitData:
+    """What a head family fits on: the cache's train split, its class text embeddings and prior, and its val split's
+    eval view where it has one.
 
     Raises:
-        BalladError: no training rows, or (`need_val`) no val split.
+        BalladError: no training rows.
     """
-    train = train if train is not None else cache.load_split("train")
+    val = cache.load_split("val").eval_view() if "val" in cache.splits else None
+    return FitData(_train_split(cache), cache_context(cache), val)
+
+
+def _train_split(cache: FeatureCache) -> SplitFeatures:
+    """The cache's train split (every view: the largest read a phase-B command makes).
+
+    Raises:
+        BalladError: it has no rows.
+    """
+    train = cache.load_split("train")
     if len(train.labels) == 0:
         raise BalladError(f"cache {cache.path} has no training rows; extract the train split")
-    if need_val and "val" not in cache.splits:
-        raise BalladError(
-            f"cache {cache.path} has no val split to rank on; extract it with {setting('splits', SPLITS)}"
-        )
-    val = cache.load_split("val").eval_view() if "val" in cache.splits else None
-    return FitData(train, cache_context(cache), val)
+    return train
 
 
 def report_of(head: Head, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
@@ -239,9 +245,20 @@ def run_sweep(
         raise BalladError("the sweep grid is empty; give at least one value per option")
     if metric not in METRICS:
         raise BalladError(f"unknown metric '{metric}'; use {', '.join(METRICS)}")
-    data = fit_data(cache, need_val=True)
-    assert data.val is not None
-    val = data.val
+    # val and the text first; the train split (every augmented view) only once a point trains or a closed-form
+    # winner is rebuilt: a rerun whose points are all done reads none of it
+    if "val" not in cache.splits:
+        raise BalladError(
+            f"cache {cache.path} has no val split to rank on; extract it with {setting('splits', SPLITS)}"
+        )
+    val, context = cache.load_split("val").eval_view(), cache_context(cache)
+    train: list[SplitFeatures] = []  # loaded on first use
+
+    def with_train() -> FitData:
+        if not train:
+            train.append(_train_split(cache))
+        return FitData(train[0], context, val)
+
     out = Path(out)
     points_dir = out / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +277,7 @@ def run_sweep(
         t0 = time.perf_counter()
         family = HEADS.get(head)
         chosen = [configs[i] for i in members]
-        for j, point in family.sweep(data, chosen, lambda lg: _report(lg, val, cache), device, progress):
+        for j, point in family.sweep(with_train(), chosen, lambda lg: _report(lg, val, cache), device, progress):
             i = members[j]  # saved as it finishes: a stopped sweep keeps it
             if point.head is None and not family.closed_form:
                 raise ValueError(f"head family '{head}' yielded a point without its head; only closed-form ones may")
@@ -271,7 +288,7 @@ def run_sweep(
     ranked = sorted(points, key=lambda p: -p["val"][metric])
     best = ranked[0]
     best_cfg = AdapterConfig.from_dict(best["config"])
-    best_head = _point_head(cache, data, best_cfg, points_dir / f"{best['key']}.safetensors", device)
+    best_head = _point_head(with_train, context, best_cfg, points_dir / f"{best['key']}.safetensors", device)
     test_split = cache.load_split("test").eval_view() if "test" in cache.splits else None
     test = report_of(best_head, test_split, cache) if test_split is not None else None
     extra = {"val": best["val"], "sweep_metric": metric, "steps": best["steps"], "best_epoch": best["best_epoch"]}
@@ -282,16 +299,20 @@ def run_sweep(
 
 
 def _point_head(
-    cache: FeatureCache, data: FitData, config: AdapterConfig, weights: Path, device: torch.device | str
+    data: Callable[[], FitData],
+    context: HeadContext,
+    config: AdapterConfig,
+    weights: Path,
+    device: torch.device | str,
 ) -> Head:
-    """A sweep point's head: its saved tensors, or rebuilt from the cache (a closed-form family's point)."""
+    """A sweep point's head: its saved tensors, or rebuilt from the cache (`data()`: a closed-form family's point)."""
     family = HEADS.get(config.head)
     if family.closed_form:
-        fitted = family.fit(data, config, device)
+        fitted = family.fit(data(), config, device)
         assert fitted.head is not None
         return fitted.head
     state = read_tensors(weights, "delete it and rerun the sweep")
-    return load_head(config, state, data.context, weights, "delete it and rerun the sweep")
+    return load_head(config, state, context, weights, "delete it and rerun the sweep")
 
 
 def _read_point(folder: Path, key: str) -> dict[str, Any]:
