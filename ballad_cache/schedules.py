@@ -21,6 +21,12 @@ def epoch_lr(base: float, epoch: int, epochs: int) -> float:
     return 0.5 * base * (1.0 + math.cos(math.pi * (epoch + 1) / max(epochs, 1)))
 
 
+def epoch_end_lr(base: float, epoch: int, epochs: int) -> float:
+    """LIFT's schedule (shijxcs/LIFT `trainer.py` line 281: `CosineAnnealingLR(optim, num_epochs)`, stepped at each
+    epoch's end, line 526): 0-based epoch `e` runs at `0.5 * base * (1 + cos(pi * e / epochs))`, the first at `base`."""
+    return 0.5 * base * (1.0 + math.cos(math.pi * epoch / max(epochs, 1)))
+
+
 def batches_per_epoch(images: int, batch_size: int, keep_last_batch: bool, epochs: int = 1) -> int:
     """Batches in one epoch: floor(N/B) full batches (the official `epoch_steps`), or ceil(N/B) keeping the last.
 
@@ -45,6 +51,11 @@ SCHEDULES.register(
     "epoch",
     lambda base, step, total, epoch, epochs: epoch_lr(base, epoch, epochs),
     help="CosineAnnealingLR(T_max=epochs) stepped at each epoch start, the last epoch at lr 0 (official)",
+)
+SCHEDULES.register(
+    "epoch-end",
+    lambda base, step, total, epoch, epochs: epoch_end_lr(base, epoch, epochs),
+    help="CosineAnnealingLR(T_max=epochs) stepped at each epoch end, the first epoch at the full lr (LIFT)",
 )
 SCHEDULES.register(
     "step", lambda base, step, total, epoch, epochs: cosine_lr(base, step, total), help="a cosine over the steps"

@@ -1,5 +1,5 @@
-"""Models: CLIP through open_clip (registered architectures, loading, local-dir export, prompts) and the image
-encoder that extraction and prediction run."""
+"""Models: CLIP through open_clip (registered architectures, loading, local-dir export, prompts), phase A's tuned
+model folders, and the image encoder that extraction and prediction run."""
 
 from .clip import (
     MODELS,
@@ -17,6 +17,7 @@ from .clip import (
     resolve_device,
     save_local_dir,
 )
+from .tuned import is_tuned_dir, load_tuned_dir, save_phase_a_model
 
 __all__ = [
     "MODELS",
@@ -33,4 +34,7 @@ __all__ = [
     "register_model",
     "resolve_device",
     "save_local_dir",
+    "is_tuned_dir",
+    "load_tuned_dir",
+    "save_phase_a_model",
 ]

@@ -193,6 +193,62 @@ def list_models() -> list[str]:
     return [*MODELS, *open_clip.list_models()]
 
 
+CLASS_HEAD_FILE = "class_head.safetensors"
+
+
+@dataclass
+class ClassHead:
+    """A phase-A cosine classifier saved beside a model: one L2-normalised row per class, in the model's embedding
+    space, scored as `scale · norm(image feature) · weightᵀ`. Extraction writes it into a cache as the class
+    embeddings, so every phase-B head builds on it (see `pipelines/extract.py`)."""
+
+    weight: torch.Tensor
+    classnames: list[str]
+    scale: float
+
+
+def write_class_head(folder: str | Path, head: ClassHead) -> Path:
+    """Write `head` as `class_head.safetensors` (classnames and scale in its metadata), atomically."""
+    from safetensors.torch import save_file
+
+    path = Path(folder) / CLASS_HEAD_FILE
+    meta = {"classnames": json.dumps(head.classnames), "scale": repr(float(head.scale)), "kind": "cosine"}
+    with atomic_path(path) as tmp:
+        save_file({"weight": head.weight.detach().float().contiguous().cpu()}, str(tmp), metadata=meta)
+    return path
+
+
+def read_class_head(folder: str | Path) -> ClassHead | None:
+    """The cosine head saved in a model folder, or None when it holds none.
+
+    Raises:
+        BalladError: the file is damaged or does not hold one row per listed class.
+    """
+    from safetensors import safe_open
+
+    path = Path(folder) / CLASS_HEAD_FILE
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            weight = f.get_tensor("weight")
+        classnames = [str(c) for c in json.loads(meta["classnames"])]
+        scale = float(meta["scale"])
+    except Exception as exc:  # noqa: BLE001 - safetensors, json and KeyError all mean a damaged file
+        raise BalladError(
+            f"{path} is not a readable class head ({type(exc).__name__}); train the model again"
+        ) from None
+    if weight.dim() != 2 or weight.shape[0] != len(classnames):
+        raise BalladError(f"{path} holds {tuple(weight.shape)} for {len(classnames)} classes; train the model again")
+    return ClassHead(torch.nn.functional.normalize(weight.float(), dim=-1), classnames, scale)
+
+
+# loaders of model folders in formats other than plain open_clip: (folder, device) -> LoadedModel, or None when the
+# folder is not theirs; `ballad_cache.models.tuned` registers the tuned-model format
+FOLDER_LOADERS: Registry[Callable[[Path, Any], LoadedModel | None]] = Registry("model folder format")
+
+
 @dataclass
 class LoadedModel:
     """A CLIP model with its transforms, tokenizer and provenance."""
@@ -206,6 +262,7 @@ class LoadedModel:
     checkpoint_sha256: str | None
     preprocess_cfg: dict[str, Any]
     random_weights: bool = False  # no weights were loaded into (part of) the model
+    class_head: ClassHead | None = None  # a phase-A cosine head saved with the model (`finetune --classifier cosine`)
 
     @property
     def embed_dim(self) -> int:
@@ -336,6 +393,10 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
     _add_to_open_clip(name)
     folder = local_dir(name)
     if folder is not None:
+        for fmt in FOLDER_LOADERS:
+            found = FOLDER_LOADERS.get(fmt)(folder, device)
+            if found is not None:
+                return found
         config_file = local_dir_config_file(folder)
         if not config_file.is_file():
             raise BalladError(f"{folder} is not an open_clip model folder (no {config_file.name}); point at DIR/model")
@@ -399,6 +460,7 @@ def load_model(name: str, pretrained: str | None = None, device: str | torch.dev
         checkpoint_sha256=sha256_file(weights) if weights else None,
         preprocess_cfg=dict(pp),
         random_weights=random_asked or (name in MODELS and MODELS.get(name).random_init and not pretrained),
+        class_head=read_class_head(folder) if folder is not None else None,
     )
 
 
@@ -414,14 +476,19 @@ def _register_hf_for_local_dir(folder: Path) -> None:
 
 
 def save_local_dir(
-    loaded: LoadedModel, model: ClipModel, folder: str | Path, model_cfg: dict[str, Any] | None = None
+    loaded: LoadedModel,
+    model: ClipModel,
+    folder: str | Path,
+    model_cfg: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` in open_clip's `local-dir` format: `open_clip_config.json` + `open_clip_model.safetensors`
     (the names open_clip reads, `open_clip.constants`).
 
     `open_clip.create_model_and_transforms("local-dir:FOLDER")` and `load_model("local-dir:FOLDER")` read it back.
     A Hugging Face text tower's tokenizer files are copied in, since open_clip reads them from the folder.
-    `model_cfg` replaces the config of `loaded`'s architecture (export changes it when it appends a layer).
+    `model_cfg` replaces the config of `loaded`'s architecture (export changes it when it appends a layer); `state`
+    replaces `model.state_dict()` (a tuned model's merged weights, `tuning.tuned.plain_state_dict`).
     """
     import open_clip
     from open_clip.constants import HF_SAFE_WEIGHTS_NAME
@@ -444,7 +511,8 @@ def save_local_dir(
         for fname in MINILM_TOKENIZER_FILES:
             if (src / fname).exists():
                 shutil.copyfile(src / fname, folder / fname)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if state is None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(folder / HF_SAFE_WEIGHTS_NAME) as tmp:
         save_file(state, str(tmp))
     write_json(local_dir_config_file(folder), {"model_cfg": model_cfg, "preprocess_cfg": loaded.preprocess_cfg})
@@ -455,41 +523,19 @@ def convert_weights_official(model: torch.nn.Module) -> int:
     """Store `model`'s weights as openai/CLIP's `clip/model.py` `convert_weights` does (BALLAD's `train.py` trains the
     model `clip.load` returns on CUDA, built by `build_model`, which calls it); returns the entries made float16.
 
-    Float16: every Conv1d, Conv2d and Linear weight and bias, `nn.MultiheadAttention`'s in/q/k/v projection weights,
-    in-projection bias and bias_k/bias_v, and any parameter named `text_projection` or `proj` (the two projections).
-    Float32: everything else: BatchNorm, LayerNorm, embeddings and positional embeddings, the logit scale. The rule
-    is applied by module type, so it reaches timm and Hugging Face towers the same way.
+    Which tensors are narrowed is `anatomy.official_half_tensors`: Conv and Linear weights and biases, the attention
+    in-projections and both projections; BatchNorm, LayerNorm, embeddings and the logit scale stay float32. The rule
+    goes by module type, so it reaches timm and Hugging Face towers the same way.
     """
-    attention = (
-        "in_proj_weight",
-        "q_proj_weight",
-        "k_proj_weight",
-        "v_proj_weight",
-        "in_proj_bias",
-        "bias_k",
-        "bias_v",
-    )
-    converted = 0
+    from ..anatomy import official_half_tensors
 
-    def half(tensor: torch.Tensor | None) -> None:
-        nonlocal converted
-        if tensor is not None and tensor.dtype != torch.float16:
+    converted = 0
+    seen: set[int] = set()
+    for tensor in official_half_tensors(model):
+        if id(tensor) not in seen and tensor.dtype != torch.float16:
+            seen.add(id(tensor))
             tensor.data = tensor.data.half()
             converted += tensor.numel()
-
-    def convert(module: torch.nn.Module) -> None:
-        if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)):
-            half(module.weight)
-            half(module.bias)
-        if isinstance(module, torch.nn.MultiheadAttention):
-            for name in attention:
-                half(getattr(module, name, None))
-        for name in ("text_projection", "proj"):
-            param = getattr(module, name, None)
-            if isinstance(param, torch.nn.Parameter):
-                half(param)
-
-    model.apply(convert)
     return converted
 
 
@@ -506,6 +552,7 @@ class PromptBank:
     def __init__(self, loaded: LoadedModel, classnames: Sequence[str], templates: Sequence[str]) -> None:
         self.num_classes = len(classnames)
         self.num_templates = len(templates)
+        self.templates = list(templates)
         prompts = [t.replace("{c}", c) for c in classnames for t in templates]  # class-major
         tokens = loaded.tokenizer(prompts)
         self.full_context = tokens.shape[1]

@@ -6,12 +6,11 @@ CLI builds every option from them instantly. `AdapterConfig` lives beside the ad
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import setting
-from ..heads.terms import LOGIT_SCALE
 from ..inputs.longtail import ShotThresholds
 from ..inputs.splits import SPLITS
 from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS
@@ -27,6 +26,7 @@ from ..options import (
 from ..registry import DEVICES, PRECISIONS, Registry
 from ..schedules import SCHEDULES
 from ..store.runs import SUMMARY
+from ..tuning import METHODS
 
 if TYPE_CHECKING:
     import torch
@@ -55,28 +55,56 @@ OPTIMIZERS.register("sgd", _sgd, help="SGD with momentum (official)")
 OPTIMIZERS.register("adamw", _adamw, help="AdamW (--momentum unused)")
 
 
-def _ce_over_prompts(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _ce(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any) -> torch.Tensor:
     import torch.nn.functional as F
 
-    return F.cross_entropy(LOGIT_SCALE * image @ text.T, labels)
+    return F.cross_entropy(scale * image @ classes.T, labels)
 
 
-def _contrastive(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _la(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    # LIFT `utils/losses.py` lines 84-94 (LogitAdjustedLoss): cross-entropy of logit + tau · log(class prior)
+    return F.cross_entropy(scale * image @ classes.T + adjust, labels)
+
+
+def _contrastive(
+    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any
+) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
 
-    captions = text[labels]
-    logits = LOGIT_SCALE * image @ captions.T
+    captions = classes[labels]
+    logits = scale * image @ captions.T
     target = torch.arange(len(labels), device=labels.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-PHASE_A_LOSSES: Registry[Callable[[Any, Any, Any], Any]] = Registry("loss")
+# (normalised image features, normalised class embeddings, labels, logit scale, tau · log prior) -> loss
+PHASE_A_LOSSES: Registry[Callable[[Any, Any, Any, float, Any], Any]] = Registry("loss")
 PHASE_A_LOSSES.register(
-    "ce", _ce_over_prompts, help="cross-entropy over 100 · image · text(class prompts)ᵀ, both towers trained (official)"
+    "ce", _ce, help="cross-entropy over scale · image · class embeddingsᵀ (official, with --classifier prompts)"
+)
+PHASE_A_LOSSES.register(
+    "la",
+    _la,
+    help="logit-adjusted cross-entropy: logits + --la-tau · log(train class prior) (LIFT's loss, tau 1)",
 )
 PHASE_A_LOSSES.register(
     "contrastive", _contrastive, help="the symmetric CLIP loss over the batch's image-caption pairs"
+)
+
+PHASE_A_CLASSIFIERS: Registry[str] = Registry("classifier")
+PHASE_A_CLASSIFIERS.register(
+    "prompts",
+    "prompts",
+    help="the class prompts' text embeddings, scale 100 (BALLAD); re-encoded each step while the text tower trains",
+)
+PHASE_A_CLASSIFIERS.register(
+    "cosine",
+    "cosine",
+    help="a learned C×d cosine head initialised from the prompt embeddings, scale --cosine-scale (LIFT); saved "
+    "with the model and used as the cache's class embeddings",
 )
 
 
@@ -119,6 +147,30 @@ class FinetuneConfig:
     )
     accum_steps: int = option(1, "Gradient accumulation: an optimizer step every N batches.", min=1)
     loss: str = option("ce", "Phase-A loss.", choices=PHASE_A_LOSSES)
+    method: str = option(
+        "full",
+        "Tuning method: what trains in the tuned towers (LIFT's placement and sizes for all but full).",
+        choices=METHODS,
+    )
+    tune_text: bool | None = option(
+        None,
+        "Apply the method to the text tower too (default: yes for full, as BALLAD trains both towers; no for the "
+        "other methods, as LIFT freezes the text tower).",
+        flag="--tune-text/--freeze-text",
+        axis=False,
+    )
+    classifier: str = option("prompts", "Phase-A classifier.", choices=PHASE_A_CLASSIFIERS)
+    cosine_scale: float = option(25.0, "Logit scale of --classifier cosine (LIFT utils/config.py: 25).", above=0.0)
+    la_tau: float = option(1.0, "tau of --loss la (LIFT: 1).", min=0.0)
+    head_lr: float | None = option(None, "Learning rate of the cosine head (default: --lr, as LIFT).", min=0.0)
+    head_weight_decay: float | None = option(
+        None, "Weight decay of the cosine head (default: --weight-decay, as LIFT).", min=0.0
+    )
+    lora_rank: int = option(0, "LoRA rank (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
+    lora_alpha: float = option(1.0, "LoRA scaling alpha / rank (LIFT: alpha 1).", above=0.0)
+    bottleneck: int = option(0, "AdaptFormer bottleneck (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
+    vpt_length: int = option(10, "Prompt tokens per block of --method vpt (LIFT: 10).", min=1)
+    vpt_shallow: bool = option(False, "VPT before the first block only (default: deep, before every block).")
     templates: str | None = option(
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )
@@ -142,6 +194,33 @@ class FinetuneConfig:
                 "keeps its state in float16 too, where AdamW's eps (1e-8) is 0 and the first step divides by zero",
             )
 
+        if self.precision == "fp16-official" and self.method != "full":
+            raise OptionError(
+                "precision",
+                f"fp16-official stores the whole model in float16 as BALLAD trains it; with "
+                f"{setting('method', self.method)} use {setting('precision', 'fp32')} or "
+                f"{setting('precision', 'bf16')}",
+            )
+        unread = [
+            name
+            for name in TUNING_FIELDS
+            if name not in METHODS.get(self.method).reads and getattr(self, name) != _FINETUNE_DEFAULTS[name]
+        ]
+        if unread:
+            raise OptionError(unread[0], f"is not read by {setting('method', self.method)}; drop it")
+        if self.classifier != "cosine":
+            for name in ("cosine_scale", "head_lr", "head_weight_decay"):
+                if getattr(self, name) != _FINETUNE_DEFAULTS[name]:
+                    raise OptionError(name, f"applies to {setting('classifier', 'cosine')} only; drop it")
+        if self.loss != "la" and self.la_tau != _FINETUNE_DEFAULTS["la_tau"]:
+            raise OptionError("la_tau", f"applies to {setting('loss', 'la')} only; drop it")
+
+    @property
+    def towers(self) -> list[str]:
+        """The towers the method tunes: the image tower, and the text tower with `tune_text` (default: for full)."""
+        text = self.method == "full" if self.tune_text is None else self.tune_text
+        return ["image", "text"] if text else ["image"]
+
     def idle_reason(self) -> str | None:
         """Why this phase A would train nothing, or None."""
         if self.epochs == 0 or self.lr == 0:
@@ -153,6 +232,14 @@ class FinetuneConfig:
                 f"{setting('schedule', 'step')}"
             )
         return None
+
+
+TUNING_FIELDS = ("lora_rank", "lora_alpha", "bottleneck", "vpt_length", "vpt_shallow")  # read per method
+_FINETUNE_DEFAULTS = {
+    f.name: f.default
+    for f in fields(FinetuneConfig)
+    if f.name in (*TUNING_FIELDS, "cosine_scale", "head_lr", "head_weight_decay", "la_tau")
+}
 
 
 DTYPES = ("float16", "float32")

@@ -84,37 +84,20 @@ def fold_adapter(model: ClipModel, model_cfg: dict[str, Any], matrix: torch.Tens
     Raises:
         BalladError: a tower whose output does not end in a linear map ballad knows how to fold into.
     """
-    visual = model.visual
+    from ..anatomy import last_projection
+
+    kind, target = last_projection(model)
     with torch.no_grad():
-        proj = getattr(visual, "proj", None)
-        if isinstance(proj, torch.nn.Parameter):  # open_clip VisionTransformer: x @ proj
-            proj.copy_((proj.double() @ matrix.T).to(proj.dtype))
+        if kind == "matrix":  # open_clip VisionTransformer: x @ proj
+            target.copy_((target.double() @ matrix.T).to(target.dtype))
             return model, model_cfg
-        attnpool = getattr(visual, "attnpool", None)
-        if attnpool is not None and isinstance(getattr(attnpool, "c_proj", None), torch.nn.Linear):
-            _fold_linear(attnpool.c_proj, matrix)  # ModifiedResNet (CLIP RN50 ...)
+        if kind == "linear":
+            _fold_linear(target, matrix)
             return model, model_cfg
-        head = getattr(visual, "head", None)
-        if head is not None and hasattr(visual, "trunk"):  # open_clip TimmModel
-            if isinstance(getattr(head, "proj", None), torch.nn.Linear):
-                _fold_linear(head.proj, matrix)
-                return model, model_cfg
-            if getattr(head, "mlp", None) is not None:
-                _fold_linear(head.mlp.fc2, matrix)
-                return model, model_cfg
-            if "pool" in dict(head.named_children()):
-                raise BalladError(
-                    "a timm tower with attention pooling cannot take the adapter; export is not supported"
-                )
-            if model_cfg.get("vision_cfg", {}).get("timm_proj") == "none":
-                return _append_projection(model, model_cfg, matrix)
-            classifier = visual.trunk.get_classifier()
-            if isinstance(classifier, torch.nn.Linear):
-                _fold_linear(classifier, matrix)
-                return model, model_cfg
-    raise BalladError(
-        f"cannot fold the adapter into {type(visual).__name__}: its output does not end in a known linear map"
-    )
+        if kind == "none" and model_cfg.get("vision_cfg", {}).get("timm_proj") == "none":
+            return _append_projection(model, model_cfg, matrix)
+    reason = target if kind == "unsupported" else "its output does not end in a known linear map"
+    raise BalladError(f"cannot fold the adapter into the image tower ({reason}); export is not supported")
 
 
 def _fold_linear(layer: torch.nn.Linear, matrix: torch.Tensor) -> None:

@@ -1,8 +1,9 @@
-"""Phase A: continue training both CLIP towers on the long-tailed train split (BALLAD's first phase).
+"""Phase A: tune CLIP on the long-tailed train split (BALLAD's first phase; LIFT's with a method other than full).
 
-    logits = 100 * norm(image_features) · norm(text_features(class prompts))ᵀ,   cross-entropy
+    logits = scale * norm(image_features) · class_embeddingsᵀ,   cross-entropy (or logit-adjusted, --loss la)
 
-Class prompts are tokenized once per run (PromptBank) and encoded every step, since the text tower trains too.
+What trains, the classifier and saving are `phase_a.py` (`prepare`, `PhaseANet`, `save`); this module runs the
+epochs: the batch order, the schedule, checkpoints and resume, validation and the choice of the kept model.
 The epoch order comes from a generator seeded by (seed, epoch) and augmentations are seeded per image, so a
 resumed run replays exactly the batches an uninterrupted one would, and N ranks with per-rank batch B/N see
 together the same batches as one process with batch B.
@@ -26,17 +27,18 @@ from ..distributed import DistContext
 from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..heads.terms import LOGIT_SCALE
-from ..inputs.datasets import LTDataset, load_templates
+from ..inputs.datasets import LTDataset
 from ..inputs.longtail import ShotThresholds
 from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..inputs.transforms import train_transform
-from ..models.clip import ClipModel, LoadedModel, PromptBank, convert_weights_official, save_local_dir
+from ..models.clip import ClipModel, LoadedModel, PromptBank
 from ..models.encoder import autocast, effective_precision
 from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import SUMMARY, RunFolder
 from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
+from .phase_a import prepare, refuse_changed_config, save, trainable_count
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -72,19 +74,6 @@ class EpochSampler(Sampler[int]):
         return len(self.indices)
 
 
-class DualTower(torch.nn.Module):
-    """Both towers in one forward, so DDP sees every trained parameter."""
-
-    def __init__(self, model: ClipModel, prompts: PromptBank) -> None:
-        super().__init__()
-        self.model = model
-        self.prompts = prompts
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image = F.normalize(self.model.encode_image(images), dim=-1)
-        return image, self.prompts.encode(self.model)
-
-
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` widened to float32 when it is narrower (float16, bfloat16), otherwise unchanged.
 
@@ -96,9 +85,17 @@ def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def phase_a_loss(image: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """The phase-A loss registered as `kind` (`PHASE_A_LOSSES`): `ce` over all class prompts, or `contrastive`."""
-    return PHASE_A_LOSSES.get(kind)(image, text, labels)
+def phase_a_loss(
+    image: torch.Tensor,
+    classes: torch.Tensor,
+    labels: torch.Tensor,
+    kind: str,
+    scale: float = LOGIT_SCALE,
+    adjust: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The phase-A loss registered as `kind` (`PHASE_A_LOSSES`): `ce` or `la` over all classes, or `contrastive`;
+    `adjust` is `la`'s tau · log prior."""
+    return PHASE_A_LOSSES.get(kind)(image, classes, labels, scale, adjust)
 
 
 def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int) -> float:
@@ -124,8 +121,10 @@ def evaluate_model(
     precision: str = "fp32",
     skip_bad: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    classes: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot accuracy of `model` on a split: top-1/top-5 and many/medium/few.
+    """Accuracy of `model` on a split, scored against the class prompts (or `classes`, a cosine head's normalised
+    rows): top-1/top-5 and many/medium/few.
 
     Raises:
         BalladError: an unreadable image (path and index), unless `skip_bad`: then it is left out of the scores
@@ -138,8 +137,11 @@ def evaluate_model(
     loader = make_loader(
         ImageRows(image_split, rows, loaded.preprocess_eval, max_pixels=max_pixels), batch_size, workers
     )
-    with autocast(device, precision, FINETUNE_PRECISIONS):
-        text = at_least_float32(prompts.encode(model))
+    if classes is not None:
+        text = at_least_float32(classes.detach())
+    else:
+        with autocast(device, precision, FINETUNE_PRECISIONS):
+            text = at_least_float32(prompts.encode(model))
     logits, labels, skipped = [], [], 0
     for batch in loader:
         keep = torch.from_numpy(usable_rows(batch, skip_bad))
@@ -230,24 +232,32 @@ def finetune(
             f"{setting('batch_size', config.batch_size)} must be divisible by the {dist.world_size} ranks"
         )
     torch.manual_seed(config.seed)
-    model = loaded.model.to(device).train(config.train_mode)
     for name in ("logit_scale", "logit_bias"):  # BALLAD fixes the scale at 100; unused params would stall DDP
-        param = getattr(model, name, None)
+        param = getattr(loaded.model, name, None)
         if isinstance(param, torch.nn.Parameter):
             param.requires_grad_(False)
-    if config.precision == "fp16-official":  # before DDP and the optimizer, which see the float16 tensors
-        convert_weights_official(model)
-    templates = load_templates(config.templates) if config.templates else dataset.templates
-    prompts = PromptBank(loaded, dataset.classnames, templates)
+    phase_net, groups, base = prepare(loaded, dataset, config, device)
+    model, prompts, templates = phase_net.model, phase_net.prompts, phase_net.prompts.templates
     augment = train_transform(config.augment, loaded.preprocess_cfg, loaded.preprocess_train)
-    net: torch.nn.Module = DualTower(model, prompts)
+    net: torch.nn.Module = phase_net
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
-    params = [p for p in model.parameters() if p.requires_grad]
     fused = device.type == "cuda"  # one multi-tensor kernel per step instead of a launch per parameter
-    opt = OPTIMIZERS.get(config.optimizer)(params, config, fused)
+    opt = OPTIMIZERS.get(config.optimizer)(groups, config, fused)
+    counts = trainable_count(phase_net)
+    if dist.is_main:
+        share = 100.0 * counts["method"] / max(counts["image_tower"], 1)
+        progress.log(
+            f"phase A: {config.method} on the {' and '.join(config.towers)} tower(s) trains {counts['method']:,} "
+            f"parameters ({share:.2f}% of the image tower's size)"
+            + (f" and a {counts['head']:,}-parameter cosine head" if counts["head"] else "")
+        )
+
+    def save_model(folder: Path) -> None:
+        save(phase_net, loaded, folder, config, dataset.classnames, base)
+
     if config.idle_reason() and dist.is_main:
         progress.log(f"warning: this phase A trains nothing: {config.idle_reason()}")
     ran = effective_precision(device, config.precision, FINETUNE_PRECISIONS)
@@ -280,11 +290,15 @@ def finetune(
             config.precision,
             config.skip_bad,
             config.max_pixels,
+            classes=phase_net.classes() if phase_net.head is not None else None,
         )
 
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
+        refuse_changed_config(state.get("config", {}), config, ckpt_path)
         model.load_state_dict(state["model"])
+        if phase_net.head is not None:
+            phase_net.head.data.copy_(state["head"])
         opt.load_state_dict(state["optimizer"])
         start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
         best, best_epoch = state["best"], state["best_epoch"]
@@ -303,6 +317,7 @@ def finetune(
                 ckpt_path,
                 {
                     "model": model.state_dict(),
+                    **({"head": phase_net.head.detach()} if phase_net.head is not None else {}),
                     "optimizer": opt.state_dict(),
                     "epoch": epoch,
                     "batch_in_epoch": batch_in_epoch,
@@ -360,10 +375,17 @@ def finetune(
             images = batch["image"][keep].to(device, non_blocking=True)
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = lr_at(config, step, total_steps, epoch)
+                g["lr"] = lr_at(config, step, total_steps, epoch) * g.get("lr_ratio", 1.0)
             with autocast(device, config.precision, FINETUNE_PRECISIONS):
                 image_feats, text_feats = net(images)
-                loss = phase_a_loss(at_least_float32(image_feats), at_least_float32(text_feats), labels, config.loss)
+                loss = phase_a_loss(
+                    at_least_float32(image_feats),
+                    at_least_float32(text_feats),
+                    labels,
+                    config.loss,
+                    phase_net.scale,
+                    phase_net.adjust,
+                )
             (loss / config.accum_steps).backward()
             batch_i += 1
             if batch_i % config.accum_steps == 0 or batch_i == epoch_batches:
@@ -402,9 +424,9 @@ def finetune(
                 stopped["val"] = validate()
             if dist.is_main:
                 append_jsonl(out / "metrics.jsonl", {**stopped, "stopped": True})
-                save_local_dir(loaded, model, out / "model-last")
+                save_model(out / "model-last")
                 if best_epoch < 0:  # no finished epoch kept a model: model/ holds the weights at the stop
-                    save_local_dir(loaded, model, out / "model")
+                    save_model(out / "model")
             progress.log(
                 f"stopped by {setting('max_steps')} at step {step}, batch {batch_i}/{epoch_batches} of epoch "
                 f"{epoch + 1}; {setting('resume', True)} continues from there"
@@ -421,17 +443,17 @@ def finetune(
             if record["val"]["top1"] > best:
                 best, best_epoch = record["val"]["top1"], epoch + 1
                 if dist.is_main:
-                    save_local_dir(loaded, model, out / "model")
+                    save_model(out / "model")
         elif dist.is_main:
-            save_local_dir(loaded, model, out / "model")
+            save_model(out / "model")
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", record)
-            save_local_dir(loaded, model, out / "model-last")
+            save_model(out / "model-last")
         checkpoint(epoch + 1, 0)
         progress.log(f"epoch {epoch + 1}: " + (f"val top1 {record['val']['top1']:.2f}" if has_val else "done"))
     if dist.is_main and not (out / "model").exists():
-        save_local_dir(loaded, model, out / "model")
-        save_local_dir(loaded, model, out / "model-last")
+        save_model(out / "model")
+        save_model(out / "model-last")
     if stopped is not None and best_epoch < 0 and "val" in stopped:  # what model/ holds: the weights at the stop
         best, best_epoch = stopped["val"]["top1"], stopped["epoch"]
     if dist.enabled:  # each rank saw its own share of the bad images
@@ -447,6 +469,10 @@ def finetune(
         "templates": templates,
         "skipped": [skipped[i] for i in sorted(skipped)],
         "random_weights": loaded.random_weights,
+        "method": config.method,
+        "towers": config.towers,
+        "classifier": config.classifier,
+        "trainable": counts,
     }
     if dist.is_main:
         write_json(out / SUMMARY, summary_)
