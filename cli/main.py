@@ -187,7 +187,8 @@ def export(source: ModelSource, head: ExportSource, run: RunOutput) -> None:
 
     classifier = run_export(source.model, head.adapter, run.out, source.pretrained, head.cache, run.overwrite)
     name = local_dir_name(run.out)
-    out.print(f"exported {len(classifier.classnames)} classes to {run.out}; open_clip loads it as '{name}'")
+    who = "ballad (a tuned-model folder: base weights + tuner)" if "tuned_source" in classifier.meta else "open_clip"
+    out.print(f"exported {len(classifier.classnames)} classes to {run.out}; {who} loads it as '{name}'")
 
 
 @config_command(app, config=PredictConfig, source=ModelSource, files=PredictFiles, placement=Placement)

@@ -22,19 +22,21 @@ A head whose family folds nothing (the memory heads: they read the unchanged ima
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..atomic import read_json, remove_stale_temps, write_json
+from ..atomic import atomic_path, read_json, remove_stale_temps, write_json
 from ..errors import BalladError, setting
 from ..heads.artifacts import ADAPTER_META, load_adapter, load_head, read_tensors, save_tensors
 from ..heads.config import AdapterConfig
 from ..heads.registry import Head, HeadContext
 from ..inputs.longtail import ShotThresholds
 from ..models.clip import (
+    CLASS_HEAD_FILE,
     ClipModel,
     LoadedModel,
     load_model,
@@ -43,6 +45,7 @@ from ..models.clip import (
     local_dir_name,
     save_local_dir,
 )
+from ..models.tuned import TUNED_META, TUNER_WEIGHTS, is_tuned_dir
 from ..store.cache import MANIFEST, FeatureCache
 from ..store.runs import RunFolder
 
@@ -172,13 +175,19 @@ def build_classifier(
             f"(weights {str(source.get('checkpoint_sha256'))[:12]}), not {loaded.name} "
             f"(weights {str(loaded.checkpoint_sha256)[:12]}); pass the model its cache was extracted with"
         )
-    matrix, folded = fitted.head.fold()
     loaded.model = loaded.model.float().eval()
-    cfg = _model_cfg(loaded)
-    if matrix is not None:
-        loaded.model, cfg = fold_adapter(loaded.model, cfg, matrix)
-    context = HeadContext(fitted.head.context.text, fitted.head.context.log_prior, folded=True)
-    head = load_head(fitted.config, folded.state(), context, Path(adapter), "refit it")  # as predict loads it
+    tuned = local_dir(model) if local_dir(model) is not None and is_tuned_dir(local_dir(model)) else None
+    if tuned is not None:  # a tuned-model folder refers to its base's weights: the head stays outside the tower
+        cfg: dict[str, Any] | None = None
+        context = HeadContext(fitted.head.context.text, fitted.head.context.log_prior, folded=False)
+        head = load_head(fitted.config, fitted.head.state(), context, Path(adapter), "refit it")
+    else:
+        matrix, folded = fitted.head.fold()
+        cfg = _model_cfg(loaded)
+        if matrix is not None:
+            loaded.model, cfg = fold_adapter(loaded.model, cfg, matrix)
+        context = HeadContext(fitted.head.context.text, fitted.head.context.log_prior, folded=True)
+        head = load_head(fitted.config, folded.state(), context, Path(adapter), "refit it")  # as predict loads it
     thresholds = ShotThresholds()
     return Classifier(
         loaded=loaded,
@@ -200,6 +209,8 @@ def build_classifier(
             "train_class_counts": fitted.meta.get("train_class_counts", feature_cache.train_counts.tolist()),
             "shot_thresholds": {"many": thresholds.many, "few": thresholds.few},
             "model_cfg": cfg,
+            "folded": context.folded,
+            **({"tuned_source": str(tuned)} if tuned is not None else {}),
         },
     )
 
@@ -216,7 +227,14 @@ def export_classifier(classifier: Classifier, out: str | Path) -> Path:
     remove_stale_temps(out)
     meta = dict(classifier.meta)
     cfg = meta.pop("model_cfg")
-    save_local_dir(classifier.loaded, classifier.loaded.model, out, model_cfg=cfg)
+    source = meta.pop("tuned_source", None)
+    if source is not None:  # the tuned-model folder's files: its base reference, tuner tensors and cosine head
+        for name in (TUNED_META, TUNER_WEIGHTS, CLASS_HEAD_FILE):
+            if (Path(source) / name).is_file():
+                with atomic_path(out / name) as tmp:
+                    shutil.copyfile(Path(source) / name, tmp)
+    else:
+        save_local_dir(classifier.loaded, classifier.loaded.model, out, model_cfg=cfg)
     tensors = {"text": classifier.context.text, "log_prior": classifier.context.log_prior}
     tensors.update({f"head.{k}": v for k, v in classifier.head.state().items()})
     save_tensors(out / CLASSIFIER_WEIGHTS, tensors)
@@ -254,7 +272,7 @@ def load_classifier(model: str, adapter: str | Path | None = None, pretrained: s
         )
     if not (torch.isfinite(text).all() and torch.isfinite(log_prior).all()):
         raise BalladError(f"{folder} holds NaN/Inf class embeddings or prior; export again")
-    context = HeadContext(text, log_prior, folded=True)
+    context = HeadContext(text, log_prior, folded=bool(meta.get("folded", True)))
     state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     head = load_head(config, state, context, folder / CLASSIFIER_WEIGHTS, "export again")
     loaded = load_model(local_dir_name(folder))

@@ -329,7 +329,17 @@ def extract_features(
         with torch.inference_mode():
             per_template = bank.encode(loaded.model.to(device), per_template=True).float().cpu()
         class_emb = torch.nn.functional.normalize(per_template.mean(dim=1), dim=-1)
+        head, source = loaded.class_head, "prompts"
+        if head is not None and head.classnames == list(dataset.classnames):
+            class_emb, source = head.weight, "phase-a cosine head"  # every phase-B head builds on what phase A learned
+            progress.log("class embeddings: the model's phase-A cosine head (the prompts' kept per template)")
+        elif head is not None:
+            progress.log(
+                f"the model's phase-A cosine head was trained on other classes than {dataset.name}'s; "
+                "class embeddings: the prompts"
+            )
         text_entry = write_text_embeddings(out, class_emb, per_template, dataset.classnames, templates)
+        text_entry["class_embeddings"] = source
     dist.barrier()
     if not dist.is_main:
         return None

@@ -56,9 +56,9 @@ class Recorder:
             self.val.append(images.detach().clone())
         return (images, *args[1:])
 
-    def loss(self, image, text, labels, kind):  # wraps ballad's loss: records, then computes as ballad does
+    def loss(self, image, text, labels, *args):  # wraps ballad's loss: records, then computes as ballad does
         self.train.append((self.images.pop(), labels.detach().clone()))
-        return ORIGINAL_LOSS(image, text, labels, kind)
+        return ORIGINAL_LOSS(image, text, labels, *args)
 
 
 ORIGINAL_LOSS = finetune_module.phase_a_loss
