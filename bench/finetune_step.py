@@ -23,7 +23,7 @@ import torch.nn.functional as F  # noqa: E402
 from ballad_cache.inputs.datasets import load_templates, read_lines, resource_dir  # noqa: E402
 from ballad_cache.models.clip import PromptBank, load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import autocast  # noqa: E402
-from ballad_cache.pipelines.finetune import DualTower, phase_a_loss  # noqa: E402
+from ballad_cache.pipelines.finetune import phase_a_loss  # noqa: E402
 from bench.common import write  # noqa: E402
 
 
@@ -69,11 +69,10 @@ def main() -> None:
 
     ours_model, ours_opt = make(loaded.model)
     bank = PromptBank(loaded, classnames, templates)
-    net = DualTower(ours_model, bank)
 
     def ours() -> None:
-        with autocast(device, a.precision):
-            image, text = net(images)
+        with autocast(device, a.precision):  # phase A's forward with both towers trained (PhaseANet, prompts)
+            image, text = F.normalize(ours_model.encode_image(images), dim=-1), bank.encode(ours_model)
             loss = phase_a_loss(image.float(), text.float(), labels, "ce")
         loss.backward()
         ours_opt.step()

@@ -30,6 +30,16 @@ def official_train_transform(size: int, mean: Sequence[float], std: Sequence[flo
     )
 
 
+def lift_train_transform(size: int, mean: Sequence[float], std: Sequence[float]) -> Callable[[Any], torch.Tensor]:
+    """LIFT's training transform (shijxcs/LIFT `trainer.py` lines 102-107): RandomResizedCrop at torchvision's
+    defaults (scale 0.08-1, bilinear), horizontal flip, normalisation with the model's mean and std."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(list(mean), list(std))]
+    )
+
+
 def preprocess_settings(preprocess_cfg: dict[str, Any]) -> dict[str, Any]:
     """A model's open_clip preprocess config, with open_clip's defaults (`PreprocessCfg`: 224 px, OpenAI CLIP's mean
     and std) for what it leaves out (a model open_clip built always states them)."""
@@ -56,6 +66,13 @@ AUGMENT_ON = ("worker", "device")
 AUGMENTATIONS: Registry[Augmentation] = Registry("augmentation")
 AUGMENTATIONS.register(
     "official", _official, help="BALLAD's RandomResizedCrop(scale 0.5-1) + flip + ColorJitter(0.4, 0.4, 0.4)"
+)
+AUGMENTATIONS.register(
+    "lift",
+    lambda cfg, own: lift_train_transform(
+        image_size(preprocess_settings(cfg))[0], preprocess_settings(cfg)["mean"], preprocess_settings(cfg)["std"]
+    ),
+    help="LIFT's RandomResizedCrop(scale 0.08-1) + flip",
 )
 AUGMENTATIONS.register(
     "open_clip", lambda cfg, own: own, help="the model's preprocess_train (RandomResizedCrop scale 0.9-1)"
