@@ -184,3 +184,61 @@ def test_the_phase_a_cosine_head_is_what_the_cache_scores(ballad_data, tmp_path)
     assert cache.manifest["text"]["class_embeddings"] == "phase-a cosine head"
     report = evaluate_cache(cache, None, EvalConfig(split="val"))["heads"]["zero-shot"]
     assert abs(report["top1"] - summary["best_val_top1"]) <= 0.1
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_with_a_tuner_and_a_cosine_head(ballad_data, tmp_path):
+    import os
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import run_ballad
+
+    env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1"}
+    common = ["finetune", "--data", "fmnist-lt", "--model", "ballad-micro", "--method", "adaptformer"]
+    common += ["--classifier", "cosine", "--loss", "la", "--max-steps", "3", "--lr", "0.05", "--batch-size", "64"]
+    common += ["--workers", "0", "--device", "cpu", "--epochs", "1", "--schedule", "step"]
+    one = run_ballad([*common, "--out", str(tmp_path / "one")], env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_ballad([*common, "--out", str(tmp_path / "two")], env, ranks=2, port=29581)
+    assert two.returncode == 0, two.stderr[-3000:]
+    for name in ("tuner.safetensors", "class_head.safetensors"):
+        a = load_file(str(tmp_path / "one" / "model-last" / name))
+        b = load_file(str(tmp_path / "two" / "model-last" / name))
+        assert set(a) == set(b)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 5e-5  # fp32 all-reduce order
+    up = load_file(str(tmp_path / "one" / "model-last" / "tuner.safetensors"))["image_0_adaptformer.up_proj.weight"]
+    assert up.abs().max() > 1e-4  # the steps moved the tuner (it starts at zero)
+
+
+def test_a_tuned_folder_exports_and_predicts_as_the_adapter_scores_its_cache(ballad_data, tmp_path):
+    """adaptformer + cosine head: extract, fit an adapter, export, predict. The exported classifier (the tuned
+    folder's base reference and tuner, the head kept outside the tower) scores images as the adapter scores their
+    cached features; plain open_clip refuses the export as it refuses the model."""
+    from ballad_cache.heads.config import AdapterConfig
+    from ballad_cache.pipelines.export import load_classifier, run_export
+    from ballad_cache.pipelines.extract import extract_features
+    from ballad_cache.pipelines.phase_b import fit_on_cache
+    from ballad_cache.store.cache import FeatureCache
+
+    ds = load_dataset("fmnist-lt")
+    finetune(ds, load_model("ballad-micro"), tmp_path / "run", FinetuneConfig(method="adaptformer", **SHORT), CPU)
+    model = local_dir_name(tmp_path / "run" / "model")
+    ext = ExtractConfig(train_views=0, workers=0, batch_size=256, dtype="float32")
+    extract_features(ds, load_model(model), tmp_path / "cache", ext, CPU)
+    cache = FeatureCache(tmp_path / "cache")
+    fit_on_cache(cache, AdapterConfig(epochs=2, batch_size=128), tmp_path / "adapter")
+    run_export(model, tmp_path / "adapter", tmp_path / "export")
+    with pytest.raises(Exception, match="config"):
+        open_clip.create_model_and_transforms(local_dir_name(tmp_path / "export"))
+    exported = load_classifier(local_dir_name(tmp_path / "export"))
+    direct = load_classifier(model, tmp_path / "adapter")  # the tuned model with the adapter, unexported
+    images = torch.stack([exported.loaded.preprocess_eval(ds.split("test").load(i)) for i in range(0, 300, 7)])
+    with torch.no_grad():
+        got = exported.logits(images)
+        want = direct.logits(images)
+        rows = cache.load_split("test").eval_view()
+        cached = direct.score(rows.features[list(range(0, 300, 7))].float())
+    assert torch.equal(got, want)
+    assert (got.argmax(-1) == cached.argmax(-1)).float().mean() >= 0.95  # float32 cache vs fresh encoding
+    assert (got - cached).abs().max() <= 1e-3 * cached.abs().max()
