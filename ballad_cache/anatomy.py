@@ -47,12 +47,15 @@ def tower_module(model: nn.Module, tower: str) -> nn.Module:
 @dataclass(frozen=True)
 class Site:
     """One affine map inside a block: `module.<weight>` / `module.<bias>`, optionally a row range of a stacked
-    weight (q, k or v of `in_proj_weight`). `output` is the width of the rows this site covers."""
+    weight (q, k or v of `in_proj_weight`). `output` is the width of the rows this site covers. `called`: whether the
+    module's own forward runs (False for `nn.MultiheadAttention.out_proj`, whose weight the attention reads
+    directly: a forward hook on it never fires)."""
 
     module: nn.Module
     weight: str = "weight"
     bias: str | None = "bias"
     rows: slice | None = None
+    called: bool = True
 
     @property
     def output(self) -> int:
@@ -116,7 +119,7 @@ def _open_clip_block(block: nn.Module) -> Block:
         key=rows(1),
         value=rows(2),
         attn_in=Site(attn, "in_proj_weight", "in_proj_bias"),
-        attn_out=Site(attn.out_proj),
+        attn_out=Site(attn.out_proj, called=not isinstance(attn, nn.MultiheadAttention)),
         mlp_in=Site(block.mlp.c_fc),
         mlp_out=Site(block.mlp.c_proj),
         norms=[Site(block.ln_1), Site(block.ln_2)],

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared performance check for a GPU machine (about 4 minutes on one H100): extraction img/s for ViT-B-16
 # (random weights, synthetic JPEGs) in fp32 and bf16 with decode vs encode rates, K = 16 views per 500x375 JPEG
-# before/after decode-once, --draft and --augment-on device (bf16), phase-A step img/s, fit-adapter
+# before/after decode-once, --draft and --augment-on device (bf16), phase-A step img/s, phase A's methods (full,
+# lora, adaptformer: step time, MFU, memory), fit-adapter
 # and a 16-point sweep on the ImageNet-LT-shaped synthetic cache, phase B on the cache vs the encoder every step,
 # and faiss kNN if it imports. Prints a table and writes one JSON per figure plus summary.json.
 #
@@ -56,6 +57,7 @@ if [ $SMOKE = 1 ]; then
   PHASEB="--model ballad-micro --classes 10 --images-per-head 30 --image-size 32 --batch 32"
   PREDICT="--model ballad-micro --images 96 --image-size 32 --batch 32 --repeats 1"
   KNN="--scale 0.01 --queries 200"
+  METHODS="--model ballad-micro --batch 8 --steps 2 --methods full,lora,adaptformer"
   LIMIT=120
 else
   DEV=cuda
@@ -67,6 +69,7 @@ else
   PHASEB="--model ViT-B-32 --classes 100 --images-per-head 100 --imbalance 10 --image-size 256 --batch 256"
   PREDICT="--model ViT-B-16 --images 4096 --image-size 256 --batch 256 --repeats 3 --precision bf16"
   KNN="--scale 1.0 --queries 20000"
+  METHODS="--model ViT-B-16 --classes 1000 --batch 128 --steps 5 --precision bf16 --methods full,lora,adaptformer --peak-tflops 989"
   LIMIT=150
 fi
 JPEGS=$(mktemp -d)
@@ -94,6 +97,7 @@ step() {  # step NAME SCRIPT ARGS...: run one bench, note a failure and go on to
   step sweep bench/sweep.py $SWEEP --device $DEV --label sweep
   step phase_b bench/phase_b.py $PHASEB --device $DEV --label phase_b
   step predict bench/predict.py $PREDICT --device $DEV --label predict
+  step phase_a_methods bench/phase_a_methods.py cost $METHODS --device $DEV --label phase_a_methods
   if "$PY" -c "import faiss" 2>/dev/null; then
     step knn bench/knn.py $KNN --device $DEV --label knn
   else

@@ -3,8 +3,8 @@
 `cost` (default): for each method on one model, in a fresh process each: trainable parameters (count and share of
 the image tower), training memory at the same batch (the bytes autograd saves for the backward, counted through
 `saved_tensors_hooks` with each storage once, plus gradients and optimizer state: a machine-independent count) and
-the process's peak resident memory during the steps above its level before them (sampled every 2 ms), and the step
-time; ratios against `full` (the image tower trained whole, the same cosine head; BALLAD's `full` also trains the
+the peak resident memory the first step adds to the process (sampled every 2 ms), the FLOPs of a step (torch's
+FlopCounterMode) and the step time; ratios against `full` (the image tower trained whole, the same cosine head; BALLAD's `full` also trains the
 text tower, reported as `full+text`).
 
     python bench/phase_a_methods.py cost --model ballad-micro --batch 32
@@ -45,10 +45,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(method: str, model_name: str, batch: int, classes: int, steps: int, device_name: str, precision: str) -> dict:
+def one(
+    method: str,
+    model_name: str,
+    batch: int,
+    classes: int,
+    steps: int,
+    device_name: str,
+    precision: str,
+    peak_tflops: float = 0.0,
+) -> dict:
     """Measure one method in this process (called in a fresh process per method)."""
     import torch
     import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
 
     from ballad_cache.inputs.transforms import image_size
     from ballad_cache.models.clip import load_model, resolve_device
@@ -88,7 +98,8 @@ def one(method: str, model_name: str, batch: int, classes: int, steps: int, devi
 
     def step(count: bool = False) -> None:
         ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else _null()
-        with ctx, autocast(device, precision):
+        flops = FlopCounterMode(display=False) if count else _null()
+        with ctx, flops, autocast(device, precision):
             image = F.normalize(model.encode_image(images), dim=-1)
             if method == "full+text":  # BALLAD: the prompts re-encoded through the trained text tower
                 classes_emb = F.normalize(model.encode_text(tokens), dim=-1)
@@ -96,22 +107,19 @@ def one(method: str, model_name: str, batch: int, classes: int, steps: int, devi
                 loss = F.cross_entropy(logits.float(), labels % len(tokens))
             else:
                 loss = F.cross_entropy(25 * image.float() @ F.normalize(head, dim=-1).T, labels)
-        loss.backward()
+        with flops:
+            loss.backward()
+        if count:
+            counted.append(flops.get_total_flops())
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    counted: list[int] = []
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step(count=True)  # the first step: counts what autograd saves; creates the optimizer state
-    activations = sum(saved.values())
-    grads = sum(p.numel() * p.element_size() for p in [*params, head])
-    state = sum(
-        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
-    )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     base, peak, running = _rss(), [0], [True]
 
     def sample() -> None:
@@ -121,6 +129,18 @@ def one(method: str, model_name: str, batch: int, classes: int, steps: int, devi
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
+    # the first step, from the state before it: the peak resident memory it adds (activations, gradients, optimizer
+    # state), what autograd saves, the FLOPs of forward and backward
+    step(count=True)
+    running[0] = False
+    thread.join()
+    activations = sum(saved.values())
+    grads = sum(p.numel() * p.element_size() for p in [*params, head])
+    state = sum(
+        t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         sync()
@@ -128,8 +148,6 @@ def one(method: str, model_name: str, batch: int, classes: int, steps: int, devi
         step()
         sync()
         times.append(time.perf_counter() - t)
-    running[0] = False
-    thread.join()
     trainable = sum(p.numel() for p in params)
     record = {
         "method": method,
@@ -139,9 +157,13 @@ def one(method: str, model_name: str, batch: int, classes: int, steps: int, devi
         "head": head.numel(),
         "activations_MB": round(activations / 2**20, 1),
         "train_memory_MB": round((activations + grads + state) / 2**20, 1),
-        "rss_peak_over_start_MB": round(max(peak[0] - base, 0) / 2**20, 1),
+        "rss_first_step_MB": round(max(peak[0] - base, 0) / 2**20, 1),
         "step_s": round(sorted(times)[len(times) // 2], 4),
+        "step_tflop": round(counted[0] / 1e12, 4),
+        "tflop_per_s": round(counted[0] / 1e12 / sorted(times)[len(times) // 2], 3),
     }
+    if peak_tflops:
+        record["mfu"] = round(record["tflop_per_s"] / peak_tflops, 4)
     if device.type == "cuda":
         record["cuda_peak_MB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return record
@@ -160,6 +182,7 @@ def cost(a: argparse.Namespace) -> None:
     for method in a.methods.split(","):
         cmd = [sys.executable, __file__, "one", method, "--model", a.model, "--batch", str(a.batch)]
         cmd += ["--classes", str(a.classes), "--steps", str(a.steps), "--device", a.device, "--precision", a.precision]
+        cmd += ["--peak-tflops", str(a.peak_tflops)]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
             raise SystemExit(f"{method} failed:\n{done.stderr[-3000:]}")
@@ -169,11 +192,11 @@ def cost(a: argparse.Namespace) -> None:
     for r in records:
         if r["applies"]:
             r["memory_vs_full"] = round(r["train_memory_MB"] / full["train_memory_MB"], 3)
-            r["rss_vs_full"] = round(r["rss_peak_over_start_MB"] / max(full["rss_peak_over_start_MB"], 1e-9), 3)
+            r["rss_vs_full"] = round(r["rss_first_step_MB"] / max(full["rss_first_step_MB"], 1e-9), 3)
             r["step_vs_full"] = round(r["step_s"] / full["step_s"], 3)
     print(
         f"{'method':12} {'trainable':>11} {'share %':>8} {'train MB':>9} {'x full':>7} {'RSS MB':>8} {'x full':>7} "
-        f"{'step s':>8} {'x full':>7}"
+        f"{'step s':>8} {'x full':>7} {'TFLOP/s':>8}" + (" MFU" if a.peak_tflops else "")
     )
     for r in records:
         if not r["applies"]:
@@ -182,8 +205,9 @@ def cost(a: argparse.Namespace) -> None:
         print(
             f"{r['method']:12} {r['trainable']:>11,} {r['share_of_image_tower_pct']:>8.3f} "
             f"{r['train_memory_MB']:>9.1f} "
-            f"{r['memory_vs_full']:>7.3f} {r['rss_peak_over_start_MB']:>8.1f} {r['rss_vs_full']:>7.3f} "
-            f"{r['step_s']:>8.3f} {r['step_vs_full']:>7.3f}"
+            f"{r['memory_vs_full']:>7.3f} {r['rss_first_step_MB']:>8.1f} {r['rss_vs_full']:>7.3f} "
+            f"{r['step_s']:>8.3f} {r['step_vs_full']:>7.3f} {r['tflop_per_s']:>8.3f}"
+            + (f" {r['mfu']:.3f}" if "mfu" in r else "")
         )
     write(
         a.label or f"phase_a_methods_{a.model}",
@@ -287,6 +311,7 @@ def main() -> None:
         q.add_argument("--steps", type=int, default=3)
         q.add_argument("--device", default="cpu")
         q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+        q.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense peak, for MFU (H100: 989)")
     d = sub.add_parser("demo")
     d.add_argument("--model", default="ballad-lite")
     d.add_argument("--out", default="bench/out/phase_a_demo")
@@ -302,7 +327,7 @@ def main() -> None:
 
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         logging.getLogger().setLevel(logging.ERROR)
-        print(json.dumps(one(a.method, a.model, a.batch, a.classes, a.steps, a.device, a.precision)))
+        print(json.dumps(one(a.method, a.model, a.batch, a.classes, a.steps, a.device, a.precision, a.peak_tflops)))
     elif a.mode == "demo":
         demo(a)
     else:

@@ -38,6 +38,15 @@ HEADLINES: dict[str, tuple[str, Any]] = {
             f" (context {r['context']['ballad']} vs {r['context']['reference']}, {r['classes']} classes)"
         ),
     ),
+    "phase_a_methods": (
+        "phase-A methods: trainable share, memory and step vs full, MFU",
+        lambda r: "; ".join(
+            f"{x['method']} {x['share_of_image_tower_pct']:.2f}% mem {x['memory_vs_full']:.2f}x step "
+            f"{x['step_vs_full']:.2f}x" + (f" MFU {x['mfu']:.2f}" if "mfu" in x else "")
+            for x in r["records"]
+            if x.get("applies")
+        ),
+    ),
     "adapter": (
         "fit-adapter FLOP/s / torch.mm FLOP/s",
         lambda r: (

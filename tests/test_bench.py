@@ -26,7 +26,9 @@ def test_gpu_check_cpu_smoke_runs_every_step_and_reports(tmp_path, ballad_data):
     summary = json.loads((tmp_path / "summary.json").read_text())
     records = {r["bench"]: r for r in summary["records"]}
     expected = {"extract_fp32", "extract_bf16", "finetune_step_fp32", "finetune_step_bf16", "adapter", "sweep"}
-    assert expected | {"phase_b", "knn", "predict", "extract_views"} == set(records)
+    assert expected | {"phase_b", "knn", "predict", "extract_views", "phase_a_methods"} == set(records)
+    methods = {m["method"]: m for m in records["phase_a_methods"]["records"]}
+    assert methods["lora"]["trainable"] < methods["full"]["trainable"] and methods["adaptformer"]["step_s"] > 0
     assert all(v > 0 for v in records["extract_views"]["rows_per_s"].values())
     assert records["predict"]["images_per_s"]["ballad_predict"] > 0
     assert all(records[k]["images_per_s"]["ballad_extract"] > 0 for k in ("extract_fp32", "extract_bf16"))

@@ -113,11 +113,15 @@ class BitFit(TuningMethod):
 class SSFMethod(TuningMethod):
     """Scale and shift after the attention in- and out-projections, both MLP linears and both norms of every block
     (LIFT `ssf_attn`, `ssf_mlp`, `ssf_ln`: `models/peft_vit.py` lines 185-219, applied at 368-369, 381-384,
-    403-404, 415-417, 429-430, 444-445); in a convolutional tower, after every BatchNorm. Folds."""
+    403-404, 415-417, 429-430, 444-445); in a convolutional tower, after every BatchNorm. Folds: a forward hook on
+    each linear whose forward runs (merged on save), a parametrization of the stacked q/k/v in-projection, the
+    attention's out-projection (which the attention reads without calling it) and the norms."""
 
     name, help = "ssf", "scale and shift after every block linear and norm (LIFT ssf_*); folds"
 
     def attach(self, model: nn.Module, tower: str, options: TuningOptions, tuner: nn.ModuleDict) -> None:
+        from torch import nn
+
         from ..anatomy import Site, affine_norms, blocks
         from .modules import SSF, SSFBias, SSFWeight
 
@@ -127,11 +131,19 @@ class SSFMethod(TuningMethod):
             sites += [*attn_in, block.attn_out, block.mlp_in, block.mlp_out, *block.norms]
         if not sites:
             sites = [Site(norm) for norm in affine_norms(model, tower)]
+        names = {id(m): n for n, m in model.named_modules()}
         for i, site in enumerate(sites):
-            ssf = SSF(site.output)
+            bias = getattr(site.module, site.bias, None) if site.bias else None
+            # a linear's output side saves the backward its weight gradient; a norm's scale is an elementwise
+            # parametrization (cheap), and a timm norm may end in an activation a hook would come after
+            hooked = site.called and isinstance(site.module, nn.Linear) and site.rows is None and bias is not None
+            ssf = SSF(site.output, names[id(site.module)] if hooked else "")
             tuner[f"{tower}_ssf_{i}"] = ssf
+            if hooked:  # output side: no weight gradient in the backward; folded on save
+                site.module.register_forward_hook(lambda module, args, y, ssf=ssf: ssf(y))
+                continue
             _parametrize(site.module, site.weight, SSFWeight(ssf))
-            if site.bias is not None and getattr(site.module, site.bias, None) is not None:
+            if bias is not None:
                 _parametrize(site.module, site.bias, SSFBias(ssf))
 
 

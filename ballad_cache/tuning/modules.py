@@ -2,8 +2,10 @@
 `models/peft_modules.py`): AdaptFormer, LoRA as a weight delta, SSF as a weight and bias parametrization, and
 visual prompts.
 
-LoRA and SSF are `torch.nn.utils.parametrize` parametrizations of the weights they change: the forward computes the
-merged weight, so "merged equals unmerged" holds by construction and saving is reading the parametrized tensor.
+LoRA and the SSF of q/k/v (inside `nn.MultiheadAttention`, out of a hook's reach) are `torch.nn.utils.parametrize`
+parametrizations of the weights they change: saving reads the merged tensor. Every other SSF follows its module
+through a forward hook (`y · scale + shift`), so the backward computes no weight gradient for it, and folds into the
+module's weight and bias on save (`SSF.fold`).
 """
 
 from __future__ import annotations
@@ -86,12 +88,28 @@ class SSF(nn.Module):
     `peft_modules.py` lines 102-118). Applied as a parametrization of the map's weight and bias (`SSFWeight`,
     `SSFBias`), it folds: W' = diag(scale) W, b' = scale · b + shift."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, site: str = "") -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.ones(width))
         self.shift = nn.Parameter(torch.zeros(width))
+        self.site = site  # the module it follows through a forward hook ("" when applied as a parametrization)
         nn.init.normal_(self.scale, mean=1.0, std=0.02)
         nn.init.normal_(self.shift, std=0.02)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """`y · scale + shift` over the last dim, or the channel dim of an N×C×H×W map (LIFT lines 114-118)."""
+        scale, shift = self.scale.to(y.dtype), self.shift.to(y.dtype)
+        if y.dim() == 4:
+            return y * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+        return y * scale + shift
+
+    def fold(self, state: dict[str, torch.Tensor]) -> None:
+        """Merge into the weight and bias of the module it follows, in a plain state dict: W' = diag(scale) W,
+        b' = scale · b + shift."""
+        weight, bias = state[f"{self.site}.weight"], state[f"{self.site}.bias"]
+        scale, shift = self.scale.detach().to(weight), self.shift.detach().to(weight)
+        state[f"{self.site}.weight"] = weight * scale.view(-1, *([1] * (weight.dim() - 1)))
+        state[f"{self.site}.bias"] = bias * scale + shift
 
 
 class SSFWeight(nn.Module):

@@ -49,9 +49,9 @@ def tune(model: nn.Module, method: str, towers: Sequence[str], options: TuningOp
     tuner = nn.ModuleDict()
     for tower in towers:
         METHODS.get(method).attach(model, tower, options, tuner)
-    if len(tuner):
-        device = next(model.parameters()).device
-        model.add_module(TUNER, tuner.to(device))
+    if len(tuner):  # the tuner takes the model's device and floating dtype (a float64 model: float64 tuner)
+        first = next(p for p in model.parameters() if p.is_floating_point())
+        model.add_module(TUNER, tuner.to(device=first.device, dtype=first.dtype))
         for param in tuner.parameters():
             param.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
@@ -83,8 +83,9 @@ def load_tuner_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights as plain open_clip holds them: every parametrized tensor evaluated (a folding method's
-    update merged in), the tuner's modules left out. Detached, contiguous, on the CPU."""
+    """The model's weights as plain open_clip holds them: every parametrized tensor evaluated and every hooked SSF
+    folded into its module (a folding method's update merged in), the tuner's modules left out. Detached, contiguous,
+    on the CPU."""
     state = {}
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -100,5 +101,9 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if parametrize.is_parametrized(module):
                 for key in module.parametrizations:
                     state[prefix + key] = getattr(module, key)
-        state = {k: v for k, v in state.items() if ".parametrizations." not in f".{k}"}
-        return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        state = {k: v.detach() for k, v in state.items() if ".parametrizations." not in f".{k}"}
+        tuner = getattr(model, TUNER, None)
+        for module in tuner.modules() if tuner is not None else ():
+            if getattr(module, "site", ""):  # a hooked SSF: merged into the module it follows
+                module.fold(state)
+        return {k: v.contiguous().cpu() for k, v in state.items()}

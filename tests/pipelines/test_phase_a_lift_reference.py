@@ -21,15 +21,15 @@ CLIP embedding (`encode_image`, ln_post(token 0) @ proj), where LIFT scores ln_p
 step; the reference takes that initial tuner (the draw is random) after checking LIFT's initialisation, and replays the
 batches through its own forward (the base weights read from a copy of the starting state dict), its own AdaptFormer,
 head, loss, optimizer and schedule. Compared: the loss of every step, the learning rate of every step, and the final
-tuner tensors and head, in float64 (the model and its tuner converted, the images cast on their way into the image
-tower) within the training bound of `tests/rounding.py`.
+tuner tensors and head, in float64 (the model converted, which its tuner follows; the images cast on their way into
+the image tower) within the training bound of `tests/rounding.py`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,7 @@ from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.models.clip import load_model
 from ballad_cache.models.tuned import weights_sha256
 from ballad_cache.pipelines import finetune as finetune_module
-from ballad_cache.pipelines import phase_a as phase_a_module
 from ballad_cache.pipelines.finetune import FinetuneConfig, finetune
-from ballad_cache.tuning import TuningOptions
 from tests.rounding import EPS32, training_bound
 
 MODEL = "ballad-micro"  # open_clip's CLIP ViT: 2 blocks of width 64, 2 heads of 32, patch 8 on 32×32 images
@@ -58,7 +56,6 @@ TUNER_KEYS = ("ln.weight", "ln.bias", "down_proj.weight", "down_proj.bias", "up_
 # the longest sum of one step: the patch convolution's 3·8·8 products (the blocks' sums are 64 and 128 long)
 TERMS = 3 * 8 * 8
 ORIGINAL_LOSS = finetune_module.phase_a_loss
-ORIGINAL_TUNE = phase_a_module.tune
 
 Tensors = dict[str, torch.Tensor]
 
@@ -95,17 +92,6 @@ class Recorder:
         loss = ORIGINAL_LOSS(image, classes, labels, kind, scale, adjust)
         self.losses.append(loss.item())
         return loss
-
-
-def tune_in_model_dtype(
-    model: torch.nn.Module, method: str, towers: Sequence[str], options: TuningOptions
-) -> list[torch.nn.Parameter]:
-    """`ballad`'s `tune`, its added modules then converted to the model's dtype, as the test converts the model:
-    `tune` builds them in float32 whatever the model's dtype, and a float32 branch cannot run in a float64 tower.
-    The returned parameters are the same objects (`Module.to` converts them in place)."""
-    params = ORIGINAL_TUNE(model, method, towers, options)
-    model.ballad_tuner.to(next(model.visual.parameters()).dtype)
-    return params
 
 
 def random_norm_affines(model: torch.nn.Module, seed: int = 0) -> None:
@@ -250,7 +236,6 @@ def test_phase_a_adaptformer_is_lifts_loop(
     recorder = Recorder(loaded.model)
     loaded.model.visual.register_forward_pre_hook(recorder.image_hook)
     monkeypatch.setattr(finetune_module, "phase_a_loss", recorder.loss)
-    monkeypatch.setattr(phase_a_module, "tune", tune_in_model_dtype)
     steps_per_epoch = len(ds.split("train")) // BATCH
     config = FinetuneConfig(
         epochs=EPOCHS,

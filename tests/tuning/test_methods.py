@@ -128,8 +128,9 @@ def test_convolutional_methods_train_ballad_lite(ballad_data, tmp_path):
     """bitfit, ssf and lora apply to EfficientNet-Lite0's convolutions and norms; the saved folder is plain."""
     ds = load_dataset("fmnist-lt")
     images = torch.randn(2, 3, 64, 64)
-    tokens = open_clip.get_tokenizer("ballad-lite")(["a coat"])
-    base, _ = _features(load_model("ballad-lite").model, images, tokens)
+    start = load_model("ballad-lite")
+    tokens = start.tokenizer(["a coat"])
+    base, _ = _features(start.model, images, tokens)
     for method in ("bitfit", "ssf", "lora"):
         loaded = load_model("ballad-lite")
         cfg = FinetuneConfig(method=method, **{**SHORT, "batch_size": 16, "max_steps": 2, "lr": 0.5})
