@@ -4,8 +4,9 @@
 the image tower), training memory at the same batch (the bytes autograd saves for the backward, counted through
 `saved_tensors_hooks` with each storage once, plus gradients and optimizer state: a machine-independent count) and
 the peak resident memory the first step adds to the process (sampled every 2 ms), the FLOPs of a step (torch's
-FlopCounterMode) and the step time; ratios against `full` (the image tower trained whole, the same cosine head; BALLAD's `full` also trains the
-text tower, reported as `full+text`).
+FlopCounterMode) and the step time; ratios against `full` (the image tower trained whole, the same cosine head;
+BALLAD's `full` also trains the text tower, reported as `full+text`). `lora@16`: rank 16, `adaptformer@64`:
+bottleneck 64 (default: LIFT's rule).
 
     python bench/phase_a_methods.py cost --model ballad-micro --batch 32
     python bench/phase_a_methods.py cost --model ViT-B-16 --batch 4 --classes 1000   # random weights serve for cost
@@ -70,14 +71,16 @@ def one(
     device = resolve_device(device_name)
     loaded = load_model(model_name, None if model_name.startswith("ballad-") else "none")
     model = loaded.model.to(device).eval()
-    name, towers = ("full", ["image", "text"]) if method == "full+text" else (method, ["image"])
+    name, _, size = method.partition("@")
+    name, towers = ("full", ["image", "text"]) if name == "full+text" else (name, ["image"])
     try:
         refuse_inapplicable(model, name, towers)
     except Exception as exc:  # noqa: BLE001 - a method that does not apply: reported, not measured
         return {"method": method, "applies": False, "why": str(exc)}
     assert name in REGISTERED
     tower_size = sum(p.numel() for n, p in model.named_parameters() if n.startswith("visual."))
-    params = tune(model, name, towers, TuningOptions(num_classes=classes))
+    sizes = {"rank": int(size)} if name == "lora" and size else {"bottleneck": int(size)} if size else {}
+    params = tune(model, name, towers, TuningOptions(num_classes=classes, **sizes))
     torch.manual_seed(0)
     dim = loaded.embed_dim
     head = torch.nn.Parameter(F.normalize(torch.randn(classes, dim, device=device), dim=-1))
