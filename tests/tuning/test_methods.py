@@ -243,3 +243,35 @@ def test_a_tuned_folder_exports_and_predicts_as_the_adapter_scores_its_cache(bal
     assert torch.equal(got, want)
     assert (got.argmax(-1) == cached.argmax(-1)).float().mean() >= 0.95  # float32 cache vs fresh encoding
     assert (got - cached).abs().max() <= 1e-3 * cached.abs().max()
+
+
+@pytest.mark.parametrize("method", ["ssf", "lora", "adaptformer"])
+def test_methods_reach_a_hugging_face_text_tower(method):
+    """--tune-text on ballad-tiny's MiniLM (BERT layers: separate q/k/v linears, post-norm): the method starts where
+    LIFT's starts (AdaptFormer and LoRA as the base model) and, once its tensors move, changes the text features;
+    a folding method's merged weights give the same features in plain open_clip's model."""
+    loaded = load_model("ballad-tiny")
+    model = loaded.model.eval()
+    tokens = loaded.tokenizer(["a photo of a coat", "a sneaker"])
+    with torch.no_grad():
+        before = model.encode_text(tokens)
+    tune(model, method, ["image", "text"], TuningOptions(num_classes=10))
+    text_parts = [k for k in model.ballad_tuner.keys() if k.startswith("text_")]
+    assert len(text_parts) >= len(model.text.transformer.encoder.layer)
+    with torch.no_grad():
+        start = model.encode_text(tokens)
+        if method != "ssf":  # SSF starts at a random scale and shift near 1 and 0, as LIFT's
+            assert torch.equal(before, start)
+        for name in text_parts:
+            for param in model.ballad_tuner[name].parameters():
+                param.add_(0.05 * torch.randn_like(param))
+        moved = model.encode_text(tokens)
+    assert (moved - before).abs().max() > 1e-3
+    if method in ("ssf", "lora"):
+        from ballad_cache.tuning.tuned import plain_state_dict
+
+        plain = load_model("ballad-tiny").model.eval()
+        plain.load_state_dict(plain_state_dict(model))
+        with torch.no_grad():
+            merged = plain.encode_text(tokens)
+        assert (merged - moved).abs().max() <= 1e-5 * moved.abs().max()
