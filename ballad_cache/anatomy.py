@@ -19,6 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# an open_clip model or one of its submodules: typed Any because attribute access through nn.Module.__getattr__ is
+# invisible to type checkers (as `models.clip.ClipModel`)
+Layer = Any
+
 TOWERS = ("image", "text")
 _SCALARS = ("logit_scale", "logit_bias")  # the CLIP model's own parameters, in neither tower
 
@@ -31,12 +35,12 @@ def tower_of(name: str) -> str | None:
     return "image" if name.startswith("visual.") else "text"
 
 
-def tower_parameters(model: nn.Module, tower: str) -> dict[str, nn.Parameter]:
+def tower_parameters(model: Layer, tower: str) -> dict[str, nn.Parameter]:
     """The named parameters of one tower (`image`: `visual.*`; `text`: everything else but the logit scale)."""
     return {n: p for n, p in model.named_parameters() if tower_of(n) == tower}
 
 
-def tower_module(model: nn.Module, tower: str) -> nn.Module:
+def tower_module(model: Layer, tower: str) -> Layer:
     """The module holding a tower's blocks: `model.visual`, `model.text` (CustomTextCLIP) or the CLIP model itself
     (whose text transformer, embeddings and projection are its own attributes)."""
     if tower == "image":
@@ -51,7 +55,7 @@ class Site:
     module's own forward runs (False for `nn.MultiheadAttention.out_proj`, whose weight the attention reads
     directly: a forward hook on it never fires)."""
 
-    module: nn.Module
+    module: Layer
     weight: str = "weight"
     bias: str | None = "bias"
     rows: slice | None = None
@@ -80,7 +84,7 @@ class Block:
     (LIFT's AdaptFormer placement, shijxcs/LIFT `models/peft_vit.py` lines 413 and 450-451).
     """
 
-    module: nn.Module
+    module: Layer
     width: int
     query: Site
     key: Site
@@ -93,7 +97,7 @@ class Block:
     add_parallel_ffn: Callable[[Callable[[torch.Tensor], torch.Tensor]], list[Any]] = field(repr=False)
 
 
-def _open_clip_block(block: nn.Module) -> Block:
+def _open_clip_block(block: Layer) -> Block:
     attn = block.attn
     width = int(attn.embed_dim)
 
@@ -127,7 +131,7 @@ def _open_clip_block(block: nn.Module) -> Block:
     )
 
 
-def _bert_block(layer: nn.Module) -> Block:
+def _bert_block(layer: Layer) -> Block:
     width = int(layer.attention.self.query.in_features)
 
     def add_parallel_ffn(fn: Callable[[torch.Tensor], torch.Tensor]) -> list[Any]:
@@ -157,7 +161,7 @@ def _bert_block(layer: nn.Module) -> Block:
     )
 
 
-def blocks(model: nn.Module, tower: str) -> list[Block]:
+def blocks(model: Layer, tower: str) -> list[Block]:
     """The transformer blocks of a tower, first to last; empty for a convolutional tower."""
     from open_clip.transformer import ResidualAttentionBlock
 
@@ -171,12 +175,12 @@ def blocks(model: nn.Module, tower: str) -> list[Block]:
     return [_open_clip_block(b) for b in found]
 
 
-def tower_kind(model: nn.Module, tower: str) -> str:
+def tower_kind(model: Layer, tower: str) -> str:
     """`transformer` when the tower is built of blocks `blocks` knows, else `convolutional`."""
     return "transformer" if blocks(model, tower) else "convolutional"
 
 
-def tower_name(model: nn.Module, tower: str) -> str:
+def tower_name(model: Layer, tower: str) -> str:
     """A tower's architecture in words, for messages: `VisionTransformer`, `EfficientNet (timm)`, `BertModel`, ..."""
     module = tower_module(model, tower)
     trunk = getattr(module, "trunk", None)
@@ -192,14 +196,14 @@ class TokenLayout:
     """A ViT image tower's token sequence: the transformer the blocks sit in, the tokens before any prompt
     (class token + patches), the width and the patch size."""
 
-    transformer: nn.Module
+    transformer: Layer
     seq_len: int
     width: int
     patch_size: tuple[int, int]
     batch_first: bool
 
 
-def vit_layout(model: nn.Module) -> TokenLayout | None:
+def vit_layout(model: Layer) -> TokenLayout | None:
     """The token layout of an open_clip ViT image tower, or None for any other tower."""
     visual = model.visual
     if not (hasattr(visual, "transformer") and hasattr(visual, "conv1") and hasattr(visual, "positional_embedding")):
@@ -209,17 +213,17 @@ def vit_layout(model: nn.Module) -> TokenLayout | None:
         transformer=visual.transformer,
         seq_len=int(pos.shape[0]),
         width=int(pos.shape[1]),
-        patch_size=tuple(visual.conv1.kernel_size),  # type: ignore[arg-type]
+        patch_size=tuple(visual.conv1.kernel_size),
         batch_first=bool(getattr(visual.transformer, "batch_first", False)),
     )
 
 
-def convolutions(model: nn.Module, tower: str) -> list[nn.Conv2d]:
+def convolutions(model: Layer, tower: str) -> list[nn.Conv2d]:
     """A tower's dense convolutions (groups == 1; depthwise ones left out), in module order."""
     return [m for m in tower_module(model, tower).modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
 
 
-def affine_norms(model: nn.Module, tower: str) -> list[nn.Module]:
+def affine_norms(model: Layer, tower: str) -> list[nn.Module]:
     """A tower's BatchNorm and LayerNorm layers with a learnable affine weight and bias, in module order."""
     kinds = (nn.BatchNorm2d, nn.LayerNorm)
     return [
@@ -229,7 +233,7 @@ def affine_norms(model: nn.Module, tower: str) -> list[nn.Module]:
     ]
 
 
-def last_projection(model: nn.Module) -> tuple[str, Any]:
+def last_projection(model: Layer) -> tuple[str, Any]:
     """The image tower's last linear map, where `export` folds an adapter: (`matrix`, the ViT `proj` parameter,
     applied as `x @ proj`), (`linear`, an `nn.Linear` applied as `W x + b`: ModifiedResNet's attention-pool output
     projection, a timm tower's projection, its MLP's last layer, or the trunk's classifier), or (`none`, None) for a
@@ -270,7 +274,7 @@ _HALF_ATTENTION = (
 _HALF_PROJECTIONS = ("text_projection", "proj")
 
 
-def official_half_tensors(model: nn.Module) -> Iterator[torch.Tensor]:
+def official_half_tensors(model: Layer) -> Iterator[torch.Tensor]:
     """The tensors openai/CLIP's `convert_weights` stores in float16: every Conv1d, Conv2d and Linear weight and
     bias, `nn.MultiheadAttention`'s in/q/k/v projection weights, in-projection bias and bias_k/bias_v, and any
     parameter named `text_projection` or `proj`. Everything else (norms, embeddings, the logit scale) stays."""

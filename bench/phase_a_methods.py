@@ -13,7 +13,8 @@ bottleneck 64 (default: LIFT's rule).
     python bench/phase_a_methods.py cost --model ViT-B-16 --batch 128 --device cuda --precision bf16
 
 `demo`: on Fashion-MNIST-LT, each method through the whole pipeline: phase A (the demo's settings, the method's own
-learning rate), extraction, and every cached head searched on val (`sweep --family all`); zero-shot -> phase A ->
+learning rate; `NAME+text` also tunes the text tower, `NAME+lift` trains LIFT's cosine head with the LA loss),
+extraction, and every cached head searched on val (`sweep --family all`); zero-shot -> phase A ->
 best cached head, chosen on val, reported on test; and the epochs and seconds each method took to reach full's best
 val top-1.
 
@@ -242,6 +243,10 @@ def demo(a: argparse.Namespace) -> None:
         "lora": dataclasses.replace(base, method="lora", lr=a.peft_lr),
         "lora+text": dataclasses.replace(base, method="lora", lr=a.peft_lr, tune_text=True),
     }
+    lift = {"classifier": "cosine", "loss": "la"}  # LIFT's head and loss: a cosine head from the prompts, LA
+    runs["full+lift"] = dataclasses.replace(base, **lift)
+    for method in ("bitfit", "ssf", "lora"):
+        runs[f"{method}+lift"] = dataclasses.replace(base, method=method, lr=a.peft_lr, **lift)
     results = []
     for name in a.runs.split(","):
         cfg = runs[name]

@@ -115,8 +115,13 @@ def load_tuned_dir(folder: Path, device: str | torch.device = "cpu") -> LoadedMo
         base_name, base_tag, recorded = base["name"], base["pretrained"], base["weights_sha256"]
     except (KeyError, TypeError) as exc:
         raise BalladError(f"{meta_path} lacks {exc!s}; train the model again") from None
+    if meta.get("format") != TUNED_FORMAT:
+        raise BalladError(f"{meta_path} is of format {meta.get('format')}, not {TUNED_FORMAT}; train the model again")
     if method not in METHODS:
-        raise BalladError(f"{meta_path} was trained with method '{method}', which is not registered here")
+        raise BalladError(
+            f"{meta_path} was trained with method '{method}', which is not registered here; register it "
+            "(ballad_cache.tuning.register_method) before loading"
+        )
     loaded = load_model(base_name, base_tag, device)
     found = weights_sha256(loaded.model)
     if found != recorded:

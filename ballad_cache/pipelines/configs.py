@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import setting
+from ..heads.terms import LOGIT_SCALE
 from ..inputs.longtail import ShotThresholds
 from ..inputs.splits import SPLITS
 from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS
@@ -55,13 +56,17 @@ OPTIMIZERS.register("sgd", _sgd, help="SGD with momentum (official)")
 OPTIMIZERS.register("adamw", _adamw, help="AdamW (--momentum unused)")
 
 
-def _ce(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any) -> torch.Tensor:
+def _ce(
+    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float = LOGIT_SCALE, adjust: Any = None
+) -> torch.Tensor:
     import torch.nn.functional as F
 
     return F.cross_entropy(scale * image @ classes.T, labels)
 
 
-def _la(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any) -> torch.Tensor:
+def _la(
+    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float = LOGIT_SCALE, adjust: Any = 0.0
+) -> torch.Tensor:
     import torch.nn.functional as F
 
     # LIFT `utils/losses.py` lines 84-94 (LogitAdjustedLoss): cross-entropy of logit + tau · log(class prior)
@@ -69,7 +74,7 @@ def _la(image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale:
 
 
 def _contrastive(
-    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float, adjust: Any
+    image: torch.Tensor, classes: torch.Tensor, labels: torch.Tensor, scale: float = LOGIT_SCALE, adjust: Any = None
 ) -> torch.Tensor:
     import torch
     import torch.nn.functional as F
@@ -214,11 +219,25 @@ class FinetuneConfig:
                     raise OptionError(name, f"applies to {setting('classifier', 'cosine')} only; drop it")
         if self.loss != "la" and self.la_tau != _FINETUNE_DEFAULTS["la_tau"]:
             raise OptionError("la_tau", f"applies to {setting('loss', 'la')} only; drop it")
+        if self.classifier == "cosine" and self.tune_text:
+            raise OptionError(
+                "tune_text",
+                f"has nothing to train with {setting('classifier', 'cosine')}: the text tower only initialises the "
+                f"head; drop it, or use {setting('classifier', 'prompts')}",
+            )
+        if self.classifier == "cosine" and self.loss == "contrastive":
+            raise OptionError(
+                "loss",
+                f"contrastive pairs images with their class prompts' embeddings; with "
+                f"{setting('classifier', 'cosine')} use {setting('loss', 'ce')} or {setting('loss', 'la')}",
+            )
 
     @property
     def towers(self) -> list[str]:
-        """The towers the method tunes: the image tower, and the text tower with `tune_text` (default: for full)."""
-        text = self.method == "full" if self.tune_text is None else self.tune_text
+        """The towers the method tunes: the image tower, and the text tower with `tune_text` (default: for full with
+        the prompts classifier, as BALLAD; a cosine head never runs the text tower after its start)."""
+        default = self.method == "full" and self.classifier == "prompts"
+        text = default if self.tune_text is None else self.tune_text
         return ["image", "text"] if text else ["image"]
 
     def idle_reason(self) -> str | None:

@@ -176,7 +176,8 @@ def build_classifier(
             f"(weights {str(loaded.checkpoint_sha256)[:12]}); pass the model its cache was extracted with"
         )
     loaded.model = loaded.model.float().eval()
-    tuned = local_dir(model) if local_dir(model) is not None and is_tuned_dir(local_dir(model)) else None
+    folder = local_dir(model)
+    tuned = folder if folder is not None and is_tuned_dir(folder) else None
     if tuned is not None:  # a tuned-model folder refers to its base's weights: the head stays outside the tower
         cfg: dict[str, Any] | None = None
         context = HeadContext(fitted.head.context.text, fitted.head.context.log_prior, folded=False)

@@ -98,14 +98,15 @@ def phase_a_loss(
     return PHASE_A_LOSSES.get(kind)(image, classes, labels, scale, adjust)
 
 
-def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int) -> float:
-    """Learning rate of optimizer step `step` (of `total`) in 0-based `epoch`: linear warm-up over the first
-    `warmup_steps`, then the official per-epoch cosine or, with `schedule="step"`, a cosine over the steps after
-    the warm-up (whose last step still has a non-zero rate)."""
+def lr_at(config: FinetuneConfig, step: int, total: int, epoch: int, base: float | None = None) -> float:
+    """Learning rate of optimizer step `step` (of `total`) in 0-based `epoch` for a group whose peak is `base`
+    (default `config.lr`): linear warm-up over the first `warmup_steps`, then the schedule (`SCHEDULES`): the
+    official per-epoch cosine, LIFT's `epoch-end`, or with `step` a cosine over the steps after the warm-up."""
+    peak = config.lr if base is None else base
     if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
+        return peak * (step + 1) / config.warmup_steps
     schedule = SCHEDULES.get(config.schedule)
-    return schedule(config.lr, step - config.warmup_steps, max(total - config.warmup_steps, 1), epoch, config.epochs)
+    return schedule(peak, step - config.warmup_steps, max(total - config.warmup_steps, 1), epoch, config.epochs)
 
 
 @torch.inference_mode()
@@ -375,7 +376,7 @@ def finetune(
             images = batch["image"][keep].to(device, non_blocking=True)
             labels = batch["label"][keep].to(device, non_blocking=True)
             for g in opt.param_groups:
-                g["lr"] = lr_at(config, step, total_steps, epoch) * g.get("lr_ratio", 1.0)
+                g["lr"] = lr_at(config, step, total_steps, epoch, g.get("base_lr"))
             with autocast(device, config.precision, FINETUNE_PRECISIONS):
                 image_feats, text_feats = net(images)
                 loss = phase_a_loss(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from ..models.clip import ClassHead, LoadedModel, PromptBank, convert_weights_of
 from ..models.encoder import autocast
 from ..models.tuned import base_reference, save_phase_a_model, weights_sha256
 from ..tuning import METHODS, TuningOptions
+from ..tuning.methods import TUNER
 from ..tuning.tuned import tune
 from .configs import FINETUNE_PRECISIONS, FinetuneConfig
 
@@ -53,6 +54,10 @@ class PhaseANet(nn.Module):
     (BALLAD), and encodes them once under no-grad when it is frozen; `cosine` is a learned C×d head initialised
     from the prompt embeddings (LIFT `trainer.py` lines 313-353), normalised at each use.
     """
+
+    model: Any  # an open_clip model (attribute access through nn.Module is invisible to type checkers)
+    text: torch.Tensor | None
+    adjust: torch.Tensor | None
 
     def __init__(
         self,
@@ -82,7 +87,7 @@ class PhaseANet(nn.Module):
             return F.normalize(self.head, dim=-1)
         if self.text_trains:
             return self.prompts.encode(self.model)
-        return self.text
+        return cast(torch.Tensor, self.text)  # set by __init__ whenever the text tower is frozen
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image features and the class embeddings."""
@@ -105,6 +110,11 @@ def prepare(
     Raises:
         BalladError: the method does not apply to a tuned tower (one line naming the tower and the methods that do).
     """
+    if getattr(loaded.model, TUNER, None) is not None:
+        raise BalladError(
+            f"{loaded.name} is a tuned-model folder (base weights + tuner): phase A starts from plain weights; start "
+            "from its base model"
+        )
     model = loaded.model.to(device).train(config.train_mode)
     towers = config.towers
     base = base_reference(loaded, weights_sha256(model)) if not METHODS.get(config.method).folds else None
@@ -115,16 +125,18 @@ def prepare(
     prompts = PromptBank(loaded, dataset.classnames, templates)
     text = None
     if config.classifier == "cosine" or "text" not in towers:
+        model.eval()  # the class embeddings as evaluation sees them (no dropout baked into the head's start)
         with torch.no_grad(), autocast(device, config.precision, FINETUNE_PRECISIONS):
             text = prompts.encode(model)
+        model.train(config.train_mode)
         text = text.to(torch.promote_types(text.dtype, torch.float32))
     adjust = None
     if config.loss == "la":
         counts = torch.as_tensor(dataset.class_counts("train"), dtype=torch.float64)
         if (counts == 0).any():
             raise BalladError(
-                f"{setting('loss', 'la')} needs every class in the train split; "
-                f"{int((counts == 0).sum())} class(es) have no image"
+                f"{setting('loss', 'la')} needs every class in the train split, but "
+                f"{int((counts == 0).sum())} class(es) have no image; use {setting('loss', 'ce')}"
             )
         adjust = (config.la_tau * torch.log(counts / counts.sum())).float().to(device)
     net = PhaseANet(model, prompts, config, towers, text, adjust).to(device)
@@ -132,20 +144,18 @@ def prepare(
     if net.head is not None:
         head_lr = config.lr if config.head_lr is None else config.head_lr
         head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
-        groups.append(
-            {"params": [net.head], "lr": head_lr, "weight_decay": head_wd, "lr_ratio": _ratio(head_lr, config)}
-        )
+        groups.append({"params": [net.head], "lr": head_lr, "weight_decay": head_wd, "base_lr": head_lr})
     return net, groups, base
-
-
-def _ratio(lr: float, config: FinetuneConfig) -> float:
-    return lr / config.lr if config.lr else 0.0
 
 
 def trainable_count(net: PhaseANet) -> dict[str, int]:
     """Parameters that train (method, head) and the image tower's size, for the run's summary."""
     method = sum(p.numel() for n, p in net.model.named_parameters() if p.requires_grad)
-    image = sum(p.numel() for n, p in net.model.named_parameters() if n.startswith("visual."))
+    image = sum(  # the tower's own weights: a parametrized weight counts as its original, not its tuner's tensors
+        p.numel()
+        for n, p in net.model.named_parameters()
+        if n.startswith("visual.") and (".parametrizations." not in n or n.endswith(".original"))
+    )
     return {"method": method, "head": net.head.numel() if net.head is not None else 0, "image_tower": image}
 
 

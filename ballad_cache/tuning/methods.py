@@ -143,7 +143,7 @@ class SSFMethod(TuningMethod):
                 site.module.register_forward_hook(lambda module, args, y, ssf=ssf: ssf(y))
                 continue
             _parametrize(site.module, site.weight, SSFWeight(ssf))
-            if bias is not None:
+            if bias is not None and site.bias:
                 _parametrize(site.module, site.bias, SSFBias(ssf))
 
 

@@ -2,15 +2,17 @@
 `models/peft_modules.py`): AdaptFormer, LoRA as a weight delta, SSF as a weight and bias parametrization, and
 visual prompts.
 
-LoRA and the SSF of q/k/v (inside `nn.MultiheadAttention`, out of a hook's reach) are `torch.nn.utils.parametrize`
-parametrizations of the weights they change: saving reads the merged tensor. Every other SSF follows its module
-through a forward hook (`y · scale + shift`), so the backward computes no weight gradient for it, and folds into the
-module's weight and bias on save (`SSF.fold`).
+LoRA is a `torch.nn.utils.parametrize` parametrization of the weight it changes (q and v inside
+`nn.MultiheadAttention`'s stacked in-projection are out of a hook's reach): saving reads the merged tensor. SSF
+follows each linear whose forward runs through a forward hook (`y · scale + shift`), so the backward computes no
+weight gradient for it, and folds into that linear's weight and bias on save (`SSF.fold`); the SSF of the stacked
+q/k/v, of the attention's out-projection (read without being called) and of the norms are parametrizations.
 """
 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +78,7 @@ class LoRAWeight(nn.Module):
             rng = rng or slice(0, flat.shape[0])
             if rng.start > start:
                 rows.append(flat[start : rng.start])
-            rows.append(flat[rng] + lora.delta().to(flat.dtype))
+            rows.append(flat[rng] + cast(LoRA, lora).delta().to(flat.dtype))
             start = rng.stop
         if start < flat.shape[0]:
             rows.append(flat[start:])

@@ -79,7 +79,8 @@ def load_tuner_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
         raise BalladError(
             f"{source} does not fit this model and method (missing {missing}, unexpected {extra}); train it again"
         )
-    tuner.load_state_dict(state)
+    if tuner is not None:
+        tuner.load_state_dict(state)
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
