@@ -374,7 +374,7 @@ def test_too_little_free_space_for_a_checkpoint_is_refused_before_writing(tmp_pa
     import shutil
 
     from ballad_cache.errors import BalladError
-    from ballad_cache.pipelines.finetune import _save_checkpoint
+    from ballad_cache.pipelines.phase_a import save_checkpoint as _save_checkpoint
 
     monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 2**20, 2**20))
     with pytest.raises(BalladError, match="checkpoint.pt: 3.8 MiB needed, 1.0 MiB free"):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-from ..atomic import LOCK_FILE, append_jsonl, atomic_path, ensure_free_space, remove_stale_temps, write_json
+from ..atomic import LOCK_FILE, append_jsonl, remove_stale_temps, write_json
 from ..distributed import DistContext
 from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
@@ -38,7 +37,7 @@ from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import SUMMARY, RunFolder
 from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
-from .phase_a import prepare, refuse_changed_config, save, trainable_count
+from .phase_a import TrainState, prepare, save, trainable_count
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -158,49 +157,6 @@ def evaluate_model(
     return {**summary(report), **({"skipped": skipped} if skipped else {})}
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write a checkpoint atomically; a full disk is a one-line error and the previous checkpoint stays."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ensure_free_space(path, _state_bytes(state))
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(state, tmp)
-        except RuntimeError as exc:  # torch reports a failed write (e.g. disk filled meanwhile) this way
-            first = str(exc).strip().splitlines()[0][:160]
-            raise BalladError(
-                f"cannot write {path}: {first}; check free space, then rerun with {setting('resume', True)}"
-            ) from None
-
-
-def _state_bytes(obj: Any) -> int:
-    """Bytes of the tensors in a nested checkpoint state."""
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_state_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_state_bytes(v) for v in obj)
-    return 0
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a phase-A checkpoint with `weights_only=True` (tensors and plain containers only).
-
-    Raises:
-        BalladError: the file is missing, truncated, or holds anything but weights (e.g. a crafted pickle).
-    """
-    if not path.exists():
-        raise BalladError(f"{path} does not exist; nothing to resume (drop {setting('resume')} to start fresh)")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise BalladError(
-            f"refusing to load {path}: not a plain weights checkpoint ({first}); delete it and start without "
-            f"{setting('resume')}"
-        ) from None
-
-
 def finetune(
     dataset: LTDataset,
     loaded: LoadedModel,
@@ -295,17 +251,9 @@ def finetune(
         )
 
     if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        refuse_changed_config(state.get("config", {}), config, ckpt_path)
-        model.load_state_dict(state["model"])
-        if phase_net.head is not None:
-            phase_net.head.data.copy_(state["head"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, batch_offset, step = state["epoch"], state["batch_in_epoch"], state["step"]
-        best, best_epoch = state["best"], state["best_epoch"]
-        rng_state = state.get("rng")  # absent from checkpoints written before it was saved
-        if device.type == "cuda" and "cuda_rng" in state:  # nothing draws from it between checkpoint and here
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        state = TrainState.restore(ckpt_path, phase_net, opt, config, device)
+        start_epoch, batch_offset, step = state.epoch, state.batch_in_epoch, state.step
+        best, best_epoch, rng_state = state.best, state.best_epoch, state.rng
         progress.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, batch {batch_offset}, step {step}")
     elif has_val:
         start_report = validate()
@@ -314,22 +262,7 @@ def finetune(
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
         if dist.is_main:
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "model": model.state_dict(),
-                    **({"head": phase_net.head.detach()} if phase_net.head is not None else {}),
-                    "optimizer": opt.state_dict(),
-                    "epoch": epoch,
-                    "batch_in_epoch": batch_in_epoch,
-                    "step": step,
-                    "best": best,
-                    "best_epoch": best_epoch,
-                    "config": asdict(config),
-                    "rng": torch.get_rng_state(),
-                    **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
-                },
-            )
+            TrainState(epoch, batch_in_epoch, step, best, best_epoch).save(ckpt_path, phase_net, opt, config, device)
         dist.barrier()
 
     images_done, t0 = 0, time.perf_counter()

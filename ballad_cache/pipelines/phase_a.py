@@ -1,5 +1,6 @@
-"""Phase A's model: preparing it (which parameters train, what is injected, which towers run without gradients),
-its optimizer groups, the resume check, and saving what it trained.
+"""Phase A's model and state: preparing the model (which parameters train, what is injected, which towers run without
+gradients) and its optimizer groups, the training state (checkpoint, resume and its check), and saving what it
+trained.
 
     net = prepare(loaded, dataset, config, device)   # tuning method attached, classifier built
     image, classes = net(images)                      # normalised image features, class embeddings
@@ -11,7 +12,7 @@ its optimizer groups, the resume check, and saving what it trained.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..atomic import atomic_path, ensure_free_space
 from ..errors import BalladError, setting
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.datasets import LTDataset, load_templates
@@ -196,3 +198,101 @@ def refuse_changed_config(stored: dict[str, Any], config: FinetuneConfig, checkp
             f"{checkpoint} was written with {', '.join(changed)}; resume with the same options, or start again "
             f"with {setting('overwrite', True)}"
         )
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically; a full disk is a one-line error and the previous checkpoint stays."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_free_space(path, state_bytes(state))
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (e.g. disk filled meanwhile) this way
+            first = str(exc).strip().splitlines()[0][:160]
+            raise BalladError(
+                f"cannot write {path}: {first}; check free space, then rerun with {setting('resume', True)}"
+            ) from None
+
+
+def state_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested checkpoint state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a phase-A checkpoint with `weights_only=True` (tensors and plain containers only).
+
+    Raises:
+        BalladError: the file is missing, truncated, or holds anything but weights (e.g. a crafted pickle).
+    """
+    if not path.exists():
+        raise BalladError(f"{path} does not exist; nothing to resume (drop {setting('resume')} to start fresh)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise BalladError(
+            f"refusing to load {path}: not a plain weights checkpoint ({first}); delete it and start without "
+            f"{setting('resume')}"
+        ) from None
+
+
+@dataclass
+class TrainState:
+    """Where phase A stands, as `checkpoint.pt` holds it with the model (tuner and parametrizations included), the
+    cosine head, the optimizer, the options and the generators: the epoch and batch to continue at, the optimizer
+    steps taken, the best val top-1 so far and its epoch, and (restored) the global generator at the checkpoint."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+    best: float = -1.0
+    best_epoch: int = -1
+    rng: torch.Tensor | None = None
+
+    def save(
+        self, path: Path, net: PhaseANet, opt: torch.optim.Optimizer, config: FinetuneConfig, device: torch.device
+    ) -> None:
+        """Write the checkpoint atomically (see `save_checkpoint`)."""
+        save_checkpoint(
+            path,
+            {
+                "model": net.model.state_dict(),
+                **({"head": net.head.detach()} if net.head is not None else {}),
+                "optimizer": opt.state_dict(),
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "step": self.step,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "config": asdict(config),
+                "rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
+            },
+        )
+
+    @classmethod
+    def restore(
+        cls, path: Path, net: PhaseANet, opt: torch.optim.Optimizer, config: FinetuneConfig, device: torch.device
+    ) -> TrainState:
+        """Load a checkpoint into `net` and `opt` (prepared as the run that wrote it) and return where it stood.
+
+        Raises:
+            BalladError: an unreadable checkpoint, or one written with other options (`refuse_changed_config`).
+        """
+        state = load_checkpoint(path)
+        refuse_changed_config(state.get("config", {}), config, path)
+        net.model.load_state_dict(state["model"])
+        if net.head is not None:
+            net.head.data.copy_(state["head"])
+        opt.load_state_dict(state["optimizer"])
+        if device.type == "cuda" and "cuda_rng" in state:  # nothing draws from it between checkpoint and here
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        rng = state.get("rng")  # absent from checkpoints written before it was saved
+        return cls(state["epoch"], state["batch_in_epoch"], state["step"], state["best"], state["best_epoch"], rng)

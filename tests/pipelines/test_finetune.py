@@ -9,7 +9,8 @@ from ballad_cache.errors import BalladError
 from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.models.clip import load_model
 from ballad_cache.pipelines.demo import DEMO_PHASE_A
-from ballad_cache.pipelines.finetune import FinetuneConfig, finetune, load_checkpoint
+from ballad_cache.pipelines.finetune import FinetuneConfig, finetune
+from ballad_cache.pipelines.phase_a import load_checkpoint
 from ballad_cache.progress import NullProgress
 from tests.conftest import run_ballad
 
