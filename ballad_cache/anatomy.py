@@ -188,7 +188,7 @@ def tower_name(model: Layer, tower: str) -> str:
         return f"{type(trunk).__name__} (timm)"
     if tower == "text" and hasattr(module, "transformer") and hasattr(module.transformer, "encoder"):
         return type(module.transformer).__name__
-    return type(module).__name__ if tower == "image" else "text Transformer"
+    return type(module).__name__ if tower == "image" else "Transformer"
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,8 @@ def _device(placement: Placement) -> Any:
 def finetune(
     config: FinetuneConfig, source: ModelSource, dataset: DatasetSource, run: ResumableOutput, placement: Placement
 ) -> None:
-    """Phase A: continue training both CLIP towers on the long-tailed train split (BALLAD's recipe).
+    """Phase A: tune CLIP on the long-tailed train split: both towers whole (BALLAD, the default) or a few
+    parameters of the image tower (--method bitfit|ssf|lora|adaptformer|vpt, LIFT's placement).
 
     Runs under `torchrun --nproc_per_node=N ballad finetune ...` for DDP (NCCL on GPU, gloo on CPU).
     """

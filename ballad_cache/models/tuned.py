@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..anatomy import TOWERS
 from ..atomic import atomic_path, read_json, sha256_file, write_json
 from ..errors import BalladError
 from ..tuning import METHODS, TuningOptions
@@ -35,6 +36,7 @@ from .clip import (
 TUNED_META = "ballad_tuned.json"
 TUNER_WEIGHTS = "tuner.safetensors"
 TUNED_FORMAT = 1
+_SIZES = ("num_classes", "rank", "bottleneck", "vpt_length")  # TuningOptions' integer sizes
 
 
 def weights_sha256(model: nn.Module) -> str:
@@ -109,14 +111,21 @@ def load_tuned_dir(folder: Path, device: str | torch.device = "cpu") -> LoadedMo
     if not meta_path.is_file():
         return None
     meta = read_json(meta_path)
+    if not isinstance(meta, dict) or meta.get("format") != TUNED_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        newer = isinstance(found, int) and found > TUNED_FORMAT
+        fix = "upgrade ballad to load it" if newer else "train the model again"
+        raise BalladError(f"{meta_path} is of format {found}, not {TUNED_FORMAT}; {fix}")
     try:
         method, towers, options = meta["method"], list(meta["towers"]), TuningOptions(**meta["options"])
         base = meta["base"]
         base_name, base_tag, recorded = base["name"], base["pretrained"], base["weights_sha256"]
-    except (KeyError, TypeError) as exc:
-        raise BalladError(f"{meta_path} lacks {exc!s}; train the model again") from None
-    if meta.get("format") != TUNED_FORMAT:
-        raise BalladError(f"{meta_path} is of format {meta.get('format')}, not {TUNED_FORMAT}; train the model again")
+        sizes_ok = all(isinstance(getattr(options, f), int) and getattr(options, f) >= 0 for f in _SIZES)
+        if not sizes_ok or options.num_classes < 1 or not set(towers) <= set(TOWERS) or not towers:
+            raise ValueError("sizes or towers out of range")
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        reason = f"lacks {exc!s}" if isinstance(exc, KeyError) else f"holds an invalid description ({exc})"
+        raise BalladError(f"{meta_path} {reason}; train the model again") from None
     if method not in METHODS:
         raise BalladError(
             f"{meta_path} was trained with method '{method}', which is not registered here; register it "

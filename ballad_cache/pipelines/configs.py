@@ -159,8 +159,8 @@ class FinetuneConfig:
     )
     tune_text: bool | None = option(
         None,
-        "Apply the method to the text tower too (default: yes for full, as BALLAD trains both towers; no for the "
-        "other methods, as LIFT freezes the text tower).",
+        "Apply the method to the text tower too (default: yes for full with --classifier prompts, as BALLAD trains "
+        "both towers; no for the other methods, as LIFT freezes it, and with --classifier cosine).",
         flag="--tune-text/--freeze-text",
         axis=False,
     )

@@ -11,6 +11,7 @@ together the same batches as one process with batch B.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -157,6 +158,20 @@ def evaluate_model(
     return {**summary(report), **({"skipped": skipped} if skipped else {})}
 
 
+def _start_report(metrics: Path) -> dict[str, Any] | None:
+    """The val report before training, as the run that wrote `metrics.jsonl` logged it (epoch 0), or None."""
+    if not metrics.is_file():
+        return None
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("epoch") == 0 and "val" in record:
+            return dict(record["val"])
+    return None
+
+
 def finetune(
     dataset: LTDataset,
     loaded: LoadedModel,
@@ -204,13 +219,6 @@ def finetune(
     fused = device.type == "cuda"  # one multi-tensor kernel per step instead of a launch per parameter
     opt = OPTIMIZERS.get(config.optimizer)(groups, config, fused)
     counts = trainable_count(phase_net)
-    if dist.is_main:
-        share = 100.0 * counts["method"] / max(counts["image_tower"], 1)
-        progress.log(
-            f"phase A: {config.method} on the {' and '.join(config.towers)} tower(s) trains {counts['method']:,} "
-            f"parameters ({share:.2f}% of the image tower's size)"
-            + (f" and a {counts['head']:,}-parameter cosine head" if counts["head"] else "")
-        )
 
     def save_model(folder: Path) -> None:
         save(phase_net, loaded, folder, config, dataset.classnames, base)
@@ -255,10 +263,19 @@ def finetune(
         start_epoch, batch_offset, step = state.epoch, state.batch_in_epoch, state.step
         best, best_epoch, rng_state = state.best, state.best_epoch, state.rng
         progress.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, batch {batch_offset}, step {step}")
+        start_report = _start_report(out / "metrics.jsonl")
     elif has_val:
         start_report = validate()
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})
+    if dist.is_main:
+        towers = " and ".join(config.towers)
+        progress.log(
+            f"phase A: {config.method} on the {towers} tower{'s' if len(config.towers) > 1 else ''} trains "
+            f"{counts['method']:,} parameters ({100.0 * counts['method'] / max(counts['image_tower'], 1):.2f}% as "
+            "many as the image tower holds)"
+            + (f" and a {counts['head']:,}-parameter cosine head" if counts["head"] else "")
+        )
 
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
         if dist.is_main:

@@ -76,9 +76,13 @@ def load_tuner_state(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if set(own) != set(state) or any(own[k].shape != state[k].shape for k in own):
         missing = sorted(set(own) - set(state))[:2]
         extra = sorted(set(state) - set(own))[:2]
-        raise BalladError(
-            f"{source} does not fit this model and method (missing {missing}, unexpected {extra}); train it again"
+        bad = [k for k in own if k in state and own[k].shape != state[k].shape][:1]
+        what = (
+            f"missing {missing}, unexpected {extra}"
+            if missing or extra
+            else f"{bad[0]} is {tuple(state[bad[0]].shape)}, the model's {tuple(own[bad[0]].shape)}"
         )
+        raise BalladError(f"{source} does not fit this model and method ({what}); train it again")
     if tuner is not None:
         tuner.load_state_dict(state)
 

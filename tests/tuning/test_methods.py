@@ -96,6 +96,10 @@ def test_unfoldable_methods_keep_a_base_reference_open_clip_refuses(ballad_data,
     with pytest.raises(BalladError, match="tuned on ballad-micro") as err:
         load_model(local_dir_name(folder))
     assert "\n" not in str(err.value)
+    for damage in ({"options": {**meta["options"], "bottleneck": "x"}}, {"towers": ["audio"]}, {"format": 9}):
+        (folder / TUNED_META).write_text(json.dumps({**meta, **damage}))
+        with pytest.raises(BalladError, match="invalid description|upgrade ballad"):
+            load_model(local_dir_name(folder))
 
 
 def test_adaptformer_starts_as_the_base_model_and_sizes_by_lifts_rule():
