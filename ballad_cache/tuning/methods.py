@@ -75,6 +75,21 @@ def register_method(method: TuningMethod, replace: bool = False) -> TuningMethod
     return METHODS.register(method.name, method, help=method.help, replace=replace)
 
 
+def _refuse_wider(size: int, width: int, field: str, tower: str) -> None:
+    """A bottleneck or rank wider than the blocks it sits beside adds parameters without adding capacity.
+
+    Raises:
+        BalladError: one line naming the option and the largest value that makes sense.
+    """
+    from ..errors import BalladError, setting
+
+    if size > width:
+        raise BalladError(
+            f"{setting(field, size)} exceeds the {tower} tower's block width {width}; use at most "
+            f"{setting(field, width)} (0: LIFT's rule)"
+        )
+
+
 def _parametrize(module: nn.Module, name: str, parametrization: nn.Module) -> None:
     from torch.nn.utils import parametrize
 
@@ -162,6 +177,7 @@ class LoRAMethod(TuningMethod):
         found = blocks(model, tower)
         if found:
             rank = options.rank or lift_bottleneck(options.num_classes, len(found))
+            _refuse_wider(rank, found[0].width, "lora_rank", tower)
             for i, block in enumerate(found):
                 parts: dict[int, tuple[Any, list[tuple[slice | None, LoRA]]]] = {}
                 for role, site in (("q", block.query), ("v", block.value)):
@@ -195,6 +211,7 @@ class AdaptFormerMethod(TuningMethod):
 
         found = blocks(model, tower)
         size = options.bottleneck or lift_bottleneck(options.num_classes, len(found))
+        _refuse_wider(size, found[0].width, "bottleneck", tower)
         for i, block in enumerate(found):
             branch = AdaptFormer(block.width, size)
             tuner[f"{tower}_{i}_adaptformer"] = branch

@@ -116,6 +116,8 @@ def test_adaptformer_starts_as_the_base_model_and_sizes_by_lifts_rule():
     layers = len(loaded.model.visual.transformer.resblocks)
     assert branch.down_proj.out_features == 2 ** math.floor(math.log2(40 / (2 * layers)))  # 2^floor(log2(C/2L))
     assert float(branch.scale) == 1.0
+    with pytest.raises(BalladError, match="block width 64"):  # wider than the block: refused in one line
+        tune(load_model("ballad-micro").model, "adaptformer", ["image"], TuningOptions(num_classes=40, bottleneck=65))
 
 
 def test_a_method_that_cannot_apply_is_one_line_naming_the_tower_and_the_ones_that_do(ballad_data, tmp_path):
