@@ -70,10 +70,22 @@ def test_the_official_augmentation_takes_the_models_size_and_statistics():
     assert tuple(steps[-1].mean) == CLIP_MEAN and tuple(steps[-1].std) == CLIP_STD
 
 
+def test_the_lift_augmentation_is_lifts_train_transform():
+    """shijxcs/LIFT `trainer.py` lines 102-107: RandomResizedCrop(resolution) at torchvision's defaults, a horizontal
+    flip, ToTensor, Normalize(mean, std) with the model's statistics."""
+    cfg = {"size": (48, 48), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
+    steps = train_transform("lift", cfg, T.Compose([])).transforms
+    assert [type(t) for t in steps] == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
+    crop = steps[0]
+    assert crop.size == (48, 48) and crop.scale == (0.08, 1.0) and crop.ratio == (3 / 4, 4 / 3)
+    assert crop.interpolation == T.InterpolationMode.BILINEAR and steps[1].p == 0.5
+    assert (list(steps[-1].mean), list(steps[-1].std)) == ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])
+
+
 def test_open_clip_augmentation_is_the_models_own_and_unknown_names_are_listed():
     own = T.Compose([T.ToTensor()])
     assert train_transform("open_clip", {"size": 32}, own) is own
-    assert list(AUGMENTATIONS) == ["official", "open_clip"]
-    with pytest.raises(ValueError, match="unknown augmentation 'fancy'; known: official, open_clip"):
+    assert list(AUGMENTATIONS) == ["official", "lift", "open_clip"]
+    with pytest.raises(ValueError, match="unknown augmentation 'fancy'; known: official, lift, open_clip"):
         train_transform("fancy", {}, own)
     assert AUGMENT_ON == ("worker", "device")
