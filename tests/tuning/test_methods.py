@@ -1,7 +1,7 @@
-"""Phase A's tuning methods (`ballad_cache/tuning/`, `models/tuned.py`, `pipelines/phase_a.py`): LoRA's update is
-LIFT's `q + s·xAB`, folding methods save plain open_clip folders whose features equal the tuned model's, the others
-save a base reference plain open_clip refuses and ballad re-applies, a method that cannot apply is one line, a resume
-with other options is refused, and the phase-A head is what the cache scores."""
+"""Phase A's tuning methods (`ballad_cache/tuning/`, `anatomy.py`, `models/tuned.py`, `pipelines/phase_a.py`):
+LoRA's update is LIFT's `q + s·xAB`, folding methods save plain open_clip folders whose features equal the tuned
+model's, the others save a base reference plain open_clip refuses and ballad re-applies, a method that cannot apply
+is one line, a resume with other options is refused, and the phase-A head is what the cache scores."""
 
 from __future__ import annotations
 
