@@ -54,6 +54,11 @@ def _device(placement: Placement) -> Any:
     return resolve_device(placement.device)
 
 
+def _model_words(source: ModelSource) -> str:
+    """`--model` and `--pretrained` as a run's first line names them."""
+    return f"{source.model} ({source.pretrained})" if source.pretrained else source.model
+
+
 @config_command(
     app, config=FinetuneConfig, source=ModelSource, dataset=DatasetSource, run=ResumableOutput, placement=Placement
 )
@@ -68,13 +73,17 @@ def finetune(
     from ballad_cache.pipelines.finetune import run_finetune
 
     device = _device(placement)
+    err.print(f"finetune: {dataset.data} with {_model_words(source)}, --method {config.method} -> {run.out}")
     with RichProgress() as progress:
         r = run_finetune(
             dataset.data, source.model, source.pretrained, run.out, config, device, run.resume, run.overwrite, progress
         )
     if r is not None:
-        start = r["start"]["top1"] if r["start"] else float("nan")
-        out.print(f"phase A done: val top1 {start:.2f} -> {r['best_val_top1']:.2f} (epoch {r['best_epoch']})")
+        if r["best_epoch"] < 0:  # no val split: nothing ranked the epochs
+            out.print(f"phase A done: {r['steps']} steps; no val split, so the last epoch's model is kept")
+        else:
+            start = f"{r['start']['top1']:.2f} -> " if r["start"] else ""
+            out.print(f"phase A done: val top1 {start}{r['best_val_top1']:.2f} (epoch {r['best_epoch']} kept)")
         random = f"; started from random weights ({flag('pretrained')} none)" if r["random_weights"] else ""
         out.print(f"model: {run.out / 'model'}; skipped {len(r['skipped'])} unreadable training image(s){random}")
 
@@ -93,6 +102,7 @@ def extract_features(
     from ballad_cache.pipelines.extract import run_extract
 
     device = _device(placement)  # `--overwrite` is the config's own (`ExtractConfig.overwrite`): the same option
+    err.print(f"extract-features: {dataset.data} with {_model_words(source)} -> {run.out}")
     with RichProgress() as progress:
         m = run_extract(dataset.data, source.model, source.pretrained, run.out, config, device, progress)
     if m is not None:

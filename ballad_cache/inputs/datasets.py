@@ -85,6 +85,9 @@ def load_dataset(spec: str) -> LTDataset:
         return yaml_dataset(Path(spec))
     name, _, arg = spec.partition(":")
     if name not in DATASETS:
+        if Path(spec).is_dir():  # a folder of the user's: say how to name it rather than list the built-ins
+            kind = "wds" if any(Path(spec).glob("*/*.tar")) else "folder"
+            raise BalladError(f"unknown dataset '{spec}'; it is a folder: pass {kind}:{spec}")
         raise BalladError(f"unknown dataset '{spec}'; known: {', '.join(list_datasets())}")
     try:
         return DATASETS.get(name)(arg or None)

@@ -32,7 +32,7 @@ from ..tuning import METHODS
 if TYPE_CHECKING:
     import torch
 
-DATA = "fmnist-lt"  # the embedded default dataset: the demo's, and every command's without --data
+DATA = "fmnist-lt"  # the demo's embedded dataset (every other command requires --data)
 MODEL = "ballad-lite"  # the demo's default: its image tower has seen images (bench/lite.py)
 DEMO_MODELS = ("ballad-tiny", "ballad-lite")
 
@@ -393,7 +393,8 @@ class ModelSource:
 class DatasetSource:
     """The dataset a command reads, by spec."""
 
-    data: str = option(DATA, "Dataset spec: fmnist-lt, cifar100-lt:IF, folder:ROOT, wds:DIR, PATH.yaml.")
+    # required: a command run on the user's work must not silently fall back to the demo's data (`demo` keeps it)
+    data: str = option(help="Dataset spec: fmnist-lt, cifar100-lt:IF, folder:ROOT, wds:DIR, PATH.yaml.")
 
     def __post_init__(self) -> None:
         check_options(self)

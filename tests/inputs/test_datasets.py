@@ -92,6 +92,16 @@ def test_bad_specs_exit_1_with_the_reason(tmp_path):
     assert r.exit_code == 1 and f"{tmp_path / 'train.txt'}:2" in r.output and "out of range" in r.output
 
 
+def test_the_users_data_is_never_a_silent_default_and_a_bare_folder_is_named_as_one(tmp_path):
+    for command in (["finetune", "--model", "ballad-micro", "--out", str(tmp_path / "a")], ["data", "info"]):
+        r = runner.invoke(app, command)
+        assert r.exit_code == 2 and "--data" in r.output, r.output  # required: no fmnist-lt behind the user's back
+        assert not (tmp_path / "a").exists()
+    _make_folder(tmp_path / "mine", {"cat": 2, "dog": 2})
+    r = runner.invoke(app, ["data", "info", "--data", str(tmp_path / "mine")])
+    assert r.exit_code == 1 and f"pass folder:{tmp_path / 'mine'}" in r.output, r.output
+
+
 def test_a_folder_dataset_with_an_empty_class_folder_exits_1_naming_it(tmp_path):
     _make_folder(tmp_path, {"cat": 3, "dog": 2})
     (tmp_path / "train" / "empty_class").mkdir()
