@@ -213,7 +213,7 @@ def predict(
     ] = None,
 ) -> None:
     """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
-    from ballad_cache.pipelines.predict import run_predict
+    from ballad_cache.pipelines.predict import STDOUT, run_predict
 
     if bool(inputs) == bool(files.data):
         raise typer.BadParameter(
@@ -233,12 +233,15 @@ def predict(
             progress,
             files.overwrite,
         )
+    to_stdout = str(files.out) == STDOUT  # the predictions are standard output: everything else goes to stderr
+    said = err if to_stdout else out
+    where = "standard output" if to_stdout else str(files.out)
     if result.report:
         title = f"{len(result.rows)} images ({files.data} {config.split})"
-        print_report(report_table(title, [("classifier", result.report)]))
+        print_report(report_table(title, [("classifier", result.report)]), said)
     if result.skipped:
-        err.print(f"skipped {len(result.skipped)} unreadable image(s); listed in {files.out}")
-    out.print(f"{len(result.rows)} predictions written to {files.out} ({result.images_per_s:.0f} images/s)")
+        err.print(f"skipped {len(result.skipped)} unreadable image(s); listed in {where}")
+    said.print(f"{len(result.rows)} predictions written to {where} ({result.images_per_s:.0f} images/s)")
 
 
 @config_command(data_app, "info", dataset=DatasetSource)

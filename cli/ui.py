@@ -124,13 +124,15 @@ def report_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Report
     return Report(title, ["", *METRICS], cells)
 
 
-def print_report(report: Report) -> None:
-    """A report as a rich table and its lines; every cell and line printed as data, never as markup."""
+def print_report(report: Report, console: Console | None = None) -> None:
+    """A report as a rich table and its lines (on standard output, or `console`); every cell and line printed as
+    data, never as markup."""
+    console = console or out
     table = Table(title=Text(report.title))
     for i, col in enumerate(report.columns):
         table.add_column(col, justify="left" if i == 0 or col == "name" else "right")
     for row in report.rows:
         table.add_row(*(Text(cell) for cell in row))
-    out.print(table)
+    console.print(table)
     for line in report.lines:
-        out.print(line, highlight=False)
+        console.print(line, highlight=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,10 @@ def run_predict(
 
     if bool(inputs) == bool(data):
         raise ValueError("give image paths or a dataset (one of them)")
-    check_writable(out)
-    if Path(out).exists() and not overwrite:
+    to_stdout = str(out) == STDOUT
+    if not to_stdout:
+        check_writable(out)
+    if not to_stdout and Path(out).exists() and not overwrite:
         raise BalladError(f"{out} already exists; pass {setting('overwrite', True)} or pick another {setting('out')}")
     if Path(out).suffix in (".json", ".jsonl") and config.format == "csv":
         raise BalladError(
@@ -170,13 +173,24 @@ def predict_split(
     return Predictions(out, report, rate, skipped)
 
 
+STDOUT = "-"  # `--out -`: the predictions go to standard output
+
+
+def _write_stdout(path: Path, data: bytes) -> None:
+    """`write_bytes` for `--out -`: the bytes to standard output."""
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
 def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "csv", top_k: int = 5) -> Path:
     """Write predictions atomically as CSV (`path, pred, pred_name, prob, top1_name, top1_prob, ...` and, with
-    labels, `label, label_name, correct`) or JSON lines; skipped images get their reason and no prediction.
+    labels, `label, label_name, correct`) or JSON lines, to standard output when `path` is `-`; skipped images get
+    their reason and no prediction.
 
     A path that is not valid UTF-8 is written as its raw bytes in CSV (read it back with
     `errors="surrogateescape"`) and as `\\udcXX` escapes in JSON lines (json.loads gives the same str back)."""
     path = Path(path)
+    emit = _write_stdout if str(path) == STDOUT else write_bytes
     if fmt == "jsonl":
         lines = [
             json.dumps({"path": r["path"], "skipped": r["reason"]})
@@ -184,7 +198,7 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
             else json.dumps({k: v for k, v in r.items() if k != "index"})
             for r, skipped in predictions.in_order()
         ]
-        write_bytes(path, ("\n".join(lines) + "\n").encode())
+        emit(path, ("\n".join(lines) + "\n").encode())
         return path
     if fmt != "csv":
         raise ValueError("format must be csv or jsonl")
@@ -206,5 +220,5 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
         w.writerow([r["path"], r["pred"], r["pred_name"], f"{r['prob']:.6f}", *tops, *extra, ""])
     # a file name that is not valid UTF-8 arrives as str with surrogate escapes (os.fsdecode); it is written back
     # as its original bytes, so the CSV holds the name exactly as the file system does
-    write_bytes(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
+    emit(path, buf.getvalue().encode("utf-8", errors="surrogateescape"))
     return path

@@ -72,3 +72,12 @@ def test_skip_bad_keeps_input_order_and_its_reasons_do_not_ask_for_skip_bad(tmp_
         assert bool(row["skipped"]) == name.startswith("bad") == ("skipped" in line)
         if name.startswith("bad"):
             assert "cannot read image" in row["skipped"] and "--skip-bad" not in row["skipped"]
+
+
+def test_out_dash_writes_the_predictions_to_standard_output_and_no_file(tmp_path, monkeypatch, capfdbinary):
+    monkeypatch.chdir(tmp_path)
+    row = {"path": "a.png", "pred": 1, "pred_name": "cat", "prob": 0.75, "top_k": [["cat", 0.75], ["dog", 0.25]]}
+    write_predictions(Predictions([row], None, 1.0, []), "-", "csv", 2)
+    written = capfdbinary.readouterr().out.decode()
+    assert list(csv.DictReader(written.splitlines()))[0]["top2_name"] == "dog"
+    assert list(tmp_path.iterdir()) == []  # no file named "-"
