@@ -3,6 +3,7 @@ one library entry point and prints the result."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated, Any
 
 import typer
@@ -18,6 +19,7 @@ from ballad_cache.pipelines.configs import (
     ExportSource,
     ExtractConfig,
     FinetuneConfig,
+    InfoFormat,
     ModelSource,
     Placement,
     PredictConfig,
@@ -112,12 +114,23 @@ def extract_features(
         out.print(f"cache {run.out}: {rows} rows, dim {m['embed_dim']}, fingerprint {m['fingerprint']}{skipped}")
 
 
-@config_command(cache_app, "info", source=CacheSource)
-def cache_info(source: CacheSource) -> None:
+@config_command(cache_app, "info", source=CacheSource, fmt=InfoFormat)
+def cache_info(source: CacheSource, fmt: InfoFormat) -> None:
     """Splits, rows, dims, model, fingerprint and size on disk."""
     from ballad_cache.store.cache import FeatureCache
 
-    print_report(FeatureCache(source.cache).describe())
+    cache = FeatureCache(source.cache)
+    if fmt.json:
+        _print_json(cache.facts())
+    else:
+        print_report(cache.describe())
+
+
+def _print_json(data: Any) -> None:
+    """`data` as JSON on standard output, nothing else on it."""
+    import json
+
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
 
 
 @config_command(cache_app, "verify", source=CacheSource)
@@ -244,21 +257,31 @@ def predict(
     said.print(f"{len(result.rows)} predictions written to {where} ({result.images_per_s:.0f} images/s)")
 
 
-@config_command(data_app, "info", dataset=DatasetSource)
-def data_info(dataset: DatasetSource) -> None:
+@config_command(data_app, "info", dataset=DatasetSource, fmt=InfoFormat)
+def data_info(dataset: DatasetSource, fmt: InfoFormat) -> None:
     """Class counts, imbalance factor and many/medium/few groups of a dataset's train split."""
     from ballad_cache.inputs.datasets import load_dataset
 
-    print_report(load_dataset(dataset.data).describe())
+    data = load_dataset(dataset.data)
+    if fmt.json:
+        _print_json(data.facts())
+    else:
+        print_report(data.describe())
 
 
-@config_command(app)
-def models() -> None:
-    """List model names: ballad's registered architectures, then open_clip's (use with --model)."""
-    from ballad_cache.models import list_models
+@config_command(app, fmt=InfoFormat)
+def models(fmt: InfoFormat) -> None:
+    """List model names with their pretrained tags: ballad's registered architectures, then open_clip's (use with
+    --model and --pretrained)."""
+    from ballad_cache.models.clip import model_tags
 
-    for name in list_models():
-        out.print(name, highlight=False)
+    entries = model_tags()
+    if fmt.json:
+        _print_json(entries)
+        return
+    for e in entries:
+        tags = ", ".join(e["pretrained"]) or "-"
+        out.print(f"{e['name']}  ({e['help']})" if e["source"] == "ballad" else f"{e['name']}  {tags}", highlight=False)
 
 
 @config_command(app, config=DemoConfig, folder=DemoFolder, placement=Placement)

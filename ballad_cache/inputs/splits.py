@@ -178,6 +178,25 @@ class LTDataset:
             ],
         )
 
+    def facts(self) -> dict[str, Any]:
+        """What `describe` shows, for every class, as plain data (`data info --json`)."""
+        from .longtail import GROUP_NAMES, ShotThresholds, group_sizes, imbalance_factor, shot_groups
+
+        counts = self.class_counts("train")
+        t = ShotThresholds()
+        return {
+            "name": self.name,
+            "classes": [
+                {"index": c, "name": self.classnames[c], "train": int(counts[c]), "group": GROUP_NAMES[g]}
+                for c, g in enumerate(shot_groups(counts))
+            ],
+            "train_images": int(counts.sum()),
+            "imbalance_factor": float(imbalance_factor(counts)),
+            "groups": {k: int(v) for k, v in group_sizes(counts).items()},
+            "thresholds": {"many": t.many, "few": t.few},
+            "splits": {s: len(v) for s, v in self.splits.items()},
+        }
+
     def class_counts(self, split: str = "train") -> np.ndarray:
         """Images per class in `split`."""
         return np.bincount(self.split(split).labels, minlength=self.num_classes)

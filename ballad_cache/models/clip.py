@@ -193,6 +193,21 @@ def list_models() -> list[str]:
     return [*MODELS, *open_clip.list_models()]
 
 
+def model_tags() -> list[dict[str, Any]]:
+    """Every model name with where it comes from and its pretrained tags (`ballad models`): ballad's registered
+    architectures (their weights built in, or random by design) then open_clip's."""
+    import open_clip
+
+    own = [
+        {"name": n, "source": "ballad", "pretrained": [], "random_init": MODELS.get(n).random_init, "help": h}
+        for n, h in ((n, MODELS.help(n)) for n in MODELS)
+    ]
+    names = [n for n in open_clip.list_models() if n not in MODELS]
+    return own + [
+        {"name": n, "source": "open_clip", "pretrained": open_clip.list_pretrained_tags_by_model(n)} for n in names
+    ]
+
+
 CLASS_HEAD_FILE = "class_head.safetensors"
 
 

@@ -401,6 +401,16 @@ class DatasetSource:
 
 
 @dataclass
+class InfoFormat:
+    """How an info command prints: a table for people, or JSON for scripts."""
+
+    json: bool = option(False, "Print JSON on standard output (for scripts) instead of a table.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
 class CacheSource:
     """The feature cache a command reads."""
 

@@ -435,6 +435,27 @@ class FeatureCache:
             ],
         )
 
+    def facts(self) -> dict[str, Any]:
+        """What `describe` shows, as plain data (`cache info --json`)."""
+        m = self.manifest
+        splits = {
+            s: {"images": v["images"], "views": v["views"], "rows": v["rows"], "shards": len(v["shards"])}
+            for s, v in m["splits"].items()
+        }
+        return {
+            "path": str(self.path),
+            "dataset": m["dataset"],
+            "model": m["model"],
+            "classes": len(m["classnames"]),
+            "templates": len(m["templates"]),
+            "embed_dim": m["embed_dim"],
+            "dtype": m["dtype"],
+            "fingerprint": m["fingerprint"],
+            "size_bytes": self.size_on_disk(),
+            "skipped_images": len(m["skipped"]),
+            "splits": splits,
+        }
+
     def size_on_disk(self) -> int:
         """Bytes of all files in the cache folder."""
         return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())

@@ -136,3 +136,18 @@ def test_unreadable_images_raise_with_path_and_index(tmp_path):
     files[0].unlink()
     with pytest.raises(BadImageError, match="file not found"):
         ds.split("train").load(0)
+
+
+def test_info_commands_print_json_for_scripts(ballad_data):
+    """`data info --json`, `models --json`: plain JSON on standard output (every class, every model's tags)."""
+    import json
+
+    r = runner.invoke(app, ["data", "info", "--data", "fmnist-lt", "--json"])
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)
+    assert len(facts["classes"]) == 10 and facts["classes"][0]["name"] == "t-shirt"
+    assert sum(c["train"] for c in facts["classes"]) == facts["train_images"]
+    assert facts["groups"] == {g: sum(c["group"] == g for c in facts["classes"]) for g in ("many", "medium", "few")}
+    r = runner.invoke(app, ["models", "--json"])
+    entries = {e["name"]: e for e in json.loads(r.stdout)}
+    assert entries["ballad-lite"]["source"] == "ballad" and "openai" in entries["ViT-B-16"]["pretrained"]

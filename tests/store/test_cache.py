@@ -308,3 +308,15 @@ def image_split_of(path: Path):
     from ballad_cache.inputs.datasets import ImageSplit
 
     return ImageSplit("x", np.zeros(1, dtype=np.int64), [str(path)], files=[str(path)])
+
+
+def test_cache_info_json_is_the_manifests_facts(small_cache):
+    import json
+
+    r = runner.invoke(app, ["cache", "info", "--cache", str(small_cache.path), "--json"])
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.stdout)
+    m = small_cache.manifest
+    assert facts["fingerprint"] == m["fingerprint"] and facts["embed_dim"] == m["embed_dim"]
+    assert {s: v["rows"] for s, v in facts["splits"].items()} == {s: v["rows"] for s, v in m["splits"].items()}
+    assert facts["size_bytes"] == sum(p.stat().st_size for p in small_cache.path.iterdir() if p.is_file())
