@@ -66,6 +66,17 @@ def group_sizes(class_counts: Sequence[int] | np.ndarray, thresholds: ShotThresh
     return {name: int((groups == g).sum()) for g, name in enumerate(GROUP_NAMES)}
 
 
+def unseen_classes(labels: np.ndarray, classnames: list[str]) -> str | None:
+    """A warning for the classes a split (val) has no image of, which a ranking on it cannot see; None when every
+    class has one."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(classnames))
+    missing = [classnames[c] for c in np.flatnonzero(counts == 0)]
+    if not missing:
+        return None
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return f"warning: {len(missing)} class(es) have no val image ({shown}): the val ranking cannot see them"
+
+
 def imbalance_factor(class_counts: Sequence[int] | np.ndarray) -> float:
     """Largest over smallest non-empty class count."""
     counts = np.asarray(class_counts)

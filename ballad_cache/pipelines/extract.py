@@ -126,11 +126,20 @@ def device_views_of(loaded: LoadedModel, config: ExtractConfig) -> DeviceAugment
         ) from None
 
 
-def refuse_other_finished_cache(out: Path, fingerprint: str, config: ExtractConfig) -> None:
+def refuse_other_finished_cache(
+    out: Path,
+    fingerprint: str,
+    config: ExtractConfig,
+    made_of: dict[str, Any] | None = None,
+) -> None:
     """A finished cache in `out` made with other settings is recomputed only with `config.overwrite`.
 
+    `made_of`: what this run's cache is made of besides `config` (`dataset`, `model` provenance, `templates`), so a
+    refusal names those too.
+
     Raises:
-        BalladError: `out` holds a finished cache of another fingerprint; names the settings that differ.
+        BalladError: `out` holds a finished cache of another fingerprint; names each setting that differs with both
+            values.
     """
     path = out / MANIFEST
     if config.overwrite or not path.exists():
@@ -147,6 +156,13 @@ def refuse_other_finished_cache(out: Path, fingerprint: str, config: ExtractConf
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
     if "augment_on" not in old and config.augment_on != "worker" and augmented(config):
         changed.append("augment_on worker (made before the option) -> device")
+    for key, value in (made_of or {}).items():
+        before = manifest.get(key)
+        if key == "model" and isinstance(before, dict) and isinstance(value, dict):
+            before = f"{before.get('name')} (weights {str(before.get('checkpoint_sha256'))[:12]})"
+            value = f"{value.get('name')} (weights {str(value.get('checkpoint_sha256'))[:12]})"
+        if before is not None and before != value:
+            changed.append(f"{key} {before!r} -> {value!r}")
     what = ", ".join(changed) or "another dataset, model or templates"
     raise BalladError(
         f"{out} is a finished cache made with other settings ({what}); pass {setting('overwrite', True)} to "
@@ -231,7 +247,7 @@ def extract_split(
         collate_fn=collate_groups,
     )
     dim = loaded.embed_dim
-    progress.start(f"extract {split}", len(reader))
+    progress.start(f"extract {split} rows", len(reader))
     bounds = np.cumsum([len(r) for r in shard_rows])
     shard_i, written, writer = 0, 0, None
     t0 = time.perf_counter()
@@ -261,7 +277,7 @@ def extract_split(
                 if written == bounds[shard_i]:
                     writer.close()
                     writer, shard_i = None, shard_i + 1
-            progress.advance(n, images_per_s=f"{written / max(time.perf_counter() - t0, 1e-9):.0f}")
+            progress.advance(n, rows_per_s=f"{written / max(time.perf_counter() - t0, 1e-9):.0f}")
     except BaseException as exc:
         target = writer.final if writer is not None else out
         if writer is not None:
@@ -313,7 +329,8 @@ def extract_features(
     out.mkdir(parents=True, exist_ok=True)
     templates = templates_of(dataset, config)
     fingerprint = config_fingerprint(dataset, loaded, config, templates)
-    refuse_other_finished_cache(out, fingerprint, config)
+    made_of = {"dataset": dataset.name, "model": loaded.provenance(), "templates": templates}
+    refuse_other_finished_cache(out, fingerprint, config, made_of)
     if dist.is_main:
         remove_stale_temps(out)
         (out / MANIFEST).unlink(missing_ok=True)  # the cache is incomplete until the new manifest lands

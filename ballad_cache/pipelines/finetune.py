@@ -28,7 +28,7 @@ from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.datasets import LTDataset
-from ..inputs.longtail import ShotThresholds
+from ..inputs.longtail import ShotThresholds, unseen_classes
 from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..inputs.transforms import train_transform
 from ..models.clip import ClipModel, LoadedModel, PromptBank
@@ -265,6 +265,8 @@ def finetune(
         progress.log(f"resumed from {ckpt_path}: epoch {start_epoch + 1}, batch {batch_offset}, step {step}")
         start_report = _start_report(out / "metrics.jsonl")
     elif has_val:
+        if dist.is_main and (unseen := unseen_classes(dataset.split("val").labels, dataset.classnames)):
+            progress.log(unseen)
         start_report = validate()
         if dist.is_main:
             append_jsonl(out / "metrics.jsonl", {"epoch": 0, "step": 0, "val": start_report})

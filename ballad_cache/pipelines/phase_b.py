@@ -28,6 +28,7 @@ from ..heads.artifacts import (
 from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
 from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, HeadContext, fit_record
+from ..inputs.longtail import unseen_classes
 from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
@@ -78,6 +79,8 @@ def fit_on_cache(
     progress = progress or NullProgress()
     remove_stale_temps(out)
     data = fit_data(cache)
+    if data.val is not None and (unseen := unseen_classes(data.val.labels.numpy(), cache.classnames)):
+        progress.log(unseen)
     if config.idle_reason():
         progress.log(f"warning: this fit trains nothing: {config.idle_reason()}")
     if data.val is None and config.select == "best-val" and not HEADS.get(config.head).closed_form:
@@ -252,6 +255,8 @@ def run_sweep(
             f"cache {cache.path} has no val split to rank on; extract it with {setting('splits', SPLITS)}"
         )
     val, context = cache.load_split("val").eval_view(), cache_context(cache)
+    if unseen := unseen_classes(val.labels.numpy(), cache.classnames):
+        progress.log(unseen)
     train: list[SplitFeatures] = []  # loaded on first use
 
     def with_train() -> FitData:

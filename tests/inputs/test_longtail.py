@@ -1,3 +1,5 @@
+import numpy as np
+
 from ballad_cache.inputs.longtail import exponential_profile, group_sizes, imbalance_factor
 
 
@@ -18,3 +20,13 @@ def test_fmnist_lt_profile_and_groups():
 def test_cifar100_lt_other_factors_shrink_less():
     assert sum(exponential_profile(100, 500, 10)) == 19573
     assert sum(exponential_profile(100, 500, 50)) == 12608
+
+
+def test_a_class_without_a_val_image_is_named_once():
+    from ballad_cache.inputs.longtail import unseen_classes
+
+    names = [f"c{i}" for i in range(8)]
+    assert unseen_classes(np.array([0, 1, 2, 3, 4, 5, 6, 7, 7]), names) is None
+    message = unseen_classes(np.array([0, 0, 2]), names)
+    assert message.startswith("warning: 6 class(es) have no val image (c1, c3, c4, c5, c6 and 1 more)")
+    assert "\n" not in message

@@ -173,6 +173,15 @@ def test_another_finished_cache_is_refused_naming_what_differs(tmp_path):
     refuse_other_finished_cache(tmp_path, "f2", replace(config, overwrite=True))
     with pytest.raises(BalladError, match="another dataset, model or templates"):
         refuse_other_finished_cache(tmp_path, "f2", replace(config, batch_size=7))
+    model = {"name": "ballad-micro", "checkpoint_sha256": "a" * 64}
+    made = {"config_fingerprint": "f1", "config": old, "dataset": "fmnist-lt", "model": model, "templates": ["{c}"]}
+    (tmp_path / "manifest.json").write_text(json.dumps(made))
+    other = {"dataset": "fmnist-lt", "model": {**model, "name": "local-dir:a/model"}, "templates": ["a {c}"]}
+    with pytest.raises(BalladError) as info:  # another model and templates: each named with both values
+        refuse_other_finished_cache(tmp_path, "f2", config, other)
+    message = str(info.value)
+    assert "model 'ballad-micro (weights aaaaaaaaaaaa)' -> 'local-dir:a/model (weights aaaaaaaaaaaa)'" in message
+    assert "templates ['{c}'] -> ['a {c}']" in message and "dataset 'fmnist-lt'" not in message
     del old["augment_on"]
     (tmp_path / "manifest.json").write_text(json.dumps({"config_fingerprint": "f1", "config": old}))
     with pytest.raises(BalladError, match=r"augment_on worker \(made before the option\) -> device"):
