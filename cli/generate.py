@@ -17,6 +17,7 @@ from dataclasses import MISSING, Field, fields
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from ballad_cache.options import OptionError, choice_names, field_type
 
@@ -52,7 +53,13 @@ def _option(cls: type, f: Field[Any], grid: bool) -> tuple[Any, Any]:
         default = None if default in ("", None) else str(default)
     kind: Any = str if listed else base
     metavar = "|".join(choice_names(meta["choices"])) if meta["choices"] is not None and not listed else None
-    info = typer.Option(field_flag(f), help=_help(f, grid), metavar=metavar, show_default=default is not None)
+    info = typer.Option(
+        field_flag(f),
+        help=_help(f, grid),
+        metavar=metavar,
+        show_default=default is not None,
+        rich_help_panel=panel(cls),
+    )
     if required:
         return Annotated[kind, info], inspect.Parameter.empty
     return Annotated[kind | None if default is None else kind, info], default
@@ -86,6 +93,46 @@ def build(make: Callable[[], T]) -> T:
         raise typer.BadParameter(as_flags(exc.message), param_hint=flag(exc.field)) from None
     except ValueError as exc:
         raise typer.BadParameter(as_flags(str(exc))) from None
+
+
+# the help section of each config class's options; a class not listed gets its own name
+PANELS = {
+    "FinetuneConfig": "Phase A",
+    "AdapterConfig": "Head (phase B)",
+    "SweepConfig": "Sweep",
+    "ExtractConfig": "Extraction",
+    "EvalConfig": "Evaluation",
+    "PredictConfig": "Prediction",
+    "DemoConfig": "Demo",
+    "ModelSource": "Model",
+    "DatasetSource": "Data",
+    "CacheSource": "Cache",
+    "Placement": "Device",
+    "InfoFormat": "Output",
+}
+
+
+def panel(cls: type) -> str:
+    """The `--help` section a config class's options are listed under (outputs and files: "Files")."""
+    return PANELS.get(cls.__name__, "Files")
+
+
+class PanelCommand(TyperCommand):
+    """A command whose `--help` lists its options in one section per config class ("Phase A", "Model", "Files",
+    ...), in click's plain layout, whose help column keeps half of an 80-column terminal."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:  # typer's own click Context and HelpFormatter
+        """Arguments, then one section of options per panel, in the order the panels first appear."""
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            name = "Arguments" if param.param_type_name == "argument" else getattr(param, "rich_help_panel", None)
+            sections.setdefault(name or "Options", []).append(record)
+        for name, records in sections.items():
+            with formatter.section(name):
+                formatter.write_dl(records)
 
 
 def config_command(app: typer.Typer, name: str | None = None, **configs: type) -> Callable[[F], F]:
@@ -134,7 +181,7 @@ def config_command(app: typer.Typer, name: str | None = None, **configs: type) -
         wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         del wrapper.__wrapped__  # typer must read the generated signature, not fn's
-        app.command(name)(handle_errors(wrapper))
+        app.command(name, cls=PanelCommand)(handle_errors(wrapper))
         return fn
 
     return register

@@ -36,10 +36,11 @@ app = typer.Typer(
     help="BALLAD long-tailed recognition with CLIP: finetune once, cache features, fit adapters in seconds.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-cache_app = typer.Typer(help="Inspect and check feature caches.", no_args_is_help=True)
-data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True)
+cache_app = typer.Typer(help="Inspect and check feature caches.", no_args_is_help=True, rich_markup_mode=None)
+data_app = typer.Typer(help="Inspect datasets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
 

@@ -211,3 +211,24 @@ def test_split_has_choices():
     runner = CliRunner()
     r = runner.invoke(app, ["evaluate", "--cache", "nowhere", "--split", "tset"])
     assert r.exit_code == 2 and "--split" in r.output and "'tset' is unknown; known: train, val, test" in r.output
+
+
+def test_help_fits_an_80_column_terminal_in_named_sections():
+    """Every command's --help at 80 columns: no line wider, every option's description starting by column 40 (so
+    it has at least 40 columns), options grouped by what they set, and `sweep --help` under 200 lines."""
+    from cli.main import app
+
+    commands = ["finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict", "demo"]
+    for command in [*([c] for c in commands), ["cache", "info"], ["data", "info"], ["models"]]:
+        r = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERMINAL_WIDTH": "80"})
+        assert r.exit_code == 0, r.output
+        lines = r.output.splitlines()
+        assert max(map(len, lines)) <= 80, command
+        for line in lines:
+            if line.startswith("  --") and "  " in line.strip():  # an option and its description on one line
+                assert len(line) - len(line.split("  ", 2)[-1].lstrip()) <= 40, line
+        if command == ["sweep"]:
+            assert len(lines) < 200
+        if command == ["finetune"]:
+            sections = [x for x in lines if x.endswith(":") and not x.startswith(" ")]
+            assert {"Phase A:", "Model:", "Data:", "Files:", "Device:"} <= set(sections), sections
