@@ -227,6 +227,7 @@ def predict(
     ] = None,
 ) -> None:
     """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
+    from ballad_cache.pipelines.configs import PLOTTED_PREDICTIONS
     from ballad_cache.pipelines.predict import STDOUT, run_predict
 
     if bool(inputs) == bool(files.data):
@@ -246,6 +247,7 @@ def predict(
             device,
             progress,
             files.overwrite,
+            files.plot,
         )
     to_stdout = str(files.out) == STDOUT  # the predictions are standard output: everything else goes to stderr
     said = err if to_stdout else out
@@ -256,6 +258,8 @@ def predict(
     if result.skipped:
         err.print(f"skipped {len(result.skipped)} unreadable image(s); listed in {where}")
     said.print(f"{len(result.rows)} predictions written to {where} ({result.images_per_s:.0f} images/s)")
+    if files.plot is not None:
+        said.print(f"the first {min(len(result.rows), PLOTTED_PREDICTIONS)} drawn in {files.plot}")
 
 
 @config_command(data_app, "info", dataset=DatasetSource, fmt=InfoFormat)

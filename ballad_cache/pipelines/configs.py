@@ -474,6 +474,9 @@ class ExportSource:
         check_options(self)
 
 
+PLOTTED_PREDICTIONS = 25  # images in `predict --plot`'s grid
+
+
 @dataclass
 class PredictFiles:
     """What `ballad predict` classifies besides image paths (a dataset split), with what head, and where it writes."""
@@ -481,6 +484,10 @@ class PredictFiles:
     out: Path = option(help="Predictions file (CSV or JSON lines).")
     data: str | None = option(None, "Classify a dataset split instead (with labels).")
     adapter: Path | None = option(None, "Fold this adapter into --model on the fly.")
+    plot: Path | None = option(
+        None,
+        f"Also draw the first {PLOTTED_PREDICTIONS} predictions as a grid of images (PNG; true class in green or red).",
+    )
     overwrite: bool = option(False, OVERWRITE_HELP)
 
     def __post_init__(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -406,24 +407,46 @@ def _write_tables(
     )
 
 
+HEATMAP_PANELS = 12  # at most this many panels; a grid with more combinations of its other axes draws the first
+
+
 def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
+    """The sweep's val metric over ratio × lr, one panel per combination of the grid's other axes (among the points
+    of the best point's head), the best point outlined, the settings every point shares in the title."""
     best = ranked[0]["config"]
-    same = [p for p in ranked if all(p["config"][k] == best[k] for k in best if k not in ("ratio", "lr"))]
-    ratios = sorted({p["config"]["ratio"] for p in same})
-    lrs = sorted({p["config"]["lr"] for p in same})
-    grid = np.full((len(ratios), len(lrs)), np.nan)
-    for p in same:
-        grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
+    points = [p for p in ranked if p["config"].get("head") == best.get("head")]
+    keys = [k for k in best if k not in ("ratio", "lr")]
+    varying = [k for k in keys if len({json.dumps(p["config"].get(k)) for p in points}) > 1]
+    fixed = [k for k in ("head", "loss", "sampler", "epochs", "batch_size") if k in best and k not in varying]
+    ratios = sorted({p["config"]["ratio"] for p in points})
+    lrs = sorted({p["config"]["lr"] for p in points})
+    combos: list[tuple[Any, ...]] = []
+    for p in points:  # in rank order: the best point's panel comes first
+        combo = tuple(json.dumps(p["config"].get(k)) for k in varying)
+        if combo not in combos:
+            combos.append(combo)
+    combos = combos[:HEATMAP_PANELS]
+    panels = []
+    for combo in combos:
+        grid = np.full((len(ratios), len(lrs)), np.nan)
+        for p in points:
+            if tuple(json.dumps(p["config"].get(k)) for k in varying) == combo:
+                grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
+        title = ", ".join(f"{k} {json.loads(v)}" for k, v in zip(varying, combo, strict=True)) or "every point"
+        panels.append((title, grid))
+    where = (0, ratios.index(best["ratio"]), lrs.index(best["lr"]))
     from .plots import plot_heatmap
 
+    shown = f" (the first {len(combos)} panels)" if len(combos) == HEATMAP_PANELS else ""
     plot_heatmap(
-        grid,
+        panels,
         [f"{r:g}" for r in ratios],
         [f"{lr:g}" for lr in lrs],
-        f"val {metric} ({best['sampler']}, {best['epochs']} epochs)",
+        f"val {metric}; " + ", ".join(f"{k} {best[k]}" for k in fixed) + f"; best outlined{shown}",
         out / "heatmap.png",
         "ratio",
         "lr",
+        best=where,
     )
 
 

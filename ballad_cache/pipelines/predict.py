@@ -23,7 +23,7 @@ from ..inputs.longtail import ShotThresholds
 from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
 from ..models.encoder import autocast
 from ..progress import NullProgress, Progress
-from .configs import PredictConfig
+from .configs import PLOTTED_PREDICTIONS, PredictConfig
 from .export import Classifier
 
 
@@ -38,10 +38,11 @@ def run_predict(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     overwrite: bool = False,
+    plot: str | Path | None = None,
 ) -> Predictions:
     """`ballad predict`: check `out` can be written (an existing file is replaced only with `overwrite`), collect
     the images (`inputs`, or split `config.split` of dataset `data`), load the classifier, classify and write the
-    predictions.
+    predictions (and, with `plot`, a PNG grid of the first of them).
 
     Raises:
         ValueError: both or neither of `inputs` and `data`.
@@ -66,7 +67,25 @@ def run_predict(
     classifier = load_classifier(model, adapter, pretrained)
     result = predict_split(classifier, images, config, torch.device(device), progress)
     write_predictions(result, out, config.format, config.top_k)
+    if plot is not None:
+        plot_predictions(result, images, plot)
     return result
+
+
+def plot_predictions(
+    predictions: Predictions, images: ImageSplit, path: str | Path, limit: int = PLOTTED_PREDICTIONS
+) -> Path:
+    """Draw the first `limit` classified images with their predicted class (and true class, green when right, red
+    when wrong, where the images have labels) as one PNG."""
+    from .plots import plot_prediction_grid
+
+    rows = predictions.rows[:limit]
+    return plot_prediction_grid(
+        [images.load(r["index"]) for r in rows],
+        [r["pred_name"] for r in rows],
+        [r.get("label_name") for r in rows],
+        path,
+    )
 
 
 def collect_images(inputs: list[str]) -> ImageSplit:

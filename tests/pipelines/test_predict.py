@@ -81,3 +81,21 @@ def test_out_dash_writes_the_predictions_to_standard_output_and_no_file(tmp_path
     written = capfdbinary.readouterr().out.decode()
     assert list(csv.DictReader(written.splitlines()))[0]["top2_name"] == "dog"
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+
+
+def test_predict_plot_draws_the_first_predictions_with_their_classes(tmp_path):
+    from PIL import Image
+
+    from ballad_cache.pipelines.predict import plot_predictions
+
+    class Split:
+        def load(self, i):
+            return Image.new("RGB", (8, 8), (i * 40, 0, 0))
+
+    rows = [
+        {"index": i, "path": f"{i}.png", "pred_name": name, "label_name": label}
+        for i, (name, label) in enumerate([("cat", "cat"), ("dog", "cat"), ("cow", None)])
+    ]
+    path = plot_predictions(Predictions(rows, None, 1.0, []), Split(), tmp_path / "g.png", limit=2)
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size[0] > image.size[1]  # two cells side by side, one row
