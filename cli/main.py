@@ -57,6 +57,11 @@ def _device(placement: Placement) -> Any:
     return resolve_device(placement.device)
 
 
+def _announce(line: str) -> None:
+    """A command's first line: what it runs on, on standard error, never wrapped (one line for grep and tests)."""
+    err.print(line, soft_wrap=True, highlight=False)
+
+
 def _model_words(source: ModelSource) -> str:
     """`--model` and `--pretrained` as a run's first line names them."""
     return f"{source.model} ({source.pretrained})" if source.pretrained else source.model
@@ -76,7 +81,7 @@ def finetune(
     from ballad_cache.pipelines.finetune import run_finetune
 
     device = _device(placement)
-    err.print(f"finetune: {dataset.data} with {_model_words(source)}, --method {config.method} -> {run.out}")
+    _announce(f"finetune: {dataset.data} with {_model_words(source)}, --method {config.method} -> {run.out}")
     with RichProgress() as progress:
         r = run_finetune(
             dataset.data, source.model, source.pretrained, run.out, config, device, run.resume, run.overwrite, progress
@@ -105,7 +110,7 @@ def extract_features(
     from ballad_cache.pipelines.extract import run_extract
 
     device = _device(placement)  # `--overwrite` is the config's own (`ExtractConfig.overwrite`): the same option
-    err.print(f"extract-features: {dataset.data} with {_model_words(source)} -> {run.out}")
+    _announce(f"extract-features: {dataset.data} with {_model_words(source)} -> {run.out}")
     with RichProgress() as progress:
         m = run_extract(dataset.data, source.model, source.pretrained, run.out, config, device, progress)
     if m is not None:
@@ -150,6 +155,7 @@ def fit_adapter(config: AdapterConfig, source: CacheSource, run: RunOutput, plac
     from ballad_cache.pipelines.phase_b import run_fit_adapter
 
     device = _device(placement)
+    _announce(f"fit-adapter: {source.cache}, head {config.head} -> {run.out}")
     with RichProgress() as progress:
         meta = run_fit_adapter(source.cache, run.out, config, device, run.overwrite, progress)
     if "val" in meta:
@@ -169,6 +175,7 @@ def evaluate(config: EvalConfig, source: CacheSource, files: EvalFiles) -> None:
 
     if config.plot and files.out is None:
         raise typer.BadParameter(f"{flag('plot')} needs {flag('out')}", param_hint=flag("plot"))
+    _announce(f"evaluate: {source.cache}" + (f" with {files.adapter}" if files.adapter else "") + f", {config.split}")
     result = run_evaluate(source.cache, files.adapter, config, files.out, files.overwrite)
     print_report(report_table(f"{config.split} accuracy (%) on {source.cache}", summary_rows(result)))
     if "written" in result:
@@ -191,6 +198,7 @@ def sweep(
     family = config.family
     configs = build(lambda: family_grid(family, grid_axes) if family else expand_grid(AdapterConfig(), **grid_axes))
     device = _device(placement)
+    _announce(f"sweep: {source.cache} -> {run.out}")
     with RichProgress() as progress:
         result = run_grid(source.cache, run.out, configs, config.metric, device, run.overwrite, progress)
     rows = [(point_name(p["config"]), p["val"]) for p in result.points[:10]]
@@ -210,6 +218,7 @@ def export(source: ModelSource, head: ExportSource, run: RunOutput) -> None:
     from ballad_cache.models import local_dir_name
     from ballad_cache.pipelines.export import run_export
 
+    _announce(f"export: {_model_words(source)} with {head.adapter} -> {run.out}")
     classifier = run_export(source.model, head.adapter, run.out, source.pretrained, head.cache, run.overwrite)
     name = local_dir_name(run.out)
     who = "ballad (a tuned-model folder: base weights + tuner)" if "tuned_source" in classifier.meta else "open_clip"
@@ -235,6 +244,8 @@ def predict(
             f"give image paths or {flag('data')} SPEC (one of them)", param_hint=f"INPUTS / {flag('data')}"
         )
     device = _device(placement)
+    what = files.data or f"{len(inputs or [])} input(s)"
+    _announce(f"predict: {what} with {_model_words(source)} -> {files.out}")
     with RichProgress() as progress:
         result = run_predict(
             source.model,

@@ -154,3 +154,15 @@ def lt_cache(tmp_path: Path) -> FeatureCache:
     d = longtail_features(np.random.default_rng(0), LT_COUNTS, dim=32, per_class_eval=40, tail_shift=1.2)
     make_cache(tmp_path / "cache", d["train"], d["val"], d["test"], d["text"][0])
     return FeatureCache(tmp_path / "cache")
+
+
+ANNOUNCED = ("finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict")
+
+
+def without_announcement(text: str) -> str:
+    """A command's output without its first line, the announcement of what it runs on (`finetune: DATA with MODEL
+    -> OUT`), so tests of errors and numbers read the rest."""
+    lines = text.splitlines(keepends=True)
+    if lines and lines[0].split(":", 1)[0] in ANNOUNCED:
+        lines = lines[1:]
+    return "".join(lines)

@@ -29,7 +29,7 @@ from ballad_cache.pipelines.export import Classifier, load_classifier
 from ballad_cache.pipelines.predict import Predictions, predict_split, write_predictions
 from ballad_cache.store.cache import FeatureCache, write_text_embeddings
 from cli.main import app
-from tests.conftest import longtail_features, make_cache
+from tests.conftest import longtail_features, make_cache, without_announcement
 
 runner = CliRunner()
 
@@ -46,7 +46,7 @@ def _fit(cache: Path, out: Path, *extra: str) -> object:
 
 
 def _one_line_error(r: object, *needles: str) -> None:
-    out = r.output  # type: ignore[attr-defined]
+    out = without_announcement(r.output)  # type: ignore[attr-defined]
     assert r.exit_code == 1, out  # type: ignore[attr-defined]
     assert "Traceback" not in out and out.strip().startswith("error:"), out
     for n in needles:
@@ -362,7 +362,10 @@ def test_random_corruptions_give_a_correct_result_or_one_line(cache, tmp_path):
         "verify": lambda c, a: ["cache", "verify", "--cache", str(c)],
         "evaluate": lambda c, a: ["evaluate", "--cache", str(c), "--adapter", str(a)],
     }
-    clean = {name: _numbers(runner.invoke(app, make(cache, tmp_path / "ad")).output) for name, make in commands.items()}
+    clean = {
+        name: _numbers(without_announcement(runner.invoke(app, make(cache, tmp_path / "ad")).output))
+        for name, make in commands.items()
+    }
     assert all(clean.values()), clean
     files = [p for p in cache.iterdir() if p.suffix in (".h5", ".json")]
     files += [tmp_path / "ad" / "adapter.json", tmp_path / "ad" / "adapter.safetensors"]
@@ -377,11 +380,12 @@ def test_random_corruptions_give_a_correct_result_or_one_line(cache, tmp_path):
         for name, make in commands.items():
             r = runner.invoke(app, make(work / "cache", work / "ad"))
             assert r.exception is None or isinstance(r.exception, SystemExit), (victim.name, what, name, r.exception)
+            output = without_announcement(r.output)
             if r.exit_code == 0:
-                assert _numbers(r.output) == clean[name], (victim.name, what, name, r.output)
+                assert _numbers(output) == clean[name], (victim.name, what, name, r.output)
             else:
-                assert r.exit_code == 1 and "Traceback" not in r.output, (victim.name, what, name, r.output)
-                assert len(r.output.strip().splitlines()) <= 3, (victim.name, what, name, r.output)  # one wrapped line
+                assert r.exit_code == 1 and "Traceback" not in output, (victim.name, what, name, r.output)
+                assert len(output.strip().splitlines()) <= 3, (victim.name, what, name, r.output)  # one wrapped line
 
 
 def test_odd_paths_and_files_a_new_user_handed_over_are_one_line(cache, tmp_path):

@@ -432,7 +432,7 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
         for p in points:
             if tuple(json.dumps(p["config"].get(k)) for k in varying) == combo:
                 grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
-        title = ", ".join(f"{k} {json.loads(v)}" for k, v in zip(varying, combo, strict=True)) or "every point"
+        title = ", ".join(f"{k} {json.loads(v)}" for k, v in zip(varying, combo, strict=True))
         panels.append((title, grid))
     where = (0, ratios.index(best["ratio"]), lrs.index(best["lr"]))
     from .plots import plot_heatmap
@@ -442,7 +442,7 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
         panels,
         [f"{r:g}" for r in ratios],
         [f"{lr:g}" for lr in lrs],
-        f"val {metric}; " + ", ".join(f"{k} {best[k]}" for k in fixed) + f"; best outlined{shown}",
+        f"val {metric}, best outlined{shown}\n" + ", ".join(f"{k} {best[k]}" for k in fixed),
         out / "heatmap.png",
         "ratio",
         "lr",

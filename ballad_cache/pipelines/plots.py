@@ -133,7 +133,7 @@ def plot_heatmap(
     fig, axes = plt.subplots(
         nrows,
         ncols,
-        figsize=(ncols * (1.1 * len(cols) + 1.6) + 1.2, nrows * (0.7 * len(rows) + 1.4) + 0.6),
+        figsize=(max(6.5, ncols * (1.1 * len(cols) + 1.6) + 1.2), nrows * (0.7 * len(rows) + 1.4) + 1.0),
         squeeze=False,
     )
     finite = np.concatenate([v[np.isfinite(v)] for _, v in panels]) if panels else np.array([0.0])
@@ -161,6 +161,7 @@ def plot_heatmap(
             ax.add_patch(
                 patches.Rectangle((best[2] - 0.5, best[1] - 0.5), 1, 1, fill=False, ec="red", lw=2.5, label="best")
             )
+    fig.subplots_adjust(top=1 - 0.25 * (title.count("\n") + 2) / fig.get_size_inches()[1], hspace=0.6, wspace=0.35)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)
