@@ -3,6 +3,7 @@ one library entry point and prints the result."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Annotated, Any
 
@@ -58,8 +59,10 @@ def _device(placement: Placement) -> Any:
 
 
 def _announce(line: str) -> None:
-    """A command's first line: what it runs on, on standard error, never wrapped (one line for grep and tests)."""
-    err.print(line, soft_wrap=True, highlight=False)
+    """A command's first line: what it runs on, on standard error, never wrapped (one line for grep and tests);
+    under torchrun, rank 0's alone."""
+    if os.environ.get("RANK", "0") == "0":
+        err.print(line, soft_wrap=True, highlight=False)
 
 
 def _model_words(source: ModelSource) -> str:
@@ -87,8 +90,10 @@ def finetune(
             dataset.data, source.model, source.pretrained, run.out, config, device, run.resume, run.overwrite, progress
         )
     if r is not None:
-        if r["best_epoch"] < 0:  # no val split: nothing ranked the epochs
+        if not r.get("has_val", True):  # nothing ranked the epochs
             out.print(f"phase A done: {r['steps']} steps; no val split, so the last epoch's model is kept")
+        elif r["best_epoch"] < 0:
+            out.print(f"phase A stopped after {r['steps']} steps, before an epoch finished; model/ holds those weights")
         else:
             start = f"{r['start']['top1']:.2f} -> " if r["start"] else ""
             out.print(f"phase A done: val top1 {start}{r['best_val_top1']:.2f} (epoch {r['best_epoch']} kept)")

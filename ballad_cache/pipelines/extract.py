@@ -162,7 +162,10 @@ def refuse_other_finished_cache(
             before = f"{before.get('name')} (weights {str(before.get('checkpoint_sha256'))[:12]})"
             value = f"{value.get('name')} (weights {str(value.get('checkpoint_sha256'))[:12]})"
         if before is not None and before != value:
-            changed.append(f"{key} {before!r} -> {value!r}")
+            if isinstance(value, list) and (len(value) > 3 or len(before) > 3):  # a long prompt set: its size
+                changed.append(f"{key} ({len(before)}) -> ({len(value)}, others)")
+            else:
+                changed.append(f"{key} {before!r} -> {value!r}")
     what = ", ".join(changed) or "another dataset, model or templates"
     raise BalladError(
         f"{out} is a finished cache made with other settings ({what}); pass {setting('overwrite', True)} to "

@@ -422,6 +422,7 @@ def finetune(
         "templates": templates,
         "skipped": [skipped[i] for i in sorted(skipped)],
         "random_weights": loaded.random_weights,
+        "has_val": has_val,
         "method": config.method,
         "towers": config.towers,
         "classifier": config.classifier,

@@ -417,7 +417,10 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
     points = [p for p in ranked if p["config"].get("head") == best.get("head")]
     keys = [k for k in best if k not in ("ratio", "lr")]
     varying = [k for k in keys if len({json.dumps(p["config"].get(k)) for p in points}) > 1]
-    fixed = [k for k in ("head", "loss", "sampler", "epochs", "batch_size") if k in best and k not in varying]
+    defaults = AdapterConfig().to_dict()  # the title names the usual settings and every one set away from its default
+    usual = ("head", "loss", "sampler", "epochs", "batch_size")
+    fixed = [k for k in keys if k not in varying and (k in usual or best.get(k) != defaults.get(k))]
+    others = sorted({p["config"].get("head") for p in ranked} - {best.get("head")})
     ratios = sorted({p["config"]["ratio"] for p in points})
     lrs = sorted({p["config"]["lr"] for p in points})
     combos: list[tuple[Any, ...]] = []
@@ -442,7 +445,10 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
         panels,
         [f"{r:g}" for r in ratios],
         [f"{lr:g}" for lr in lrs],
-        f"val {metric}, best outlined{shown}\n" + ", ".join(f"{k} {best[k]}" for k in fixed),
+        f"val {metric}, best outlined{shown}"
+        + (f"; other heads ({', '.join(map(str, others))}) in results.csv" if others else "")
+        + "\n"
+        + ", ".join(f"{k} {best[k]}" for k in fixed),
         out / "heatmap.png",
         "ratio",
         "lr",

@@ -47,7 +47,7 @@ def plot_per_class(result: dict[str, Any], path: str | Path, heads: list[str] | 
     order = np.argsort(-counts, kind="stable")
     x = np.arange(len(order))
     many_shot = len(order) <= LABELLED_CLASSES
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.35 * len(order) * len(heads)) if many_shot else 10.0, 5.2))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(8.0, 0.35 * len(order) * len(heads))) if many_shot else 10.0, 5.2))
     t = result["thresholds"]
     sorted_counts = counts[order]
     bands = {
@@ -76,8 +76,13 @@ def plot_per_class(result: dict[str, Any], path: str | Path, heads: list[str] | 
         else:
             ax.plot(x, accs[head], ".", ms=2, color=colour, alpha=0.25)
             window = max(5, len(order) // 50)
-            kernel = np.ones(window)  # the mean of the classes the window covers (fewer at both ends, not zeros)
-            rolling = np.convolve(accs[head], kernel, mode="same") / np.convolve(np.ones(len(x)), kernel, mode="same")
+            kernel = np.ones(window)  # the mean of the classes the window covers (fewer at both ends; NaN skipped)
+            valid = np.isfinite(accs[head])
+            total = np.convolve(np.where(valid, accs[head], 0.0), kernel, mode="same")
+            rolling = total / np.maximum(np.convolve(valid.astype(float), kernel, mode="same"), 1)
+            zero = accs[head] == 0
+            if zero.any():  # 0% classes: marked at the axis, as in the bar form
+                ax.plot(x[zero], np.full(int(zero.sum()), 1.0), "^", color=colour, ms=3, alpha=0.6)
             (line,) = ax.plot(x, rolling, color=colour, lw=1.5, label=f"{head} (rolling mean of {window})")
             handles.append(line)
     ax2 = ax.twinx()

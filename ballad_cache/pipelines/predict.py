@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -59,6 +60,14 @@ def run_predict(
         check_writable(out)
     if not to_stdout and Path(out).exists() and not overwrite:
         raise BalladError(f"{out} already exists; pass {setting('overwrite', True)} or pick another {setting('out')}")
+    if plot is not None:
+        check_writable(plot)
+        if Path(plot).suffix.lower() != ".png":
+            raise BalladError(f"{plot}: the prediction grid is a PNG; name it .png")
+        if Path(plot).exists() and not overwrite:
+            raise BalladError(
+                f"{plot} already exists; pass {setting('overwrite', True)} or pick another {setting('plot')}"
+            )
     if Path(out).suffix in (".json", ".jsonl") and config.format == "csv":
         raise BalladError(
             f"{out} names JSON lines but {setting('format', 'csv')}; pass {setting('format', 'jsonl')} or a .csv name"
@@ -67,7 +76,7 @@ def run_predict(
     classifier = load_classifier(model, adapter, pretrained)
     result = predict_split(classifier, images, config, torch.device(device), progress)
     write_predictions(result, out, config.format, config.top_k)
-    if plot is not None:
+    if plot is not None and result.rows:  # every image skipped: nothing to draw
         plot_predictions(result, images, plot)
     return result
 
@@ -196,9 +205,13 @@ STDOUT = "-"  # `--out -`: the predictions go to standard output
 
 
 def _write_stdout(path: Path, data: bytes) -> None:
-    """`write_bytes` for `--out -`: the bytes to standard output."""
-    sys.stdout.buffer.write(data)
-    sys.stdout.flush()
+    """`write_bytes` for `--out -`: the bytes to standard output; a reader that stops early (`| head`) ends the
+    output, not the run."""
+    try:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more reaches the closed pipe
 
 
 def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "csv", top_k: int = 5) -> Path:

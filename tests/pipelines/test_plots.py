@@ -141,6 +141,9 @@ def test_a_sweep_heatmap_draws_one_panel_per_sampler_and_names_the_fixed_setting
     assert [ax.get_title() for ax in panels] == ["sampler sqrt", "sampler class-aware"]  # every point shown
     assert sum(len(ax.texts) for ax in panels) == 12
     assert "epochs 10" in fig._suptitle.get_text() and "batch_size 512" in fig._suptitle.get_text()
+    ranked.append({"config": AdapterConfig(head="cosine", ratio=0.1, lr=0.05).to_dict(), "val": {"top1": 1.0}})
+    _heatmap(tmp_path, ranked, "top1")
+    assert "other heads (cosine) in results.csv" in figures[1]._suptitle.get_text()  # never dropped silently
     assert len([p for p in panels[0].patches if p.get_edgecolor()[:3] == (1.0, 0.0, 0.0)]) == 1
 
 

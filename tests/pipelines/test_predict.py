@@ -99,3 +99,15 @@ def test_predict_plot_draws_the_first_predictions_with_their_classes(tmp_path):
     path = plot_predictions(Predictions(rows, None, 1.0, []), Split(), tmp_path / "g.png", limit=2)
     image = Image.open(path)
     assert image.format == "PNG" and image.size[0] > image.size[1]  # two cells side by side, one row
+
+
+def test_predict_plot_is_checked_before_any_work(tmp_path):
+    from ballad_cache.pipelines.predict import run_predict
+
+    args = ("no-such-model", tmp_path / "p.csv", PredictConfig(workers=0), [str(tmp_path / "none.png")])
+    with pytest.raises(BalladError, match="name it .png"):
+        run_predict(*args, plot=tmp_path / "grid.jpg")
+    (tmp_path / "grid.png").write_bytes(b"kept")
+    with pytest.raises(BalladError, match="already exists"):
+        run_predict(*args, plot=tmp_path / "grid.png")
+    assert (tmp_path / "grid.png").read_bytes() == b"kept" and not (tmp_path / "p.csv").exists()
