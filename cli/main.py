@@ -312,6 +312,7 @@ def demo(config: DemoConfig, folder: DemoFolder, placement: Placement) -> None:
     from ballad_cache.pipelines.demo import demo as run_demo
 
     device = _device(placement)
+    _announce(f"demo: fmnist-lt with {config.model} -> {folder.out}")
     with RichProgress() as progress:
         summary = run_demo(folder.out, config, device, progress)
     print_report(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))

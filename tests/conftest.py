@@ -156,7 +156,7 @@ def lt_cache(tmp_path: Path) -> FeatureCache:
     return FeatureCache(tmp_path / "cache")
 
 
-ANNOUNCED = ("finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict")
+ANNOUNCED = ("finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict", "demo")
 
 
 def without_announcement(text: str) -> str:
