@@ -121,6 +121,11 @@ class PanelCommand(TyperCommand):
     """A command whose `--help` lists its options in one section per config class ("Phase A", "Model", "Files",
     ...), in click's plain layout, whose help column keeps half of an 80-column terminal."""
 
+    def get_short_help_str(self, limit: int = 45) -> str:
+        """The command's first sentence, whole (the commands list wraps it instead of cutting it with "...")."""
+        first = " ".join((self.help or "").split("\n\n")[0].split())
+        return first.split(". ")[0].rstrip(".") if first else super().get_short_help_str(limit)
+
     def format_options(self, ctx: Any, formatter: Any) -> None:  # typer's own click Context and HelpFormatter
         """Arguments, then one section of options per panel, in the order the panels first appear."""
         sections: dict[str, list[tuple[str, str]]] = {}

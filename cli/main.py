@@ -242,7 +242,7 @@ def predict(
 ) -> None:
     """Classify images with an exported classifier (or a model plus --adapter); with labels, print the accuracy."""
     from ballad_cache.pipelines.configs import PLOTTED_PREDICTIONS
-    from ballad_cache.pipelines.predict import STDOUT, run_predict
+    from ballad_cache.pipelines.predict import run_predict, to_stdout
 
     if bool(inputs) == bool(files.data):
         raise typer.BadParameter(
@@ -265,9 +265,9 @@ def predict(
             files.overwrite,
             files.plot,
         )
-    to_stdout = str(files.out) == STDOUT  # the predictions are standard output: everything else goes to stderr
-    said = err if to_stdout else out
-    where = "standard output" if to_stdout else str(files.out)
+    stream = to_stdout(files.out)  # the predictions are standard output: everything else goes to stderr
+    said = err if stream else out
+    where = "standard output" if stream else str(files.out)
     if result.report:
         title = f"{len(result.rows)} images ({files.data} {config.split})"
         print_report(report_table(title, [("classifier", result.report)]), said)

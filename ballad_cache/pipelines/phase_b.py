@@ -410,48 +410,64 @@ def _write_tables(
 HEATMAP_PANELS = 12  # at most this many panels; a grid with more combinations of its other axes draws the first
 
 
+def _value(point: dict[str, Any], key: str) -> Any:
+    return point["config"].get(key)
+
+
 def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
-    """The sweep's val metric over ratio × lr, one panel per combination of the grid's other axes (among the points
-    of the best point's head), the best point outlined, the settings every point shares in the title."""
+    """The sweep's val metric over two of its grid's axes (ratio × lr where both vary, else the two with the most
+    values: a family's own, such as tip's alpha and beta), one panel per combination of its other axes (the best
+    point's first), among the points of the best point's head; the best point outlined, the settings every point
+    shares in the title, other heads named."""
     best = ranked[0]["config"]
     points = [p for p in ranked if p["config"].get("head") == best.get("head")]
-    keys = [k for k in best if k not in ("ratio", "lr")]
-    varying = [k for k in keys if len({json.dumps(p["config"].get(k)) for p in points}) > 1]
+    distinct = {k: len({json.dumps(_value(p, k)) for p in points}) for k in best}
+    varying = sorted((k for k, n in distinct.items() if n > 1), key=lambda k: -distinct[k])
+    preferred = [k for k in ("ratio", "lr") if k in varying] if {"ratio", "lr"} <= set(varying) else []
+    row_key, col_key = list(dict.fromkeys([*preferred, *varying, "ratio", "lr"]))[:2]
+    panel_keys = [k for k in varying if k not in (row_key, col_key)]
     defaults = AdapterConfig().to_dict()  # the title names the usual settings and every one set away from its default
     usual = ("head", "loss", "sampler", "epochs", "batch_size")
-    fixed = [k for k in keys if k not in varying and (k in usual or best.get(k) != defaults.get(k))]
+    fixed = [k for k in best if k not in varying and (k in usual or best.get(k) != defaults.get(k))]
     others = sorted({p["config"].get("head") for p in ranked} - {best.get("head")})
-    ratios = sorted({p["config"]["ratio"] for p in points})
-    lrs = sorted({p["config"]["lr"] for p in points})
+
+    def order(v: Any) -> tuple[bool, Any]:  # numbers in order, then anything else by its JSON text
+        number = isinstance(v, (int, float))
+        return (not number, v if number else json.dumps(v))
+
+    rows = sorted({_value(p, row_key) for p in points}, key=order)
+    cols = sorted({_value(p, col_key) for p in points}, key=order)
     combos: list[tuple[Any, ...]] = []
     for p in points:  # in rank order: the best point's panel comes first
-        combo = tuple(json.dumps(p["config"].get(k)) for k in varying)
+        combo = tuple(json.dumps(_value(p, k)) for k in panel_keys)
         if combo not in combos:
             combos.append(combo)
     combos = combos[:HEATMAP_PANELS]
     panels = []
     for combo in combos:
-        grid = np.full((len(ratios), len(lrs)), np.nan)
+        grid = np.full((len(rows), len(cols)), np.nan)
         for p in points:
-            if tuple(json.dumps(p["config"].get(k)) for k in varying) == combo:
-                grid[ratios.index(p["config"]["ratio"]), lrs.index(p["config"]["lr"])] = p["val"][metric]
-        title = ", ".join(f"{k} {json.loads(v)}" for k, v in zip(varying, combo, strict=True))
-        panels.append((title, grid))
-    where = (0, ratios.index(best["ratio"]), lrs.index(best["lr"]))
+            if tuple(json.dumps(_value(p, k)) for k in panel_keys) == combo:
+                cell = rows.index(_value(p, row_key)), cols.index(_value(p, col_key))
+                if np.isnan(grid[cell]):  # the best-ranked point of a cell shows (ranked is best first)
+                    grid[cell] = p["val"][metric]
+        panels.append((", ".join(f"{k} {json.loads(v)}" for k, v in zip(panel_keys, combo, strict=True)), grid))
+    where = (0, rows.index(best[row_key]), cols.index(best[col_key]))
     from .plots import plot_heatmap
 
     shown = f" (the first {len(combos)} panels)" if len(combos) == HEATMAP_PANELS else ""
+    label = lambda v: f"{v:g}" if isinstance(v, float) else str(v)  # noqa: E731
     plot_heatmap(
         panels,
-        [f"{r:g}" for r in ratios],
-        [f"{lr:g}" for lr in lrs],
+        [label(v) for v in rows],
+        [label(v) for v in cols],
         f"val {metric}, best outlined{shown}"
         + (f"; other heads ({', '.join(map(str, others))}) in results.csv" if others else "")
         + "\n"
         + ", ".join(f"{k} {best[k]}" for k in fixed),
         out / "heatmap.png",
-        "ratio",
-        "lr",
+        row_key,
+        col_key,
         best=where,
     )
 

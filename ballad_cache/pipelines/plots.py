@@ -166,7 +166,8 @@ def plot_heatmap(
             ax.add_patch(
                 patches.Rectangle((best[2] - 0.5, best[1] - 0.5), 1, 1, fill=False, ec="red", lw=2.5, label="best")
             )
-    fig.subplots_adjust(top=1 - 0.25 * (title.count("\n") + 2) / fig.get_size_inches()[1], hspace=0.6, wspace=0.35)
+    top = 1 - (0.2 * (title.count("\n") + 1) + 0.45) / fig.get_size_inches()[1]  # the title's lines, in inches
+    fig.subplots_adjust(top=top, hspace=0.45, wspace=0.35)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title, fontsize=10)

@@ -55,10 +55,10 @@ def run_predict(
 
     if bool(inputs) == bool(data):
         raise ValueError("give image paths or a dataset (one of them)")
-    to_stdout = str(out) == STDOUT
-    if not to_stdout:
+    stream = to_stdout(out)
+    if not stream:
         check_writable(out)
-    if not to_stdout and Path(out).exists() and not overwrite:
+    if not stream and Path(out).exists() and not overwrite:
         raise BalladError(f"{out} already exists; pass {setting('overwrite', True)} or pick another {setting('out')}")
     if plot is not None:
         check_writable(plot)
@@ -201,7 +201,12 @@ def predict_split(
     return Predictions(out, report, rate, skipped)
 
 
-STDOUT = "-"  # `--out -`: the predictions go to standard output
+STDOUT = "-"  # `--out -` (or /dev/stdout): the predictions go to standard output
+
+
+def to_stdout(out: str | Path) -> bool:
+    """Whether `out` names standard output: `-` or `/dev/stdout`."""
+    return str(out) in (STDOUT, "/dev/stdout")
 
 
 def _write_stdout(path: Path, data: bytes) -> None:
@@ -222,7 +227,7 @@ def write_predictions(predictions: Predictions, path: str | Path, fmt: str = "cs
     A path that is not valid UTF-8 is written as its raw bytes in CSV (read it back with
     `errors="surrogateescape"`) and as `\\udcXX` escapes in JSON lines (json.loads gives the same str back)."""
     path = Path(path)
-    emit = _write_stdout if str(path) == STDOUT else write_bytes
+    emit = _write_stdout if to_stdout(path) else write_bytes
     if fmt == "jsonl":
         lines = [
             json.dumps({"path": r["path"], "skipped": r["reason"]})

@@ -159,3 +159,20 @@ def test_prediction_grid_titles_right_green_wrong_red_unknown_black(tmp_path, fi
     assert titles == [("cat\n(true: cat)", "green"), ("dog\n(true: cat)", "red"), ("cow", "black")]
     assert fig.axes[1].images[0].get_cmap().name == "gray"
     assert len(fig.axes[3].images) == 0
+
+
+def test_a_family_sweep_heatmap_draws_its_own_axes(tmp_path, figures):
+    """A grid that sweeps neither ratio nor lr (gda's alpha × shrinkage, one panel per adjust_tau) draws those axes,
+    not ratio × lr panels of single cells."""
+    from ballad_cache.heads.config import AdapterConfig
+    from ballad_cache.pipelines.phase_b import _heatmap
+
+    base = AdapterConfig(head="gda").to_dict()
+    grid = [(a, s, t) for t in (1.0, 0.0) for a in (0.01, 0.1, 1.0) for s in (0.001, 0.1)]
+    ranked = [{"config": {**base, "alpha": a, "shrinkage": s, "adjust_tau": t}, "val": {"top1": 90.0 - k}}
+              for k, (a, s, t) in enumerate(grid)]  # fmt: skip
+    _heatmap(tmp_path, ranked, "top1")
+    panels = [ax for ax in figures[0].axes if ax.images]
+    assert [ax.get_title() for ax in panels] == ["adjust_tau 1.0", "adjust_tau 0.0"]
+    assert (panels[0].get_ylabel(), panels[0].get_xlabel()) == ("alpha", "shrinkage")
+    assert panels[0].images[0].get_array().shape == (3, 2) and sum(len(ax.texts) for ax in panels) == 12

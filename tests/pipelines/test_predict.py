@@ -81,6 +81,8 @@ def test_out_dash_writes_the_predictions_to_standard_output_and_no_file(tmp_path
     written = capfdbinary.readouterr().out.decode()
     assert list(csv.DictReader(written.splitlines()))[0]["top2_name"] == "dog"
     assert list(tmp_path.iterdir()) == []  # no file named "-"
+    write_predictions(Predictions([row], None, 1.0, []), "/dev/stdout", "jsonl", 2)
+    assert json.loads(capfdbinary.readouterr().out.decode())["pred_name"] == "cat"
 
 
 def test_predict_plot_draws_the_first_predictions_with_their_classes(tmp_path):
