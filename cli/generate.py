@@ -135,7 +135,8 @@ class PanelCommand(TyperCommand):
                 continue
             name = "Arguments" if param.param_type_name == "argument" else getattr(param, "rich_help_panel", None)
             sections.setdefault(name or "Options", []).append(record)
-        for name, records in sections.items():
+        for name in sorted(sections, key=lambda n: n != "Arguments"):  # the arguments first, then by first use
+            records = sections[name]
             with formatter.section(name):
                 formatter.write_dl(records)
 
