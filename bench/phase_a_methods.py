@@ -24,13 +24,13 @@ val top-1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -101,8 +101,8 @@ def one(
         return t
 
     def step(count: bool = False) -> None:
-        ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else _null()
-        flops = FlopCounterMode(display=False) if count else _null()
+        ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if count else contextlib.nullcontext()
+        flops = FlopCounterMode(display=False) if count else contextlib.nullcontext()
         with ctx, flops, autocast(device, precision):
             image = F.normalize(model.encode_image(images), dim=-1)
             if method == "full+text":  # BALLAD: the prompts re-encoded through the trained text tower
@@ -171,14 +171,6 @@ def one(
     if device.type == "cuda":
         record["cuda_peak_MB"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return record
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *args: Any) -> None:
-        return None
 
 
 def cost(a: argparse.Namespace) -> None:

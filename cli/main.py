@@ -130,18 +130,18 @@ def cache_info(source: CacheSource, fmt: InfoFormat) -> None:
     """Splits, rows, dims, model, fingerprint and size on disk."""
     from ballad_cache.store.cache import FeatureCache
 
-    cache = FeatureCache(source.cache)
-    if fmt.json:
-        _print_json(cache.facts())
-    else:
-        print_report(cache.describe())
+    _show(FeatureCache(source.cache), fmt)
 
 
-def _print_json(data: Any) -> None:
-    """`data` as JSON on standard output, nothing else on it."""
+def _show(subject: Any, fmt: InfoFormat) -> None:
+    """An info command's subject (a cache, a dataset): its `facts()` as JSON, alone on standard output, with
+    `--json`; else its `describe()` report as a table."""
     import json
 
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    if fmt.json:
+        sys.stdout.write(json.dumps(subject.facts(), indent=2) + "\n")
+    else:
+        print_report(subject.describe())
 
 
 @config_command(cache_app, "verify", source=CacheSource)
@@ -283,22 +283,20 @@ def data_info(dataset: DatasetSource, fmt: InfoFormat) -> None:
     """Class counts, imbalance factor and many/medium/few groups of a dataset's train split."""
     from ballad_cache.inputs.datasets import load_dataset
 
-    data = load_dataset(dataset.data)
-    if fmt.json:
-        _print_json(data.facts())
-    else:
-        print_report(data.describe())
+    _show(load_dataset(dataset.data), fmt)
 
 
 @config_command(app, fmt=InfoFormat)
 def models(fmt: InfoFormat) -> None:
     """List model names with their pretrained tags: ballad's registered architectures, then open_clip's (use with
     --model and --pretrained)."""
+    import json
+
     from ballad_cache.models.clip import model_tags
 
     entries = model_tags()
     if fmt.json:
-        _print_json(entries)
+        sys.stdout.write(json.dumps(entries, indent=2) + "\n")
         return
     for e in entries:
         tags = ", ".join(e["pretrained"]) or "-"

@@ -157,24 +157,20 @@ class LTDataset:
 
     def describe(self) -> Report:
         """Train class counts (the 20 largest and smallest classes past 40), imbalance factor, shot groups, splits."""
-        from .longtail import GROUP_NAMES, ShotThresholds, group_sizes, imbalance_factor, shot_groups
-
-        counts = self.class_counts("train")
-        groups = shot_groups(counts)
-        order = sorted(range(len(counts)), key=lambda c: -counts[c])
+        f = self.facts()
+        order = sorted(f["classes"], key=lambda c: -c["train"])
         shown = order if len(order) <= 40 else order[:20] + order[-20:]
-        sizes = group_sizes(counts)
-        t = ShotThresholds()
+        sizes, t, train = f["groups"], f["thresholds"], [c["train"] for c in f["classes"]]
         return Report(
             f"{self.name}: train class counts",
             ["class", "name", "train", "group"],
-            [[str(c), self.classnames[c], str(counts[c]), GROUP_NAMES[groups[c]]] for c in shown],
+            [[str(c["index"]), c["name"], str(c["train"]), c["group"]] for c in shown],
             [
-                f"{self.num_classes} classes, {int(counts.sum())} train images ({counts.max()} ... {counts.min()}), "
-                f"imbalance factor {imbalance_factor(counts):.1f}",
+                f"{self.num_classes} classes, {f['train_images']} train images ({max(train)} ... {min(train)}), "
+                f"imbalance factor {f['imbalance_factor']:.1f}",
                 f"groups: {sizes['many']} many / {sizes['medium']} medium / {sizes['few']} few "
-                f"(many > {t.many}, few < {t.few}); "
-                f"splits: " + ", ".join(f"{s} {len(v)}" for s, v in self.splits.items()),
+                f"(many > {t['many']}, few < {t['few']}); "
+                f"splits: " + ", ".join(f"{s} {n}" for s, n in f["splits"].items()),
             ],
         )
 

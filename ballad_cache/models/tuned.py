@@ -29,6 +29,7 @@ from .clip import (
     load_model,
     local_dir,
     local_dir_name,
+    read_class_head,
     save_local_dir,
     write_class_head,
 )
@@ -149,8 +150,6 @@ def load_tuned_dir(folder: Path, device: str | torch.device = "cpu") -> LoadedMo
     loaded.model.to(device).eval()
     for param in loaded.model.parameters():
         param.requires_grad_(False)
-    from .clip import read_class_head
-
     loaded.name = local_dir_name(folder)
     loaded.pretrained = None
     loaded.checkpoint_sha256 = sha256_file(folder / TUNER_WEIGHTS)

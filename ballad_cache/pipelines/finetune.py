@@ -204,10 +204,6 @@ def finetune(
             f"{setting('batch_size', config.batch_size)} must be divisible by the {dist.world_size} ranks"
         )
     torch.manual_seed(config.seed)
-    for name in ("logit_scale", "logit_bias"):  # BALLAD fixes the scale at 100; unused params would stall DDP
-        param = getattr(loaded.model, name, None)
-        if isinstance(param, torch.nn.Parameter):
-            param.requires_grad_(False)
     phase_net, groups, base = prepare(loaded, dataset, config, device)
     model, prompts, templates = phase_net.model, phase_net.prompts, phase_net.prompts.templates
     augment = train_transform(config.augment, loaded.preprocess_cfg, loaded.preprocess_train)

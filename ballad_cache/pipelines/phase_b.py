@@ -437,17 +437,13 @@ def _heatmap(out: Path, ranked: list[dict[str, Any]], metric: str) -> None:
 
     rows = sorted({_value(p, row_key) for p in points}, key=order)
     cols = sorted({_value(p, col_key) for p in points}, key=order)
-    combos: list[tuple[Any, ...]] = []
-    for p in points:  # in rank order: the best point's panel comes first
-        combo = tuple(json.dumps(_value(p, k)) for k in panel_keys)
-        if combo not in combos:
-            combos.append(combo)
-    combos = combos[:HEATMAP_PANELS]
+    panel_of = [tuple(json.dumps(_value(p, k)) for k in panel_keys) for p in points]
+    combos = list(dict.fromkeys(panel_of))[:HEATMAP_PANELS]  # in rank order: the best point's panel comes first
     panels = []
     for combo in combos:
         grid = np.full((len(rows), len(cols)), np.nan)
-        for p in points:
-            if tuple(json.dumps(_value(p, k)) for k in panel_keys) == combo:
+        for p, of in zip(points, panel_of, strict=True):
+            if of == combo:
                 cell = rows.index(_value(p, row_key)), cols.index(_value(p, col_key))
                 if np.isnan(grid[cell]):  # the best-ranked point of a cell shows (ranked is best first)
                     grid[cell] = p["val"][metric]

@@ -416,12 +416,11 @@ class FeatureCache:
 
     def describe(self) -> Report:
         """Splits (images, views, rows, shards), model, dataset, dims, fingerprint and size on disk."""
-        m = self.manifest
+        f = self.facts()
         rows = [
-            [s, str(v["images"]), str(v["views"]), str(v["rows"]), str(len(v["shards"]))]
-            for s, v in m["splits"].items()
+            [s, str(v["images"]), str(v["views"]), str(v["rows"]), str(v["shards"])] for s, v in f["splits"].items()
         ]
-        model = m["model"]
+        model = f["model"]
         return Report(
             f"cache {self.path}",
             ["split", "images", "views", "rows", "shards"],
@@ -429,9 +428,9 @@ class FeatureCache:
             [
                 f"model: {model['name']} pretrained={model['pretrained']} "
                 f"sha256={str(model['checkpoint_sha256'])[:12]}",
-                f"dataset: {m['dataset']}  classes: {len(m['classnames'])}  templates: {len(m['templates'])}",
-                f"dim: {m['embed_dim']}  dtype: {m['dtype']}  fingerprint: {m['fingerprint']}  "
-                f"size: {self.size_on_disk() / 2**20:.1f} MiB  skipped images: {len(m['skipped'])}",
+                f"dataset: {f['dataset']}  classes: {f['classes']}  templates: {f['templates']}",
+                f"dim: {f['embed_dim']}  dtype: {f['dtype']}  fingerprint: {f['fingerprint']}  "
+                f"size: {f['size_bytes'] / 2**20:.1f} MiB  skipped images: {f['skipped_images']}",
             ],
         )
 

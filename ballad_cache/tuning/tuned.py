@@ -37,7 +37,9 @@ def refuse_inapplicable(model: nn.Module, method: str, towers: Sequence[str]) ->
 
 
 def tune(model: nn.Module, method: str, towers: Sequence[str], options: TuningOptions) -> list[nn.Parameter]:
-    """Attach `method` to `towers` of `model`; every other parameter is frozen. Returns the trainable parameters
+    """Attach `method` to `towers` of `model`; every other parameter is frozen (the logit scale and bias, in no
+    tower, always: BALLAD fixes the scale at 100, and an unused trainable parameter would stall DDP). Returns the
+    trainable parameters
     (the tuner's, or the existing ones the method trains), in a fixed order.
 
     Raises:
