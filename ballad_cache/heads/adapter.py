@@ -34,6 +34,7 @@ from ..progress import NullProgress, Progress
 from ..registry import PRECISIONS
 from ..schedules import SCHEDULES
 from .batches import TrainRows, batch_schedule
+from .metrics import per_image
 from .registry import HEADS, LOGIT_SCALE, Head, HeadContext
 from .terms import LOSSES, LossContext, LossTerm, cross_entropy
 
@@ -271,17 +272,22 @@ def val_accuracy(
     labels: torch.Tensor,
     rows_per_chunk: int = 8192,
 ) -> np.ndarray:
-    """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in row chunks.
+    """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in chunks of images; V views
+    of each image (V·N feature rows, view-major) are scored by their mean logits (`metrics.per_image`).
 
     `text` is the shared C×d class embeddings, or K×C×d heads (one per adapter).
     """
     device = weights.device
     correct = np.zeros(len(ratios))
-    for a in range(0, len(labels), rows_per_chunk):
-        x = features[a : a + rows_per_chunk].to(device, weights.dtype)
-        y = labels[a : a + rows_per_chunk].to(device)
+    n = len(labels)
+    views = features.reshape(-1, n, features.shape[-1]) if n else features[None]
+    step = max(1, rows_per_chunk // views.shape[0])
+    for a in range(0, n, step):
+        x = views[:, a : a + step].reshape(-1, views.shape[-1]).to(device, weights.dtype)
+        y = labels[a : a + step].to(device)
         for j, r in enumerate(ratios):
-            pred = adapter_logits(x, weights[j], r, text[j] if text.dim() == 3 else text).argmax(dim=1)
+            logits = adapter_logits(x, weights[j], r, text[j] if text.dim() == 3 else text)
+            pred = per_image(logits, len(y)).argmax(dim=1)
             correct[j] += float((pred == y).sum())
     return 100.0 * correct / max(len(labels), 1)
 

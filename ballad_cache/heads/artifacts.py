@@ -106,6 +106,7 @@ def save_adapter(folder: str | Path, head: Head, cache: FeatureCache, extra: dic
         "template_set": cache.manifest.get("config", {}).get("templates"),
         "embed_dim": int(cache.manifest["embed_dim"]),
         "train_class_counts": cache.train_counts.tolist(),
+        "eval_views": cache.manifest.get("eval_views", {"name": "center", "crops": 0}),  # val ranked with them
         **(extra or {}),
     }
     write_json(folder / ADAPTER_META, meta)

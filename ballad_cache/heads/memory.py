@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BalladError, setting
+from .metrics import per_image
 from .registry import LOGIT_SCALE, Head, HeadContext
 
 if TYPE_CHECKING:
@@ -359,7 +360,7 @@ def train_tip_f(
                 progress.advance(1, loss=f"{float(loss.detach()):.3f}")
         trained = TipHead(config, {**head.tensors, "keys": F.normalize(keys.detach(), dim=-1)}, head.context)
         if val is not None:
-            pred = trained.logits(val[0]).argmax(dim=1)
+            pred = per_image(trained.logits(val[0]), len(val[1])).argmax(dim=1)
             top1 = 100.0 * float((pred == val[1]).float().mean())
             tops.append(top1)
             if top1 > best_acc or config.select == "last":

@@ -20,16 +20,33 @@ def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -
         return correct / total
 
 
+def per_image(scores: torch.Tensor, num_images: int) -> torch.Tensor:
+    """Scores (logits, votes) of `num_images` images, averaged over each image's views: an eval split scored with
+    V test-time crops has V·N rows, view-major (`store.cache.SplitFeatures`), and an image's score is the mean of
+    its crops' (shijxcs/LIFT `trainer.py` lines 571-580); N rows come back as they are.
+
+    Raises:
+        ValueError: a row count that is no multiple of `num_images`.
+    """
+    if scores.shape[0] == num_images:
+        return scores
+    if num_images == 0 or scores.shape[0] % num_images:
+        raise ValueError(f"{scores.shape[0]} score rows are no whole number of views of {num_images} images")
+    return scores.reshape(scores.shape[0] // num_images, num_images, *scores.shape[1:]).mean(dim=0)
+
+
 def classification_report(
     logits: torch.Tensor, labels: torch.Tensor, train_counts: np.ndarray, thresholds: ShotThresholds | None = None
 ) -> dict[str, Any]:
-    """Top-1/top-5, many/medium/few and per-class accuracy (percent) of `logits` (N×C) against `labels`.
+    """Top-1/top-5, many/medium/few and per-class accuracy (percent) of `logits` (N×C, or V·N×C for V views of
+    each image, averaged by `per_image`) against `labels`.
 
     Many/medium/few are the mean of the per-class accuracies of the group's classes that have test images, as
     OLTR's `shot_acc` (`utils.py`, used by BALLAD's `train.py`) computes them; on an imbalanced test set this
     differs from the accuracy over the group's images. NaN for a group with no tested class.
     """
     thresholds = thresholds or ShotThresholds()
+    logits = per_image(logits, len(labels))
     num_classes = logits.shape[1]
     labels_np = labels.cpu().numpy()
     k = min(5, num_classes)

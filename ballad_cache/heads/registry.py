@@ -74,7 +74,7 @@ class FitData:
 
     train: SplitFeatures
     context: HeadContext
-    val: SplitFeatures | None = None  # eval view only
+    val: SplitFeatures | None = None  # its eval views (V·N rows with test-time crops, `SplitFeatures.views`)
 
 
 class Head:

@@ -1,6 +1,7 @@
 """Decoding dataset rows into model inputs, for extraction and finetuning.
 
-A row is (image index in the split, view): view 0 is the eval transform, view k ≥ 1 the k-th augmented view.
+A row is (image index in the split, view): view 0 is the eval transform, view k ≥ 1 the k-th augmented view, view
+-k the k-th test-time crop (`transforms.CropViews`).
 Augmentations are seeded per (seed, index, view), so a shard or an epoch decodes to the same tensors whether it
 runs in one go, after a crash, or split across ranks.
 """
@@ -38,15 +39,17 @@ class ImageRows(Dataset):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         draft: int = 0,
         device_views: DeviceAugment | None = None,
+        crop_views: Callable[[Any], list[torch.Tensor]] | None = None,
     ) -> None:
         self.split = split
+        self.crop_views = crop_views  # the test-time crops of an image (rows with view < 0), made once per group
         self.device_views = device_views
         self.draft = draft  # decode JPEGs reduced while their shorter side keeps this many pixels (0: full size)
         # augmented views crop down to 0.61 of the shorter side (RandomResizedCrop, area 0.5, aspect 3/4) before they
         # resize: twice the input keeps every crop at or above it. Fixed per reader (not per batch), so a row's
         # pixels never depend on which other rows share its batch
         self.rows = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-        self._draft_side = draft * (2 if (self.rows[:, 1] > 0).any() else 1)
+        self._draft_side = draft * (2 if (self.rows[:, 1] != 0).any() else 1)  # crops resize to size + expand
         self.eval_transform = eval_transform
         self.train_transform = train_transform or eval_transform
         self.seed = seed
@@ -69,6 +72,7 @@ class ImageRows(Dataset):
         error, images = "", []
         params: list[list[float] | None] = []
         source: torch.Tensor | None = None
+        crops: list[torch.Tensor] | None = None
         try:
             image = self.split.load(index, self.max_pixels, self._draft_side)
             # one fork of the global generator for the whole group: each view re-seeds it, and the caller's state
@@ -79,6 +83,11 @@ class ImageRows(Dataset):
                     if view == 0:
                         x = self.eval_transform(image)
                         self._shape = tuple(x.shape)
+                    elif view < 0:
+                        if self.crop_views is None:
+                            raise ValueError("rows with test-time crops (view < 0) need crop_views")
+                        crops = crops if crops is not None else self.crop_views(image)
+                        x = crops[-view - 1]
                     else:
                         # the CPU generator alone: what torch.manual_seed seeds for CPU transforms, bitwise, without
                         # its per-call bookkeeping for every accelerator (about 1.5 ms a view)

@@ -88,3 +88,48 @@ def train_transform(
         ValueError: an unknown name.
     """
     return AUGMENTATIONS.get(augment)(preprocess_cfg, open_clip_train)
+
+
+class CropViews:
+    """LIFT's test-time views (shijxcs/LIFT `trainer.py` lines 116-130, `utils/config.py` lines 55-57): resize the
+    shorter side to the model's size + `expand` (torchvision's default bilinear, antialiased, as LIFT's
+    `transforms.Resize`), then `FiveCrop` (corners then centre) or `TenCrop` (those five, then the same five of the
+    horizontally flipped image) at the model's size, each normalised with the model's mean and std. Scoring takes
+    the mean of the per-crop logits (`trainer.py` lines 568-580), as every ballad scoring path does
+    (`heads.metrics.per_image`)."""
+
+    def __init__(self, crops: int, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], expand: int):
+        if crops not in (5, 10):
+            raise ValueError("crop views are five or ten crops")
+        self.crops, self.size, self.expand = crops, size, expand
+        self.mean, self.std = list(mean), list(std)
+
+    def __call__(self, image: Any) -> list[torch.Tensor]:
+        """The crops of a PIL image, in torchvision's order."""
+        from torchvision.transforms import functional as TF
+
+        resized = TF.resize(image.convert("RGB"), min(self.size) + self.expand, antialias=True)
+        crops = TF.five_crop(resized, list(self.size)) if self.crops == 5 else TF.ten_crop(resized, list(self.size))
+        return [TF.normalize(TF.to_tensor(c), self.mean, self.std) for c in crops]
+
+
+# the eval views `extract-features` stores for val and test, by name: the number of crops beside view 0 (the model's
+# own eval transform, always stored); scoring a cache with crops averages the logits of the crops (view 0 is not one)
+EVAL_VIEWS: Registry[int] = Registry("eval views")
+EVAL_VIEWS.register("center", 0, help="the model's own eval transform (resize, centre crop), one view")
+EVAL_VIEWS.register("five-crop", 5, help="LIFT's test-time ensemble: resize to size + expand, five crops")
+EVAL_VIEWS.register("ten-crop", 10, help="the five crops and their horizontal flips")
+LIFT_EXPAND = 24  # shijxcs/LIFT utils/config.py line 56 (configs/model/clip_vit_b16.yaml line 24)
+
+
+def crop_views(views: str, preprocess_cfg: dict[str, Any], expand: int = LIFT_EXPAND) -> CropViews | None:
+    """The crop transform of eval views `views` for a model (None for `center`).
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    crops = EVAL_VIEWS.get(views)
+    if not crops:
+        return None
+    settings = preprocess_settings(preprocess_cfg)
+    return CropViews(crops, image_size(settings), settings["mean"], settings["std"], expand)

@@ -14,7 +14,7 @@ from ..errors import setting
 from ..heads.terms import LOGIT_SCALE
 from ..inputs.longtail import ShotThresholds
 from ..inputs.splits import SPLITS
-from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS
+from ..inputs.transforms import AUGMENT_ON, AUGMENTATIONS, EVAL_VIEWS, LIFT_EXPAND
 from ..options import (
     DEFAULT_MAX_PIXELS,
     MAX_PIXELS_HELP,
@@ -291,6 +291,18 @@ class ExtractConfig:
         "value it was made with.",
         choices=AUGMENT_ON,
     )
+    eval_views: str = option(
+        "center",
+        "Eval views stored for val and test: the model's eval transform alone, or beside it LIFT's test-time crops "
+        "(shijxcs/LIFT trainer.py lines 116-130), whose logits every scoring command then averages.",
+        choices=EVAL_VIEWS,
+    )
+    eval_expand: int = option(
+        LIFT_EXPAND,
+        "Test-time crops are cut from the image resized to the model's size plus this (LIFT's expand: 24, "
+        "utils/config.py line 56).",
+        min=0,
+    )
     templates: str | None = option(
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )
@@ -320,6 +332,12 @@ class EvalConfig:
     """What `ballad evaluate` reports."""
 
     split: str = option("test", "Split to score.", choices=SPLITS)
+    views: str | None = option(
+        None,
+        "Eval views to score, averaging each image's per-view logits (default: the views the cache holds; "
+        "'center' scores view 0 of any cache).",
+        choices=EVAL_VIEWS,
+    )
     tau: float | None = option(None, "Post-hoc logit adjustment (Menon et al.): logits - tau * log prior.")
     knn: int | None = option(
         None, "Add a kNN head with K neighbours (faiss; a CUDA matmul when faiss has no GPU but torch does).", min=1

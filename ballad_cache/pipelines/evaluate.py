@@ -33,7 +33,7 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
     """
     thresholds = ShotThresholds(config.many, config.few)
     counts = cache.train_counts
-    rows = cache.load_split(config.split).eval_view()
+    rows = cache.eval_split(config.split, config.views)  # V·N rows with test-time crops: every report averages them
     heads: dict[str, dict[str, Any]] = {}
     context = cache_context(cache)
     zero = AdapterHead(AdapterConfig(), context, None).logits(rows.features)  # norm(f) · textᵀ
@@ -59,6 +59,7 @@ def evaluate_cache(cache: FeatureCache, adapter: Adapter | None, config: EvalCon
         heads[f"knn@{config.knn}"] = classification_report(scores, rows.labels, counts, thresholds)
     return {
         "split": config.split,
+        "views": config.views or cache.eval_views,
         "heads": heads,
         "thresholds": thresholds.to_dict(),
         "train_class_counts": counts.tolist(),

@@ -13,7 +13,8 @@ Beside the model (`open_clip_config.json`, `open_clip_model.safetensors`):
   (`Head.state` once folded: nothing for BALLAD's text head, `head.head` for a cosine head's rows, tip's
   `head.keys`/`head.values`/`head.class_weight`, gda's `head.weight`/`head.bias`, ncm's `head.prototypes`);
 - `classifier.json`: format, class names, the head's name and `adapter_config`, logit scale, templates, ratio, the
-  source model, adapter and cache fingerprint, training counts and shot-group thresholds.
+  source model, adapter and cache fingerprint, training counts, shot-group thresholds and the eval views
+  (`eval_views`: name, crops, expand) its cache was scored with, which `predict` makes again.
 
 A head whose family folds nothing (the memory heads: they read the unchanged image features) keeps all its tensors.
 `predict` loads the head back through its family, so every registered head exports without a line here.
@@ -211,6 +212,8 @@ def build_classifier(
             "shot_thresholds": {"many": thresholds.many, "few": thresholds.few},
             "model_cfg": cfg,
             "folded": context.folded,
+            # the eval views its cache was scored with: predict makes the same crops and averages their logits
+            "eval_views": feature_cache.manifest.get("eval_views", {"name": "center", "crops": 0}),
             **({"tuned_source": str(tuned)} if tuned is not None else {}),
         },
     )

@@ -28,7 +28,7 @@ from ..inputs.reader import (
     skipped_row,
     usable_rows,
 )
-from ..inputs.transforms import image_size, train_transform
+from ..inputs.transforms import EVAL_VIEWS, crop_views, image_size, train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder, effective_precision
 from ..progress import NullProgress, Progress
@@ -51,11 +51,20 @@ def cache_folder(out: str | Path, rank: int = 0, main: bool = True) -> RunFolder
     return RunFolder(out, "extract-features", (), main=main, lock=f".ballad.rank{rank}.lock")
 
 
-def split_rows(num_images: int, views: int) -> np.ndarray:
-    """(index, view) rows of a split, image-major: every view of an image lands in the same shard."""
-    index = np.repeat(np.arange(num_images, dtype=np.int64), views + 1)
-    view = np.tile(np.arange(views + 1, dtype=np.int64), num_images)
+def split_rows(num_images: int, views: int, crops: int = 0) -> np.ndarray:
+    """(index, view) rows of a split, image-major: every view of an image lands in the same shard. Each image has
+    view 0 (eval), `views` augmented views 1..K, then `crops` test-time crops -1..-V."""
+    codes = np.concatenate([np.arange(views + 1), -np.arange(1, crops + 1)]).astype(np.int64)
+    index = np.repeat(np.arange(num_images, dtype=np.int64), len(codes))
+    view = np.tile(codes, num_images)
     return np.stack([index, view], axis=1)
+
+
+def views_of(config: ExtractConfig, split: str) -> tuple[int, int]:
+    """(augmented views, test-time crops) per image of `split`: augmented views in train, crops in val and test."""
+    if split == "train":
+        return config.train_views, 0
+    return 0, EVAL_VIEWS.get(config.eval_views)
 
 
 def resolve_splits(config: ExtractConfig, dataset: LTDataset) -> ExtractConfig:
@@ -95,6 +104,8 @@ def config_fingerprint(dataset: LTDataset, loaded: LoadedModel, config: ExtractC
             **({"draft": True} if config.draft else {}),
             # and only where augmented views exist: eval-only caches are the same rows either way
             **({"augment_on": config.augment_on} if config.augment_on != "worker" and augmented(config) else {}),
+            # and only with test-time crops: center caches keep their hash
+            **({"eval_views": [config.eval_views, config.eval_expand]} if config.eval_views != "center" else {}),
         }
     )[:16]
 
@@ -156,6 +167,8 @@ def refuse_other_finished_cache(
     changed = [f"{k} {old[k]!r} -> {v!r}" for k, v in new.items() if k in old and old[k] != v]
     if "augment_on" not in old and config.augment_on != "worker" and augmented(config):
         changed.append("augment_on worker (made before the option) -> device")
+    if "eval_views" not in old and config.eval_views != "center":
+        changed.append(f"eval_views center (made before the option) -> {config.eval_views!r}")
     for key, value in (made_of or {}).items():
         before = manifest.get(key)
         if key == "model" and isinstance(before, dict) and isinstance(value, dict):
@@ -194,8 +207,8 @@ def extract_split(
     """Encode this rank's unfinished shards of `split` (augmented views made on the device by `device_views` when
     given, see `device_views_of`); returns (shards computed, shards skipped as done)."""
     image_split = dataset.split(split)
-    views = config.train_views if split == "train" else 0
-    rows = split_rows(len(image_split), views)
+    views, crops = views_of(config, split)
+    rows = split_rows(len(image_split), views, crops)
     num_shards = shard_count(len(rows), config.shard_size)
     todo, done, other = [], 0, 0
     for s in range(dist.rank, num_shards, dist.world_size):
@@ -229,6 +242,7 @@ def extract_split(
         max_pixels=config.max_pixels,
         draft=draft_size(loaded, config),
         device_views=device_views if views else None,
+        crop_views=crop_views(config.eval_views, loaded.preprocess_cfg, config.eval_expand) if crops else None,
     )
     # batches never cross a shard boundary, so a shard's rows are encoded in the same batches (and come out
     # bitwise the same) whichever rank computes it and whatever other shards it computes
@@ -383,8 +397,8 @@ def _finish_manifest(
     skipped: list[dict[str, Any]] = []
     seen: set[tuple[str, int]] = set()
     for split in config.splits:
-        views = config.train_views if split == "train" else 0
-        n_rows = len(dataset.split(split)) * (views + 1)
+        views, crops = views_of(config, split)
+        n_rows = len(dataset.split(split)) * (views + 1 + crops)
         entries = []
         for s in range(shard_count(n_rows, config.shard_size)):
             entry = read_shard_entry(out, split, s, fingerprint)
@@ -397,7 +411,7 @@ def _finish_manifest(
             entries.append(entry)
         splits[split] = {
             "images": len(dataset.split(split)),
-            "views": views + 1,
+            "views": views + 1 + crops,
             "rows": sum(e["rows"] for e in entries),
             "shards": entries,
         }
@@ -417,6 +431,12 @@ def _finish_manifest(
         "embed_dim": loaded.embed_dim,
         "dtype": config.dtype,
         "normalized": True,
+        # the test-time crops val and test hold beside view 0 (`FeatureCache.eval_split`)
+        "eval_views": {
+            "name": config.eval_views,
+            "crops": EVAL_VIEWS.get(config.eval_views),
+            "expand": config.eval_expand,
+        },
         "classnames": dataset.classnames,
         "templates": templates,
         "text": text_entry,

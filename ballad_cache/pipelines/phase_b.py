@@ -39,13 +39,13 @@ SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
 
 
 def fit_data(cache: FeatureCache) -> FitData:
-    """What a head family fits on: the cache's train split, its class text embeddings and prior, and its val split's
-    eval view where it has one.
+    """What a head family fits on: the cache's train split, its class text embeddings and prior, and its val split
+    where it has one, in the cache's eval views (its test-time crops, averaged, where it holds them).
 
     Raises:
         BalladError: no training rows.
     """
-    val = cache.load_split("val").eval_view() if "val" in cache.splits else None
+    val = cache.eval_split("val") if "val" in cache.splits else None
     return FitData(_train_split(cache), cache_context(cache), val)
 
 
@@ -255,7 +255,7 @@ def run_sweep(
         raise BalladError(
             f"cache {cache.path} has no val split to rank on; extract it with {setting('splits', SPLITS)}"
         )
-    val, context = cache.load_split("val").eval_view(), cache_context(cache)
+    val, context = cache.eval_split("val"), cache_context(cache)
     if unseen := unseen_classes(val.labels.numpy(), cache.classnames):
         progress.log(unseen)
     train: list[SplitFeatures] = []  # loaded on first use
@@ -295,7 +295,7 @@ def run_sweep(
     best = ranked[0]
     best_cfg = AdapterConfig.from_dict(best["config"])
     best_head = _point_head(with_train, context, best_cfg, points_dir / f"{best['key']}.safetensors", device)
-    test_split = cache.load_split("test").eval_view() if "test" in cache.splits else None
+    test_split = cache.eval_split("test") if "test" in cache.splits else None
     test = report_of(best_head, test_split, cache) if test_split is not None else None
     extra = {"val": best["val"], "sweep_metric": metric, "steps": best["steps"], "best_epoch": best["best_epoch"]}
     save_adapter(out / "best", best_head, cache, {**extra, "test": test})

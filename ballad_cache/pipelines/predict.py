@@ -21,7 +21,8 @@ from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..inputs.datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
 from ..inputs.longtail import ShotThresholds
-from ..inputs.reader import ImageRows, make_loader, skipped_row, usable_rows
+from ..inputs.reader import ImageGroups, ImageRows, collate_groups, group_batches, make_loader, skipped_row, usable_rows
+from ..inputs.transforms import crop_views
 from ..models.encoder import autocast
 from ..progress import NullProgress, Progress
 from .configs import PLOTTED_PREDICTIONS, PredictConfig
@@ -149,9 +150,30 @@ def predict_split(
     """
     progress = progress or NullProgress()
     model = classifier.loaded.model.eval().to(device)
-    rows = np.stack([np.arange(len(split)), np.zeros(len(split), dtype=np.int64)], axis=1)
-    reader = ImageRows(split, rows, classifier.loaded.preprocess_eval, max_pixels=config.max_pixels)
-    loader = make_loader(reader, config.batch_size, config.workers, pin_memory=device.type == "cuda")
+    views = classifier.meta.get("eval_views", {"name": "center", "crops": 0})
+    crops = int(views.get("crops", 0))
+    # one row per image (view 0), or its test-time crops -1..-V, decoded once and scored by their mean logits
+    codes = -np.arange(1, crops + 1) if crops else np.zeros(1, dtype=np.int64)
+    per = len(codes)
+    rows = np.stack([np.repeat(np.arange(len(split)), per), np.tile(codes, len(split))], axis=1).astype(np.int64)
+    reader = ImageRows(
+        split,
+        rows,
+        classifier.loaded.preprocess_eval,
+        max_pixels=config.max_pixels,
+        crop_views=crop_views(views["name"], classifier.loaded.preprocess_cfg, int(views["expand"])) if crops else None,
+    )
+    starts = range(0, len(split), config.batch_size)
+    batches = [list(range(a * per, min(a + config.batch_size, len(split)) * per)) for a in starts]
+    groups, grouped = group_batches(reader.rows, batches)
+    loader = make_loader(
+        ImageGroups(reader, groups),
+        config.batch_size,
+        config.workers,
+        pin_memory=device.type == "cuda",
+        batch_sampler=grouped,
+        collate_fn=collate_groups,
+    )
     k = min(config.top_k, len(classifier.classnames))
     names = classifier.classnames
     labelled = bool(len(split)) and bool((split.labels >= 0).all())
@@ -161,16 +183,21 @@ def predict_split(
     progress.start("predict", len(split))
     t0, done = time.perf_counter(), 0
     for batch in loader:
-        keep = usable_rows(batch, config.skip_bad)
+        ok = usable_rows(batch, config.skip_bad)  # an unreadable image fails in each of its rows
+        keep = ok[::per]
+        first = {k: v[::per] for k, v in batch.items() if k in ("label", "index", "error", "path")}
         for i in np.flatnonzero(~keep):
-            skipped.append(skipped_row(batch, i))
+            skipped.append(skipped_row(first, i))
         if not keep.any():  # every image of the batch was skipped: nothing to encode
             done += len(keep)
             progress.advance(len(keep))
             continue
         with torch.inference_mode(), autocast(device, config.precision):
-            feats = model.encode_image(batch["image"][torch.from_numpy(keep)].to(device, non_blocking=True))
-        logits = classifier.score(feats.float(), config.tau)  # the head's scoring path, as evaluate's
+            feats = model.encode_image(batch["image"][torch.from_numpy(ok)].to(device, non_blocking=True))
+        # the head's scoring path, as evaluate's: the mean logits of an image's crops (image-major rows here)
+        scores = classifier.score(feats.float(), config.tau)
+        logits = scores.reshape(-1, per, scores.shape[1]).mean(dim=1) if per > 1 else scores
+        batch = first
         probs = logits.softmax(dim=1)
         top = probs.topk(k, dim=1)
         top_p, top_i = top.values.cpu().numpy(), top.indices.cpu().numpy()

@@ -225,12 +225,17 @@ def content_fingerprint(manifest: dict[str, Any]) -> str:
 
 @dataclass
 class SplitFeatures:
-    """Rows of one split: features (N×D), labels, row in the dataset's split list, and view (0 = eval)."""
+    """Rows of one split: features (N×D), labels, row in the dataset's split list, and view (0 = eval).
+
+    An eval split scored with test-time crops (`FeatureCache.eval_split`) holds `views` = V rows per image,
+    view-major: `features` is V·N×D (row v·N + i is crop v of image i) while `labels`, `index` and `view` have the N
+    images' entries; every metric averages the V scores of an image (`heads.metrics.per_image`)."""
 
     features: torch.Tensor
     labels: torch.Tensor
     index: torch.Tensor
     view: torch.Tensor
+    views: int = 1
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -401,6 +406,44 @@ class FeatureCache:
             torch.cat([p.view for p in parts]),
         )
 
+    @property
+    def eval_views(self) -> str:
+        """The eval views val and test hold (`extract-features --eval-views`; caches made before it: center)."""
+        return str(self.manifest.get("eval_views", {}).get("name", "center"))
+
+    def eval_split(self, split: str, views: str | None = None, dtype: torch.dtype = torch.float32) -> SplitFeatures:
+        """The rows `split` is scored on with eval views `views` (default: the cache's own, `eval_views`): view 0
+        for `center`; else the test-time crops, view-major with `views` = V (a ten-crop cache serves five-crop too:
+        its first five crops are five-crop's).
+
+        Raises:
+            BalladError: the cache holds fewer crops than `views` needs (one line naming the cache and the fix).
+        """
+        from ..inputs.transforms import EVAL_VIEWS
+
+        views = views or self.eval_views
+        try:
+            crops = EVAL_VIEWS.get(views)
+        except ValueError as exc:
+            raise BalladError(str(exc)) from None
+        rows = self.load_split(split, dtype)
+        if crops == 0:
+            return rows.eval_view()
+        held = EVAL_VIEWS.get(self.eval_views)
+        if held < crops or len(rows) and not bool((rows.view == -crops).any()):
+            raise BalladError(
+                f"cache {self.path} holds {self.eval_views} eval views, not {views}; re-extract it with "
+                f"--eval-views {views} (or score it with --views {self.eval_views})"
+            )
+        parts = [rows.view == -v for v in range(1, crops + 1)]
+        first = rows.index[parts[0]]
+        if any(not torch.equal(rows.index[p], first) for p in parts[1:]):
+            raise BalladError(f"cache {self.path}: the {split} crops do not cover the same images; re-extract it")
+        keep = parts[0]
+        return SplitFeatures(
+            torch.cat([rows.features[p] for p in parts]), rows.labels[keep], first, rows.view[keep], views=crops
+        )
+
     def verify(self) -> list[str]:
         """Re-hash every file against the manifest and parse it, as every read does; returns the files checked.
 
@@ -428,7 +471,8 @@ class FeatureCache:
             [
                 f"model: {model['name']} pretrained={model['pretrained']} "
                 f"sha256={str(model['checkpoint_sha256'])[:12]}",
-                f"dataset: {f['dataset']}  classes: {f['classes']}  templates: {f['templates']}",
+                f"dataset: {f['dataset']}  classes: {f['classes']}  templates: {f['templates']}  "
+                f"eval views: {f['eval_views']}",
                 f"dim: {f['embed_dim']}  dtype: {f['dtype']}  fingerprint: {f['fingerprint']}  "
                 f"size: {f['size_bytes'] / 2**20:.1f} MiB  skipped images: {f['skipped_images']}",
             ],
@@ -452,6 +496,7 @@ class FeatureCache:
             "fingerprint": m["fingerprint"],
             "size_bytes": self.size_on_disk(),
             "skipped_images": len(m["skipped"]),
+            "eval_views": self.eval_views,
             "splits": splits,
         }
 
