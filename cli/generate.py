@@ -13,6 +13,7 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import MISSING, Field, fields
 from typing import Annotated, Any, TypeVar
 
@@ -141,6 +142,67 @@ class PanelCommand(TyperCommand):
                 formatter.write_dl(records)
 
 
+def config_values(path: Path, known: list[str]) -> dict[str, Any]:
+    """The option values of a `--config` file (YAML or JSON: a mapping of option names, `lora_rank` or
+    `lora-rank`, to values; a list is a comma-separated value), keyed by parameter name.
+
+    Raises:
+        typer.BadParameter: an unreadable file, no mapping, or a key that is no option of the command (naming it and
+            the known keys).
+    """
+    import yaml
+
+    try:
+        body = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise typer.BadParameter(f"cannot read {path}: {reason}", param_hint="'--config'") from None
+    body = {} if body is None else body
+    if not isinstance(body, dict):
+        raise typer.BadParameter(f"{path} holds no mapping of option names to values", param_hint="'--config'")
+    values: dict[str, Any] = {}
+    for key, value in body.items():
+        name = str(key).removeprefix("--").replace("-", "_")
+        if name not in known:
+            listed = ", ".join(k.replace("_", "-") for k in known)
+            raise typer.BadParameter(
+                f"{path}: unknown key '{key}'; this command's keys are {listed}", param_hint="'--config'"
+            )
+        if isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        values[name] = value
+    return values
+
+
+def load_config(ctx: Any, param: Any, value: Path | None) -> Path | None:
+    """`--config FILE` (eager, so it runs before the other options are read): its values become the command's
+    defaults (click's `default_map`), so an option given on the command line wins and a required one may come from
+    the file."""
+    if value is not None:
+        known = [p.name for p in ctx.command.params if p.name and p.name not in (param.name, "help")]
+        ctx.default_map = {**(ctx.default_map or {}), **config_values(value, known)}
+    return value
+
+
+CONFIG_PARAMETER = inspect.Parameter(
+    "config_file",
+    inspect.Parameter.KEYWORD_ONLY,
+    default=None,
+    annotation=Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A YAML or JSON file of option values (keys as the options, `lr: 0.01`; lists for comma-separated "
+            "values); options given on the command line win, an unknown key is an error.",
+            is_eager=True,
+            callback=load_config,
+            rich_help_panel="Files",
+            metavar="FILE",
+        ),
+    ],
+)
+
+
 def config_command(app: typer.Typer, name: str | None = None, **configs: type) -> Callable[[F], F]:
     """Register `fn` as a command whose options include every field of each config class.
 
@@ -168,9 +230,11 @@ def config_command(app: typer.Typer, name: str | None = None, **configs: type) -
                         options[f.name] = inspect.Parameter(f.name, kind, default=default, annotation=annotation)
         # required options first: typer lists them first in --help, as a signature without defaults would
         params += sorted(options.values(), key=lambda p: p.default is not inspect.Parameter.empty)
+        params.append(CONFIG_PARAMETER)
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
+            kwargs.pop(CONFIG_PARAMETER.name, None)  # its values are the options' defaults already (`load_config`)
             values = {k: kwargs.pop(k) for k in options}
             for arg, cls in configs.items():
                 given = {f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None}
