@@ -13,8 +13,8 @@ import functools
 import inspect
 import typing
 from collections.abc import Callable
-from pathlib import Path
 from dataclasses import MISSING, Field, fields
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
