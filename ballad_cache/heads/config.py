@@ -27,9 +27,11 @@ class AdapterConfig:
     samples_per_class: int = option(
         SAMPLES_PER_CLASS, f"Consecutive draws per class visit (class-aware; OLTR: {SAMPLES_PER_CLASS}).", min=1
     )
-    lr: float = option(0.2, "SGD learning rate (official 0.2).", min=0.0)
-    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
-    weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4).", min=0.0)
+    lr: float = option(
+        0.2, "SGD learning rate (official 0.2, BALLAD config/ImageNet_LT/clip_B_rn50.yaml line 16).", min=0.0
+    )
+    momentum: float = option(0.9, "SGD momentum (official 0.9, clip_B_rn50.yaml line 16).", min=0.0)
+    weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4, clip_B_rn50.yaml line 16).", min=0.0)
     epochs: int = option(10, "Epochs of floor(N/B) batches, N training images (official 10).", min=0)
     batch_size: int = option(512, "Batch size (official 512).", min=1)
     schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
@@ -47,7 +49,9 @@ class AdapterConfig:
         "Classifier head family (each reads its own options; cosine with --ratio 0 trains its rows alone).",
         choices=HEADS,
     )
-    head_scale: float = option(25.0, "Logit scale of the cosine head (LIFT: 25).", above=0.0)
+    head_scale: float = option(
+        25.0, "Logit scale of the cosine head (LIFT: 25, shijxcs/LIFT utils/config.py line 30).", above=0.0
+    )
     head_lr: float | None = option(
         None, "Learning rate of a learnable head (default: --lr; tip-f: 1e-3 with AdamW).", min=0.0
     )
@@ -58,7 +62,12 @@ class AdapterConfig:
         max=1e6,
     )
     beta: float = option(
-        5.5, "Sharpness of tip's affinities exp(-beta (1 - f.key)) (Tip-Adapter: 5.5).", min=0.0, max=80.0
+        5.5,
+        "Sharpness of tip's affinities exp(-beta (1 - f.key)); 5.5 is ballad's default, not an official value: "
+        "gaopengcuhk/Tip-Adapter configs/imagenet.yaml starts at init_beta 1, init_alpha 1.17 (lines 20-21) and "
+        "searches beta in (0, 7], alpha in (0, 3] on val (search_scale, line 17): sweep it.",
+        min=0.0,
+        max=80.0,
     )
     gamma: float = option(
         0.0, "tip: keys of class c weigh n_c^-gamma (0: Tip-Adapter; 1: every class's keys weigh the same).", min=0.0

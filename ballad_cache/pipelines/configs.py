@@ -133,7 +133,9 @@ class FinetuneConfig:
 
     epochs: int = option(50, "Passes over the train split (official 50).", min=0)
     batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
-    lr: float = option(1e-5, "Peak learning rate (official: SGD 1e-5).", min=0.0)
+    lr: float = option(
+        1e-5, "Peak learning rate (official: SGD 1e-5, BALLAD config/ImageNet_LT/clip_A_rn50.yaml line 12).", min=0.0
+    )
     optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
     momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
     weight_decay: float = option(5e-4, "Weight decay (official 5e-4).", min=0.0)
@@ -165,16 +167,22 @@ class FinetuneConfig:
         axis=False,
     )
     classifier: str = option("prompts", "Phase-A classifier.", choices=PHASE_A_CLASSIFIERS)
-    cosine_scale: float = option(25.0, "Logit scale of --classifier cosine (LIFT utils/config.py: 25).", above=0.0)
-    la_tau: float = option(1.0, "tau of --loss la (LIFT: 1).", min=0.0)
+    cosine_scale: float = option(
+        25.0, "Logit scale of --classifier cosine (LIFT: 25, shijxcs/LIFT utils/config.py line 30).", above=0.0
+    )
+    la_tau: float = option(1.0, "tau of --loss la (LIFT: 1, shijxcs/LIFT utils/losses.py line 85).", min=0.0)
     head_lr: float | None = option(None, "Learning rate of the cosine head (default: --lr, as LIFT).", min=0.0)
     head_weight_decay: float | None = option(
         None, "Weight decay of the cosine head (default: --weight-decay, as LIFT).", min=0.0
     )
     lora_rank: int = option(0, "LoRA rank (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
-    lora_alpha: float = option(1.0, "LoRA scaling alpha / rank (LIFT: alpha 1).", above=0.0)
+    lora_alpha: float = option(
+        1.0, "LoRA scaling alpha / rank (LIFT: alpha 1, scaling 1/rank, models/peft_modules.py line 86).", above=0.0
+    )
     bottleneck: int = option(0, "AdaptFormer bottleneck (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
-    vpt_length: int = option(10, "Prompt tokens per block of --method vpt (LIFT: 10).", min=1)
+    vpt_length: int = option(
+        10, "Prompt tokens per block of --method vpt (LIFT: 10, models/peft_vit.py line 91).", min=1
+    )
     vpt_shallow: bool = option(False, "VPT before the first block only (default: deep, before every block).")
     templates: str | None = option(
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
@@ -344,13 +352,15 @@ class EvalConfig:
     )
     many: int = option(
         ShotThresholds.many,
-        f"Shot groups: many-shot classes have more training images than this (BALLAD: {ShotThresholds.many}).",
+        f"Shot groups: many-shot classes have more training images than this (BALLAD: {ShotThresholds.many}, "
+        "OLTR utils.py shot_acc's many_shot_thr).",
         min=0,
     )
     plot: bool = option(False, "Also draw per-class accuracy against training count (needs --out).")
     few: int = option(
         ShotThresholds.few,
-        f"Shot groups: few-shot classes have fewer training images than this (BALLAD: {ShotThresholds.few}).",
+        f"Shot groups: few-shot classes have fewer training images than this (BALLAD: {ShotThresholds.few}, "
+        "OLTR utils.py shot_acc's low_shot_thr).",
         min=0,
     )
 
