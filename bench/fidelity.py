@@ -41,7 +41,7 @@ from ballad_cache.inputs.samplers import index_stream  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import ImageEncoder  # noqa: E402
 from ballad_cache.options import default_workers  # noqa: E402
-from ballad_cache.pipelines.demo import DEMO_SIZES  # noqa: E402
+from ballad_cache.pipelines.demo import demo_recipe  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, augment_of, extract_features  # noqa: E402
 from ballad_cache.pipelines.finetune import finetune  # noqa: E402
 from ballad_cache.store.cache import FeatureCache, SplitFeatures  # noqa: E402
@@ -100,7 +100,7 @@ def main() -> None:
         model_dir = OUT / "finetune" / "model"
         if not (OUT / "finetune" / "summary.json").exists():
             print("training the demo's phase-A model ...", file=sys.stderr)
-            config = DEMO_SIZES["full"].finetune["ballad-tiny"]
+            config = demo_recipe("full", "ballad-tiny").stage("finetune").config()
             finetune(dataset, load_model("ballad-tiny"), OUT / "finetune", config, device)
     loaded = load_model(f"local-dir:{model_dir}")
     loaded.model.eval()

@@ -30,7 +30,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
 from ballad_cache.models.clip import convert_weights_official, load_model, resolve_device  # noqa: E402
-from ballad_cache.pipelines.demo import DEMO_MODELS, DEMO_SIZES  # noqa: E402
+from ballad_cache.pipelines.demo import DEMO_MODELS, demo_recipe  # noqa: E402
 from ballad_cache.pipelines.finetune import FinetuneConfig, finetune  # noqa: E402
 from bench.common import machine, write  # noqa: E402
 
@@ -72,7 +72,7 @@ def half_names(model_name: str) -> set[str]:
 def run(model_name: str, lr: float, precision: str, device: torch.device) -> dict[str, Any]:
     """One phase A: val top-1 per epoch, moved fraction of the float16 tensors' entries, seconds."""
     dataset = load_dataset("fmnist-lt")
-    workers = DEMO_SIZES["full"].finetune[model_name].workers
+    workers = demo_recipe("full", model_name).stage("finetune").config().workers
     config = FinetuneConfig(epochs=2, batch_size=32, lr=lr, schedule="step", precision=precision, workers=workers)
     loaded = load_model(model_name)
     tracker = MovedEntries(loaded.model, half_names(model_name))

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ballad_cache.inputs.datasets import load_dataset  # noqa: E402
 from ballad_cache.models.clip import load_model, resolve_device  # noqa: E402
-from ballad_cache.pipelines.demo import DEMO_MODELS, DEMO_SIZES, run_demo  # noqa: E402
+from ballad_cache.pipelines.demo import DEMO_MODELS, demo_recipe, run_demo  # noqa: E402
 from ballad_cache.pipelines.finetune import finetune  # noqa: E402
 from bench.common import write  # noqa: E402
 
@@ -31,7 +31,7 @@ KEYS = ("top1", "many", "medium", "few")
 def tune(device) -> None:  # type: ignore[no-untyped-def]
     """ballad-lite's phase A over a small grid of rates, best val top-1 over the epochs of each run."""
     dataset = load_dataset("fmnist-lt")
-    base = DEMO_SIZES["full"].finetune["ballad-lite"]
+    base = demo_recipe("full", "ballad-lite").stage("finetune").config()
     results = []
     for lr in (1e-4, 3e-4):  # 4 epochs each: the demo's time budget (6 minutes on 2 cores) allows no more
         for train_mode in (False,):  # BatchNorm statistics frozen, as the official phase A keeps them
@@ -65,7 +65,7 @@ def main() -> None:
     table = {}
     for model in DEMO_MODELS:
         t = time.perf_counter()
-        summary = run_demo(OUT / model, DEMO_SIZES["full"], device, overwrite=True, model=model)
+        summary = run_demo(OUT / model, "full", device, overwrite=True, model=model)
         table[model] = {
             "total_s": round(time.perf_counter() - t, 1),
             "seconds": summary["seconds"],

@@ -105,6 +105,8 @@ PANELS = {
     "EvalConfig": "Evaluation",
     "PredictConfig": "Prediction",
     "DemoConfig": "Demo",
+    "ReproduceConfig": "Reproduce",
+    "RecipeData": "Data",
     "ModelSource": "Model",
     "DatasetSource": "Data",
     "CacheSource": "Cache",

@@ -25,6 +25,8 @@ from ballad_cache.pipelines.configs import (
     Placement,
     PredictConfig,
     PredictFiles,
+    RecipeData,
+    ReproduceConfig,
     ResumableOutput,
     RunOutput,
 )
@@ -315,6 +317,51 @@ def demo(config: DemoConfig, folder: DemoFolder, placement: Placement) -> None:
         summary = run_demo(folder.out, config, device, progress)
     print_report(report_table("fmnist-lt test accuracy (%)", [(r["name"], r) for r in summary["rows"]]))
     out.print(f"report: {folder.out / 'report'}")
+
+
+@config_command(app, source=RecipeData, fmt=InfoFormat)
+def recipes(source: RecipeData, fmt: InfoFormat) -> None:
+    """List the paper rows `ballad reproduce` runs: paper, backbone, expected top-1, and whether the data and the
+    weights are here."""
+    import json
+
+    from ballad_cache.pipelines.recipes import list_recipes, load_recipe, recipe_status, recipes_table
+
+    entries = [recipe_status(load_recipe(path), source.data) for path in list_recipes()]
+    if fmt.json:
+        sys.stdout.write(json.dumps(entries, indent=2) + "\n")
+    else:
+        print_report(recipes_table(entries))
+
+
+@config_command(app, config=ReproduceConfig, run=RunOutput, placement=Placement)
+def reproduce(
+    config: ReproduceConfig,
+    run: RunOutput,
+    placement: Placement,
+    recipe: Annotated[str, typer.Argument(help="A recipe name (`ballad recipes` lists them) or a recipe .yaml file.")],
+) -> None:
+    """Run a paper row end to end: every stage of the recipe into its own folder under --out, then achieved
+    against expected per metric, the time of each stage and the commands it ran.
+
+    A rerun resumes and reuses finished stages whose config equals the recipe's; --dry-run checks the data and
+    weights and estimates each stage's cost without running anything.
+    """
+    from ballad_cache.pipelines.reproduce import dry_run, plan_tables, report_tables
+    from ballad_cache.pipelines.reproduce import reproduce as run_reproduce
+
+    device = _device(placement)
+    where = f" on {config.data}" if config.data else ""
+    _announce(f"reproduce{' --dry-run' if config.dry_run else ''}: {recipe}{where} -> {run.out}")
+    if config.dry_run:
+        for table in plan_tables(dry_run(recipe, config.data, run.out, device)):
+            print_report(table)
+        return
+    with RichProgress() as progress:
+        report = run_reproduce(recipe, config.data, run.out, device, run.overwrite, progress)
+    for table in report_tables(report):
+        print_report(table)
+    out.print(f"report: {run.out / 'report.json'}; commands: {run.out / 'commands.sh'}")
 
 
 def main() -> None:

@@ -156,7 +156,17 @@ def lt_cache(tmp_path: Path) -> FeatureCache:
     return FeatureCache(tmp_path / "cache")
 
 
-ANNOUNCED = ("finetune", "extract-features", "fit-adapter", "evaluate", "sweep", "export", "predict", "demo")
+ANNOUNCED = (
+    "finetune",
+    "extract-features",
+    "fit-adapter",
+    "evaluate",
+    "sweep",
+    "export",
+    "predict",
+    "demo",
+    "reproduce",
+)
 
 
 def without_announcement(text: str) -> str:

@@ -388,6 +388,45 @@ def check_weights_reachable(name: str, tag: str, timeout: float = 3.0) -> None:
         ) from None
 
 
+def weights_source(name: str, pretrained: str | None) -> str:
+    """Where a model's weights would come from, checked without loading or downloading anything (`reproduce
+    --dry-run`): a ballad built-in's packages, a weights file, a `local-dir:` folder, or an open_clip tag (cached
+    here, or downloaded on first use from its host).
+
+    Raises:
+        BalladError: an unknown model or tag, a missing file or package, or a model that would be random.
+    """
+    import open_clip
+
+    folder = local_dir(name)
+    if folder is not None:
+        if not folder.is_dir():
+            raise BalladError(f"model folder {folder} does not exist")
+        return f"the folder {folder}"
+    if name in MODELS:
+        if name == "ballad-lite":
+            lite0_checkpoint(), minilm_path()
+            return "its packages' pretrained towers (installed)"
+        minilm_path()
+        return "ballad built-in (random image tower, packaged text tower)"
+    if name not in open_clip.list_models():
+        raise BalladError(f"unknown model '{name}'; see `ballad models`")
+    if not pretrained:
+        raise BalladError(f"{name} names no --pretrained weights: it would start from random weights")
+    if Path(pretrained).is_file():
+        return f"the weights file {pretrained}"
+    if pretrained not in open_clip.list_pretrained_tags_by_model(name):
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise BalladError(f"no pretrained tag '{pretrained}' for {name} (tags: {tags}) and no such file")
+    from open_clip.pretrained import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name, pretrained)
+    if _cached_weights(cfg):
+        return "open_clip tag, weights cached here"
+    where = cfg.get("hf_hub") or urlparse(cfg.get("url", "")).hostname or "its host"
+    return f"open_clip tag, downloaded on first use from {where} (not cached here)"
+
+
 def load_model(name: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """Create an open_clip model and its transforms.
 

@@ -403,6 +403,33 @@ class DemoConfig:
         check_options(self)
 
 
+@dataclass
+class ReproduceConfig:
+    """What `ballad reproduce` runs: the data root its recipe reads, and whether to run or only check and plan."""
+
+    data: str | None = option(
+        None, "Dataset root the recipe reads (see `ballad recipes`; the demo and CIFAR's $BALLAD_DATA need none)."
+    )
+    dry_run: bool = option(
+        False,
+        "Run nothing: check the data against the published split and that the weights resolve, and print each "
+        "stage's command with its estimated time, memory and disk on this device.",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class RecipeData:
+    """The data root `ballad recipes` checks each recipe's dataset under."""
+
+    data: str | None = option(None, "Dataset root to look for each recipe's data under (default: its own search).")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
 # ---------------------------------------------------------------------------------------------- what commands read
 
 
