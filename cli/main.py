@@ -347,18 +347,20 @@ def reproduce(
     A rerun resumes and reuses finished stages whose config equals the recipe's; --dry-run checks the data and
     weights and estimates each stage's cost without running anything.
     """
+    from ballad_cache.pipelines.recipes import load_recipe
     from ballad_cache.pipelines.reproduce import dry_run, plan_tables, report_tables
     from ballad_cache.pipelines.reproduce import reproduce as run_reproduce
 
     device = _device(placement)
+    chosen = load_recipe(recipe).with_variants(list(config.variant))
     where = f" on {config.data}" if config.data else ""
     _announce(f"reproduce{' --dry-run' if config.dry_run else ''}: {recipe}{where} -> {run.out}")
     if config.dry_run:
-        for table in plan_tables(dry_run(recipe, config.data, run.out, device)):
+        for table in plan_tables(dry_run(chosen, config.data, run.out, device)):
             print_report(table)
         return
     with RichProgress() as progress:
-        report = run_reproduce(recipe, config.data, run.out, device, run.overwrite, progress)
+        report = run_reproduce(chosen, config.data, run.out, device, run.overwrite, progress)
     for table in report_tables(report):
         print_report(table)
     out.print(f"report: {run.out / 'report.json'}; commands: {run.out / 'commands.sh'}")

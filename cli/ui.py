@@ -134,5 +134,5 @@ def print_report(report: Report, console: Console | None = None) -> None:
     for row in report.rows:
         table.add_row(*(Text(cell) for cell in row))
     console.print(table)
-    for line in report.lines:
-        console.print(line, highlight=False)
+    for line in report.lines:  # never wrapped: a line may be a command to copy, or a path to grep
+        console.print(line, highlight=False, soft_wrap=True)

@@ -410,6 +410,9 @@ class ReproduceConfig:
     data: str | None = option(
         None, "Dataset root the recipe reads (see `ballad recipes`; the demo and CIFAR's $BALLAD_DATA need none)."
     )
+    variant: tuple[str, ...] = option(
+        (), "Comma-separated variants of the recipe to apply (the demo's: tiny, ballad-tiny; see the recipe file)."
+    )
     dry_run: bool = option(
         False,
         "Run nothing: check the data against the published split and that the weights resolve, and print each "

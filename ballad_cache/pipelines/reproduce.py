@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ def stage_command(recipe: Recipe, stage: Stage, data: str | None, out: str | Pat
     for key, value in {**options, "out": places[stage.name]}.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            words.append(flag if value else "--no-" + key.replace("_", "-"))
+            words += _bool_flag(stage, key, value)
         elif value is None:
             continue
         else:
@@ -62,6 +62,25 @@ def stage_command(recipe: Recipe, stage: Stage, data: str | None, out: str | Pat
         words += ["--device", device]
     env = [f"{k}={shlex.quote(v)}" for k, v in recipe.env(data).items() if v] if stage.kind.takes_data else []
     return " ".join(env + [shlex.quote(w) for w in words])
+
+
+def _bool_flag(stage: Stage, key: str, value: bool) -> list[str]:
+    """The words that set a boolean option as the CLI spells it: its `--on/--off` pair, or its flag when on and
+    nothing when off (every such flag is off by default).
+
+    Raises:
+        ValueError: a flag that is on by default has no way to turn it off.
+    """
+    config = stage.kind.config
+    meta = next((f.metadata for f in fields(config) if f.name == key), {}) if config is not None else {}
+    flag = meta.get("flag") or "--" + key.replace("_", "-")
+    on, _, off = flag.partition("/")
+    if off:
+        return [on if value else off]
+    default = next((f.default for f in fields(config) if f.name == key), False) if config is not None else False
+    if not value and default is True:
+        raise ValueError(f"{flag} is on by default and has no off flag")
+    return [on] if value else []
 
 
 def run_stage(
