@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -72,8 +73,8 @@ def _bool_flag(stage: Stage, key: str, value: bool) -> list[str]:
         ValueError: a flag that is on by default has no way to turn it off.
     """
     config = stage.kind.config
-    meta = next((f.metadata for f in fields(config) if f.name == key), {}) if config is not None else {}
-    flag = meta.get("flag") or "--" + key.replace("_", "-")
+    meta: Mapping[str, Any] = next((f.metadata for f in fields(config) if f.name == key), {}) if config else {}
+    flag = str(meta.get("flag") or "--" + key.replace("_", "-"))
     on, _, off = flag.partition("/")
     if off:
         return [on if value else off]
