@@ -171,3 +171,17 @@ def test_epoch_selection_scores_val_by_the_mean_of_its_crops():
         for chunk in (3, 10, 8192):
             got = val_accuracy(weights, ratios, text, feats, labels, rows_per_chunk=chunk)[j]
             assert abs(got - expected) <= 100 / n  # a float32 near-tie may flip one image
+
+
+def test_the_sweep_ranks_and_reports_on_the_crops(crop_caches, tmp_path):
+    """Every point's val and the best point's test score average each image's crops."""
+    from ballad_cache.pipelines.phase_b import expand_grid, run_grid
+
+    cache = FeatureCache(crop_caches["five"])
+    grid = expand_grid(AdapterConfig(epochs=1, batch_size=128), ratio=[0.2, 0.6])
+    result = run_grid(crop_caches["five"], tmp_path / "s", grid)
+    best = load_adapter(tmp_path / "s" / "best", cache)
+    for split, numbers in (("val", result.best["val"]), ("test", result.test)):
+        mean, labels = _mean_of_views(cache, split, best.logits)
+        expected = 100 * float((mean.argmax(1) == labels).double().mean())
+        assert numbers is not None and abs(numbers["top1"] - expected) <= 100 / len(labels)

@@ -233,3 +233,37 @@ def test_reproduce_runs_the_demo_recipe_resumes_and_refuses_a_changed_one(ballad
     r = runner.invoke(app, ["reproduce", str(changed), *args[2:], "--overwrite"])
     assert r.exit_code == 0, r.output
     assert json.loads((out / "adapter" / "adapter.json").read_text())["config"]["lr"] == 0.1
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """A CIFAR-100 binary archive of the real sizes (500 train and 100 test images per class), blank pixels."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-100-binary"
+    folder.mkdir()
+    for name, per_class in (("train.bin", 500), ("test.bin", 100)):
+        rows = np.zeros((100 * per_class, 3074), dtype=np.uint8)
+        rows[:, 1] = np.arange(100 * per_class) % 100  # the fine label
+        rows.tofile(folder / name)
+    return root
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_dry_runs(name, tmp_path, cifar_root, ballad_data):
+    """Each shipped recipe dry-runs on data of its published sizes: the data matches, its models' weights
+    resolve (or say where they will come from), and every stage is planned."""
+    recipe = load_recipe(name)
+    if name.startswith("lift-cifar"):
+        data = str(cifar_root)
+    elif name == "demo":
+        data = str(ballad_data)
+    else:
+        data = str(write_published_lists(tmp_path / name, name))
+    if name == "demo":  # the tests' synthetic Fashion-MNIST has the real train and val splits, 300 test images
+        with pytest.raises(BalladError, match=r"test images is 300, the published split has 10000"):
+            dry_run(recipe, data, tmp_path / "out", "cpu")
+        recipe.published.test = 300
+    plan = dry_run(recipe, data, tmp_path / "out", "cpu")
+    assert len(plan["stages"]) == len(recipe.stages) and all(s["command"].count("ballad ") == 1 for s in plan["stages"])
+    assert plan["data"] and all(line.endswith("as published") for line in plan["data"])
+    assert plan["weights"] and not any("does not resolve" in w for w in plan["weights"])
