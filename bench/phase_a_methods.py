@@ -219,7 +219,7 @@ def demo(a: argparse.Namespace) -> None:
 
     from ballad_cache.heads.config import AdapterConfig  # noqa: F401 - registers the head families
     from ballad_cache.pipelines.configs import ExtractConfig, FinetuneConfig
-    from ballad_cache.pipelines.demo import LITE_PHASE_A
+    from ballad_cache.pipelines.demo import phase_a_settings
     from ballad_cache.pipelines.extract import run_extract
     from ballad_cache.pipelines.finetune import run_finetune
     from ballad_cache.pipelines.phase_b import family_grid, run_sweep
@@ -227,7 +227,9 @@ def demo(a: argparse.Namespace) -> None:
 
     device = torch.device("cpu")
     out = Path(a.out)
-    base = FinetuneConfig(epochs=a.epochs, batch_size=32, lr=3e-4, warmup_steps=30, workers=1, **LITE_PHASE_A)
+    base = FinetuneConfig(
+        epochs=a.epochs, batch_size=32, lr=3e-4, warmup_steps=30, workers=1, **phase_a_settings("ballad-lite")
+    )
     runs = {
         "full": dataclasses.replace(base),
         "bitfit": dataclasses.replace(base, method="bitfit", lr=a.peft_lr),

@@ -174,6 +174,7 @@ def test_every_option_is_a_config_field_and_every_setting_the_library_names_has_
     from typer.main import get_command
 
     from cli.flags import FLAGS
+    from cli.generate import CONFIG_PARAMETER
     from cli.main import app
 
     def commands(group, path=""):
@@ -183,7 +184,9 @@ def test_every_option_is_a_config_field_and_every_setting_the_library_names_has_
     seen = set()
     for name, command in commands(get_command(app)):
         for param in command.params:
-            if param.param_type_name != "option" or param.name == "help":
+            # --config (generate.CONFIG_PARAMETER) is the one option config_command gives every command: it reads
+            # the generated options' values from a file
+            if param.param_type_name != "option" or param.name in ("help", CONFIG_PARAMETER.name):
                 continue
             assert param.name in FLAGS, f"{name}: --{param.name} is not generated from a config field"
             assert param.opts[0] == FLAGS[param.name].split("/")[0], (name, param.opts)

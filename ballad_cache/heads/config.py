@@ -22,18 +22,28 @@ class AdapterConfig:
     """One phase-B configuration; defaults are the official BALLAD code's (`config/ImageNet_LT/clip_B_rn50.yaml`,
     `train.py`), every other value an option. Each field's help, range and choices are its option's."""
 
-    ratio: float = option(0.2, "Residual mix: ratio * W f + (1 - ratio) * f (official 0.2).", min=0.0, max=1.0)
+    ratio: float = option(
+        0.2,
+        "Residual mix: ratio * W f + (1 - ratio) * f (official 0.2: BALLAD train.py line 204).",
+        min=0.0,
+        max=1.0,
+    )
     sampler: str = option("class-aware", "Index stream over the training images.", choices=SAMPLERS)
     samples_per_class: int = option(
-        SAMPLES_PER_CLASS, f"Consecutive draws per class visit (class-aware; OLTR: {SAMPLES_PER_CLASS}).", min=1
+        SAMPLES_PER_CLASS,
+        f"Consecutive draws per class visit (class-aware; official {SAMPLES_PER_CLASS}: "
+        "BALLAD clip_B_rn50.yaml line 30).",
+        min=1,
     )
     lr: float = option(
         0.2, "SGD learning rate (official 0.2, BALLAD config/ImageNet_LT/clip_B_rn50.yaml line 16).", min=0.0
     )
     momentum: float = option(0.9, "SGD momentum (official 0.9, clip_B_rn50.yaml line 16).", min=0.0)
     weight_decay: float = option(5e-4, "SGD weight decay (official 5e-4, clip_B_rn50.yaml line 16).", min=0.0)
-    epochs: int = option(10, "Epochs of floor(N/B) batches, N training images (official 10).", min=0)
-    batch_size: int = option(512, "Batch size (official 512).", min=1)
+    epochs: int = option(
+        10, "Epochs of floor(N/B) batches, N training images (official 10: clip_B_rn50.yaml line 27).", min=0
+    )
+    batch_size: int = option(512, "Batch size (official 512: clip_B_rn50.yaml line 21).", min=1)
     schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
     keep_last_batch: bool = option(
         False,
@@ -65,7 +75,7 @@ class AdapterConfig:
         5.5,
         "Sharpness of tip's affinities exp(-beta (1 - f.key)); 5.5 is ballad's default, not an official value: "
         "gaopengcuhk/Tip-Adapter configs/imagenet.yaml starts at init_beta 1, init_alpha 1.17 (lines 20-21) and "
-        "searches beta in (0, 7], alpha in (0, 3] on val (search_scale, line 17): sweep it.",
+        "searches beta in (0, 7], alpha in (0, 3] (search_scale, line 17): sweep it.",
         min=0.0,
         max=80.0,
     )

@@ -131,14 +131,18 @@ class FinetuneConfig:
     `data/dataloader.py`) except fp32 weights (the official CLIP weights are fp16, trained without fp32 masters:
     `--precision fp16-official`; bench/fp16_official.py measures the difference)."""
 
-    epochs: int = option(50, "Passes over the train split (official 50).", min=0)
-    batch_size: int = option(512, "Global batch size, split over torchrun ranks (official 512).", min=1)
+    epochs: int = option(
+        50, "Passes over the train split (official 50: BALLAD config/ImageNet_LT/clip_A_rn50.yaml line 26).", min=0
+    )
+    batch_size: int = option(
+        512, "Global batch size, split over torchrun ranks (official 512: clip_A_rn50.yaml line 20).", min=1
+    )
     lr: float = option(
         1e-5, "Peak learning rate (official: SGD 1e-5, BALLAD config/ImageNet_LT/clip_A_rn50.yaml line 12).", min=0.0
     )
     optimizer: str = option("sgd", "Optimizer.", choices=OPTIMIZERS)
-    momentum: float = option(0.9, "SGD momentum (official 0.9).", min=0.0)
-    weight_decay: float = option(5e-4, "Weight decay (official 5e-4).", min=0.0)
+    momentum: float = option(0.9, "SGD momentum (official 0.9: clip_A_rn50.yaml line 12).", min=0.0)
+    weight_decay: float = option(5e-4, "Weight decay (official 5e-4: clip_A_rn50.yaml line 12).", min=0.0)
     schedule: str = option("epoch", "Learning-rate schedule.", choices=SCHEDULES)
     warmup_steps: int = option(0, "Linear warm-up over the first optimizer steps (not official).", min=0)
     keep_last_batch: bool = option(
@@ -175,11 +179,17 @@ class FinetuneConfig:
     head_weight_decay: float | None = option(
         None, "Weight decay of the cosine head (default: --weight-decay, as LIFT).", min=0.0
     )
-    lora_rank: int = option(0, "LoRA rank (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
+    lora_rank: int = option(
+        0, "LoRA rank (0: LIFT's rule 2^floor(log2(C/2L)), shijxcs/LIFT models/peft_vit.py line 95).", min=0
+    )
     lora_alpha: float = option(
         1.0, "LoRA scaling alpha / rank (LIFT: alpha 1, scaling 1/rank, models/peft_modules.py line 86).", above=0.0
     )
-    bottleneck: int = option(0, "AdaptFormer bottleneck (0: LIFT's rule 2^floor(log2(C/2L))).", min=0)
+    bottleneck: int = option(
+        0,
+        "AdaptFormer bottleneck (0: LIFT's rule 2^floor(log2(C/2L)), shijxcs/LIFT models/peft_vit.py line 95).",
+        min=0,
+    )
     vpt_length: int = option(
         10, "Prompt tokens per block of --method vpt (LIFT: 10, models/peft_vit.py line 91).", min=1
     )
@@ -188,7 +198,10 @@ class FinetuneConfig:
         None, "Prompt set: a registered set name, a .txt file, or '{c}' text (default: the dataset's templates)."
     )
     precision: str = option(
-        "fp32", "Weights and matmul precision (official: fp16-official).", choices=FINETUNE_PRECISIONS
+        "fp32",
+        "Weights and matmul precision (official: fp16-official, the float16 weights BALLAD's CLIP loader makes: "
+        "README, the precision row).",
+        choices=FINETUNE_PRECISIONS,
     )
     seed: int = option(0, "Seeds sampling, augmentation and initialisation.", min=0)
     workers: int = option(default_factory=default_workers, help="DataLoader workers (default: cores - 1).", min=0)

@@ -19,28 +19,31 @@ from .recipes import Recipe, Stage
 @dataclass(frozen=True)
 class Cost:
     """Measured rates of one model on one kind of device: phase-A training images/s (whole model tuned: a tuning
-    method tunes less and is at most this slow) and extraction rows/s, with where they were measured."""
+    method tunes less and is at most this slow), extraction rows/s and phase-B image draws/s of one adapter, with
+    where they were measured."""
 
     model: str
     device: str
     precision: str
     train_images_per_s: float
     extract_rows_per_s: float
+    phase_b_draws_per_s: float
     source: str
 
 
 MEASURED = (
     Cost(
-        "ViT-B-16", "cuda", "bf16", 1341.8, 1531.0,
-        "bench/gpu/1-h100-console.txt (NVIDIA H100): finetune_step_bf16, extract_bf16",
+        "ViT-B-16", "cuda", "bf16", 1341.8, 1531.0, 115846 * 10 / 4.52,
+        "bench/gpu/1-h100-console.txt (NVIDIA H100): finetune_step_bf16, extract_bf16, adapter",
     ),
     Cost(
-        "ViT-B-16", "cuda", "fp32", 273.1, 874.0,
-        "bench/gpu/1-h100-console.txt (NVIDIA H100): finetune_step_fp32, extract_fp32",
+        "ViT-B-16", "cuda", "fp32", 273.1, 874.0, 115846 * 10 / 4.52,
+        "bench/gpu/1-h100-console.txt (NVIDIA H100): finetune_step_fp32, extract_fp32, adapter",
     ),
     Cost(
-        "ballad-lite", "cpu", "fp32", 52.3, 316.0,
-        "the demo's stage times on a 2-core AMD EPYC (README: 4,944 phase-A images in 94.6 s, 31,212 rows in 98.7 s)",
+        "ballad-lite", "cpu", "fp32", 4944 / 81.1, 31212 / 96.7, 12360 / 0.2,
+        "the demo run of the README's 'Reproduce a paper row' on a 2-core AMD EPYC (4,944 phase-A images in 81.1 s, "
+        "31,212 rows in 96.7 s, 10 adapter epochs of 1,236 images in 0.2 s)",
     ),
 )  # fmt: skip
 
@@ -83,10 +86,13 @@ def _base_model(recipe: Recipe, stage: Stage) -> str | None:
 
 
 def estimate(recipe: Recipe, data: str | None, device: torch.device) -> list[dict[str, Any]]:
-    """Per stage: estimated seconds (None: not measured), peak memory in bytes where it is known, the cache's disk
-    size for an extraction, and the source of the rate used.
+    """Per stage: estimated seconds (None: not measured), the memory its data takes beyond the model (None: not
+    measured), the cache's disk size for an extraction, and the source of the rate used.
 
-    The split sizes are the dataset's where it loads here, else the published ones."""
+    The split sizes are the dataset's where it loads here, else the published ones. Phase A's GPU memory was not
+    measured; extraction holds one shard of float32 rows; phase B holds the train split's rows (every view) and
+    evaluate the scored split's rows (every crop) in float32; a sweep costs at most one fit per point (batched
+    sweeps measured 5.7-6.8x faster at 16 points, bench/RESULTS.md)."""
     from ..inputs.datasets import load_dataset
     from .recipes import environment
 
@@ -98,40 +104,48 @@ def estimate(recipe: Recipe, data: str | None, device: torch.device) -> list[dic
     except Exception:  # the data check reports what is wrong; estimates fall back on the published sizes
         pub = recipe.published
         sizes = {k: v for k, v in (("train", pub.train), ("val", pub.val), ("test", pub.test)) if v}
-    rows: dict[str, int] = {}  # rows of each extraction stage's cache, for the phase-B stages that read it
-    dims: dict[str, int] = {}
+    caches: dict[str, dict[str, Any]] = {}  # per extraction stage: rows per split, dim, model
     out: list[dict[str, Any]] = []
     for stage in recipe.stages:
         config = stage.config()
-        model = _base_model(recipe, stage)
+        model = _base_model(recipe, stage) or ""
         entry: dict[str, Any] = {"seconds": None, "memory_bytes": None, "disk_bytes": None, "cost_source": ""}
         if stage.command == "finetune":
             precision = str(stage.options.get("precision", "fp32")).replace("fp16-official", "fp16")
-            cost = measured(model or "", device, precision)
-            images = sizes.get("train", 0) * config.epochs
+            cost = measured(model, device, precision)
             if cost is not None:
-                entry.update(seconds=images / cost.train_images_per_s, cost_source=cost.source)
+                entry.update(seconds=sizes.get("train", 0) * config.epochs / cost.train_images_per_s)
+                entry["cost_source"] = cost.source + "; memory not measured"
             else:
                 entry["cost_source"] = f"no measured phase-A rate for {model} on {device.type} {precision}"
         elif stage.command == "extract-features":
             crops = EVAL_VIEWS.get(config.eval_views)
             splits = config.splits or tuple(sizes)
-            n = sum(sizes.get(s, 0) * (config.train_views + 1 if s == "train" else 1 + crops) for s in splits)
-            rows[stage.name] = sizes.get("train", 0) * (config.train_views + 1) if "train" in splits else 0
-            dim = _embed_dim(model or "")
+            rows = {s: sizes.get(s, 0) * (config.train_views + 1 if s == "train" else 1 + crops) for s in splits}
+            dim = _embed_dim(model)
+            caches[stage.name] = {"rows": rows, "dim": dim, "model": model, "images": sizes.get("train", 0)}
             if dim is not None:
-                dims[stage.name] = dim
-                entry["disk_bytes"] = n * dim * BYTES[config.dtype]
-            cost = measured(model or "", device, config.precision)
+                entry["disk_bytes"] = sum(rows.values()) * dim * BYTES[config.dtype]
+                entry["memory_bytes"] = min(config.shard_size, max(rows.values(), default=0)) * dim * 4
+            cost = measured(model, device, config.precision)
             if cost is not None:
-                entry.update(seconds=n / cost.extract_rows_per_s, cost_source=cost.source)
+                entry.update(seconds=sum(rows.values()) / cost.extract_rows_per_s, cost_source=cost.source)
             else:
                 entry["cost_source"] = f"no measured extraction rate for {model} on {device.type} {config.precision}"
-        else:
+        elif stage.command in ("fit-adapter", "sweep", "evaluate"):
             cache = str(stage.options.get("cache", ""))
             source = next((s.name for s in recipe.stages if "{" + s.name + "}" in cache), None)
-            if source in rows and source in dims:
-                entry["memory_bytes"] = rows[source] * dims[source] * 4  # the train split in float32
-            entry["cost_source"] = "seconds on cached features (bench/RESULTS.md: 10 epochs of 115,846 rows in 4.5 s)"
+            held = caches.get(source or "")
+            if held is not None and held["dim"] is not None:
+                split = "train" if stage.command != "evaluate" else str(config.split)
+                entry["memory_bytes"] = held["rows"].get(split, 0) * held["dim"] * 4
+            cost = measured(held["model"], device, "fp32") if held is not None else None
+            if stage.command != "evaluate" and cost is not None and held is not None:
+                points = len(config) if stage.command == "sweep" else 1
+                first = config[0] if stage.command == "sweep" else config
+                entry["seconds"] = points * held["images"] * first.epochs / cost.phase_b_draws_per_s
+                entry["cost_source"] = cost.source
+            else:
+                entry["cost_source"] = "phase B and evaluation run on cached features: seconds, not measured here"
         out.append(entry)
     return out

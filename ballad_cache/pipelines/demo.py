@@ -61,6 +61,14 @@ def demo_recipe(size: str = "full", model: str = MODEL) -> Recipe:
     return load_recipe("demo").with_variants(variants)
 
 
+def phase_a_settings(model: str = MODEL) -> dict[str, Any]:
+    """The demo's phase-A settings for `model` besides epochs, batch, rate and warm-up (optimizer, weight decay,
+    schedule, last batch, augmentation, train mode), as the demo recipe gives them."""
+    options = demo_recipe("full", model).stage("finetune").options
+    keys = ("optimizer", "weight_decay", "schedule", "keep_last_batch", "augment", "train_mode")
+    return {k: options[k] for k in keys}
+
+
 def demo_folder(out: str | Path) -> RunFolder:
     """The demo's folder, locked; its config.json records the demo's model and size. It is never refused as a
     whole: each step's folder is guarded by the step's own command (see `run_demo`)."""

@@ -159,6 +159,7 @@ class Recipe:
     notes: str = ""
     root_optional: bool = False  # the dataset finds its files without --data (the embedded default)
     variants: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    applied: tuple[str, ...] = ()  # the variants `with_variants` applied: its expected numbers are the recipe's own
 
     def stage(self, name: str) -> Stage:
         """The stage called `name`."""
@@ -195,10 +196,11 @@ class Recipe:
         stages = [Stage(s.name, s.command, dict(s.options), s.source) for s in self.stages]
         for name in names:
             if name not in self.variants:
-                raise BalladError(f"recipe {self.name} has no variant '{name}'; known: {', '.join(self.variants)}")
+                known = ", ".join(self.variants) or "none"
+                raise BalladError(f"recipe {self.name} has no variant '{name}'; known: {known}")
             for stage in stages:
                 stage.options.update(self.variants[name].get(stage.name, {}))
-        return replace(self, stages=stages)
+        return replace(self, stages=stages, applied=(*self.applied, *names))
 
 
 _REFERENCE = re.compile(r"\{([A-Za-z_][\w-]*)\}")
@@ -257,8 +259,11 @@ def load_recipe(name: str | Path) -> Recipe:
             raise BalladError(f"recipe {path}: {where} needs '{key}'")
         return mapping[key]
 
+    _known_keys(path, "the top level", body, TOP_KEYS)
     dataset = need(body, "dataset", "the top level", dict)
+    _known_keys(path, "dataset", dataset, DATASET_KEYS)
     published = dataset.get("published") or {}
+    _known_keys(path, "dataset.published", published, PUBLISHED_KEYS)
     per_class, groups = published.get("per_class"), published.get("groups")
     stages: list[Stage] = []
     for name_, raw in need(body, "stages", "the top level", dict).items():
@@ -272,6 +277,7 @@ def load_recipe(name: str | Path) -> Recipe:
         _check_options(path, stage, [s.name for s in stages])
         stages.append(stage)
     exp = need(body, "expected", "the top level", dict)
+    _known_keys(path, "expected", exp, EXPECTED_KEYS)
     metrics = need(exp, "metrics", "expected", dict)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
@@ -288,6 +294,12 @@ def load_recipe(name: str | Path) -> Recipe:
         next(s.command for s in stages if s.name == expected.stage)
     ].command not in ("evaluate", "sweep", "fit-adapter"):
         raise BalladError(f"recipe {path}: expected.stage '{expected.stage}' is no evaluate, sweep or fit stage")
+    evaluated = next(s for s in stages if s.name == expected.stage)
+    if evaluated.command == "evaluate" and expected.head not in evaluate_heads(evaluated):
+        raise BalladError(
+            f"recipe {path}: expected.head '{expected.head}' is none of what stage '{expected.stage}' reports "
+            f"({', '.join(evaluate_heads(evaluated))})"
+        )
     return Recipe(
         name=need(body, "name", "the top level"),
         path=path,
@@ -335,6 +347,35 @@ def _variants(path: Path, raw: Any, stages: list[Stage]) -> dict[str, dict[str, 
                 changed = Stage(stage.name, stage.command, {**stage.options, **variants[str(name)][stage.name]})
                 _check_options(path, changed, names[: names.index(stage.name)])
     return variants
+
+
+TOP_KEYS = ("name", "paper", "row", "backbone", "dataset", "stages", "expected", "variants", "notes")
+DATASET_KEYS = ("spec", "env", "root_optional", "needs", "published")
+PUBLISHED_KEYS = ("classes", "train", "per_class", "val", "test", "groups", "source")
+STAGE_KEYS = ("command", "source", "options")
+EXPECTED_KEYS = ("stage", "head", "metrics", "source", "tolerance", "note")
+
+
+def _known_keys(path: Path, where: str, mapping: dict[str, Any], known: tuple[str, ...]) -> None:
+    """Refuse a key a recipe section does not have (a typo would silently skip a check).
+
+    Raises:
+        BalladError: naming the recipe, the section, the key and the known keys.
+    """
+    unknown = [k for k in mapping if k not in known]
+    if unknown:
+        raise BalladError(f"recipe {path}: {where} has no key '{unknown[0]}'; known: {', '.join(known)}")
+
+
+def evaluate_heads(stage: Stage) -> list[str]:
+    """The heads an evaluate stage reports, by its options (as `evaluate.evaluate_cache` names them)."""
+    adapter = "adapter" in stage.options
+    heads = ["zero-shot"] + (["adapter"] if adapter else [])
+    if stage.options.get("tau") is not None:
+        heads.append("adapter+LA" if adapter else "zero-shot+LA")
+    if stage.options.get("knn"):
+        heads.append(f"knn@{stage.options['knn']}")
+    return heads
 
 
 def _check_options(path: Path, stage: Stage, earlier: list[str]) -> None:
@@ -391,8 +432,9 @@ def check_data(recipe: Recipe, data: str | None) -> list[str]:
     """
     from ..inputs.datasets import load_dataset
 
+    spec = recipe.dataset_spec(data)
     with environment(recipe.env(data)):
-        dataset = load_dataset(recipe.dataset_spec(data))
+        dataset = load_dataset(spec)
     pub = recipe.published
     said: list[str] = []
 
@@ -401,7 +443,7 @@ def check_data(recipe: Recipe, data: str | None) -> list[str]:
             return
         if found != expected:
             raise BalladError(
-                f"{recipe.name}: {what} is {found}, the published split has {expected} ({pub.source}); "
+                f"{recipe.name}: {what} is {found} in {spec}, the published split has {expected} ({pub.source}); "
                 "check the list files and the data root"
             )
         said.append(f"{what} {found}: as published")

@@ -183,7 +183,8 @@ def achieved(recipe: Recipe, runs: dict[str, StageRun]) -> dict[str, float]:
 
 def compare(recipe: Recipe, numbers: dict[str, float]) -> list[dict[str, Any]]:
     """Per expected metric: achieved, expected (None: not published), their difference and whether it is within
-    the recipe's tolerance."""
+    the recipe's tolerance (None where there is nothing to compare, or where variants changed the recipe: its
+    expected numbers are the recipe's own run's)."""
     rows = []
     for metric, expected in recipe.expected.metrics.items():
         got = numbers.get(metric)
@@ -194,7 +195,7 @@ def compare(recipe: Recipe, numbers: dict[str, float]) -> list[dict[str, Any]]:
                 "achieved": got,
                 "expected": expected,
                 "difference": diff,
-                "within_tolerance": None if diff is None else abs(diff) <= recipe.expected.tolerance,
+                "within_tolerance": None if diff is None or recipe.applied else abs(diff) <= recipe.expected.tolerance,
             }
         )
     return rows
@@ -225,6 +226,7 @@ def run_recipe(
     numbers = achieved(recipe, runs)
     report = {
         "recipe": recipe.name,
+        "variants": list(recipe.applied),
         "paper": recipe.paper,
         "row": recipe.row,
         "data": data,
@@ -233,7 +235,14 @@ def run_recipe(
         "achieved": numbers,
         "expected_source": recipe.expected.source,
         "tolerance": recipe.expected.tolerance,
-        "note": recipe.expected.note,
+        "note": " ".join(
+            (
+                [f"variants {', '.join(recipe.applied)} applied: the expected numbers are the recipe's own."]
+                if recipe.applied
+                else []
+            )
+            + ([recipe.expected.note] if recipe.expected.note else [])
+        ),
         "stages": [
             {
                 "name": s.name,

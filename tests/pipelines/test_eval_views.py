@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from ballad_cache.errors import BalladError
 from ballad_cache.heads.artifacts import load_adapter
 from ballad_cache.heads.config import AdapterConfig
+from ballad_cache.heads.metrics import per_image
 from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.inputs.transforms import crop_views
 from ballad_cache.models.clip import load_model, save_local_dir
@@ -91,6 +92,14 @@ def test_scoring_averages_the_logits_of_each_images_crops(crop_caches):
     assert cache.manifest["splits"]["test"]["views"] == 6 and cache.manifest["splits"]["train"]["views"] == 1
     adapter = load_adapter(crop_caches["adapter"], cache)
     mean, labels = _mean_of_views(cache, "test", adapter.logits)
+    # the scoring path's per-image logits are the mean of the crops' logits (not of their softmax): float32 logits
+    # at scale 100 of unit vectors in dim 64 round by at most 100 (64 + 2) eps32 each, and so does their mean
+    split = cache.eval_split("test")
+    assert split.views == 5 and split.features.shape[0] == 5 * len(split.labels)
+    ours = per_image(adapter.logits(split.features), len(split.labels)).double()
+    assert torch.equal(split.index, torch.unique(split.index))  # images in index order, as `mean` holds them
+    tolerance = 100 * (64 + 2) * torch.finfo(torch.float32).eps
+    assert (ours - mean).abs().max() <= tolerance
     result = evaluate_cache(cache, adapter, EvalConfig())
     assert result["views"] == "five-crop"
     expected = 100 * float((mean.argmax(1) == labels).double().mean())

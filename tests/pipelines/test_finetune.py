@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from ballad_cache.errors import BalladError
 from ballad_cache.inputs.datasets import load_dataset
 from ballad_cache.models.clip import load_model
-from ballad_cache.pipelines.demo import DEMO_PHASE_A
+from ballad_cache.pipelines.demo import phase_a_settings
 from ballad_cache.pipelines.finetune import FinetuneConfig, finetune
 from ballad_cache.pipelines.phase_a import load_checkpoint
 from ballad_cache.progress import NullProgress
@@ -36,7 +36,9 @@ def test_short_run_raises_val_accuracy_and_writes_local_dir(ballad_data, tmp_pat
     import open_clip
 
     ds = load_dataset("fmnist-lt")
-    cfg = FinetuneConfig(epochs=3, batch_size=32, lr=3e-4, warmup_steps=10, workers=0, **DEMO_PHASE_A)
+    cfg = FinetuneConfig(
+        epochs=3, batch_size=32, lr=3e-4, warmup_steps=10, workers=0, **phase_a_settings("ballad-tiny")
+    )
     loaded = load_model("ballad-tiny")
     weights = EpochWeights(loaded.model)
     result = finetune(ds, loaded, tmp_path, cfg, torch.device("cpu"), progress=weights)
