@@ -52,16 +52,22 @@ def init_distributed(device: torch.device) -> tuple[DistContext, torch.device]:
     return DistContext(rank, world, local), device
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group, if one was joined."""
+def cleanup_distributed(finished: bool = False) -> None:
+    """Leave the process group, if one was joined; after a `finished` run every rank first waits for the others,
+    so no rank tears gloo down while another still talks to it (which aborted a rank at exit)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished and torch.distributed.get_world_size() > 1:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
 def distributed(device: torch.device) -> Iterator[tuple[DistContext, torch.device]]:
-    """`init_distributed` for the block, `cleanup_distributed` after it, whatever happens."""
+    """`init_distributed` for the block, `cleanup_distributed` after it, whatever happens (a barrier first when
+    the block finished: a rank that failed does not wait for the others)."""
+    finished = False
     try:
         yield init_distributed(device)
+        finished = True
     finally:
-        cleanup_distributed()
+        cleanup_distributed(finished)
