@@ -31,7 +31,7 @@ from .registry import Registry
 
 TB_DIR = "tb"
 WANDB_DIR = "wandb"
-WANDB_ID = "wandb-run-id.txt"  # the run id a resumed run reports to again
+WANDB_STATE = "wandb-run.json"  # the run id a resumed run reports to again, and the last step it logged
 CURVE_POINTS = 500  # at most this many logged steps of a curve (every k-th step, the last included)
 
 
@@ -126,7 +126,11 @@ class TensorBoardBackend(Backend):
 
 
 class WandbBackend(Backend):
-    """A Weights & Biases run (`wandb`); `WANDB_MODE=offline` keeps it in `RUN/wandb/` until `wandb sync`."""
+    """A Weights & Biases run (`wandb`); `WANDB_MODE=offline` keeps it in `RUN/wandb/` until `wandb sync`.
+
+    `RUN/wandb-run.json` keeps the run's id and the last step it logged: a resumed run reports to the same run and
+    skips the steps it already holds (a run resumed from a checkpoint older than its last log repeats those
+    steps, with the same values)."""
 
     module, extra = "wandb", "wandb"
 
@@ -136,9 +140,10 @@ class WandbBackend(Backend):
         import wandb
 
         super().__init__(folder, run_name, config, resume_step)
-        id_file = folder / WANDB_ID
-        run_id = id_file.read_text().strip() if resume_step is not None and id_file.is_file() else None
+        self.state_file = folder / WANDB_STATE
+        state = _read_state(self.state_file) if resume_step is not None else {}
         (folder / WANDB_DIR).mkdir(parents=True, exist_ok=True)
+        run_id = state.get("id")
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "ballad"),
             name=run_name,
@@ -148,17 +153,23 @@ class WandbBackend(Backend):
             resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
-        if run_id is None:
-            from .atomic import write_bytes
+        self.logged = int(state.get("last_step", -1))  # steps up to here are in the run already
+        self.last_step = max(self.logged + 1, resume_step or 0)
+        self._save()
 
-            write_bytes(id_file, self.run.id.encode())
-        self.last_step = resume_step if resume_step is not None else -1
+    def _save(self) -> None:
+        from .atomic import write_json
+
+        write_json(self.state_file, {"id": self.run.id, "last_step": self.logged})
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if step < self.last_step:  # wandb keeps one value a step, in order: a resumed run starts after its last
+        if step < self.last_step:  # wandb keeps one row a step, in order: a resumed run skips what it holds
             return
         self.run.log(dict(values), step=step)
         self.last_step = step
+        if step > self.logged:
+            self.logged = step
+            self._save()
 
     def image(self, tag: str, path: Path, step: int) -> None:
         import wandb
@@ -278,6 +289,15 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A run folder's wandb state (empty when absent or unreadable: a new run starts)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 def report_metrics(prefix: str, report: dict[str, Any] | None) -> dict[str, float]:

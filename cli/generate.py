@@ -112,6 +112,7 @@ PANELS = {
     "CacheSource": "Cache",
     "Placement": "Device",
     "InfoFormat": "Output",
+    "Reporting": "Reporting",
 }
 
 

@@ -26,6 +26,7 @@ from ballad_cache.pipelines.configs import (
     PredictConfig,
     PredictFiles,
     RecipeData,
+    Reporting,
     ReproduceConfig,
     ResumableOutput,
     RunOutput,
@@ -73,10 +74,16 @@ def _model_words(source: ModelSource) -> str:
 
 
 @config_command(
-    app, config=FinetuneConfig, source=ModelSource, dataset=DatasetSource, run=ResumableOutput, placement=Placement
-)
+    app, config=FinetuneConfig, source=ModelSource, dataset=DatasetSource, run=ResumableOutput, placement=Placement,
+    report=Reporting,
+)  # fmt: skip
 def finetune(
-    config: FinetuneConfig, source: ModelSource, dataset: DatasetSource, run: ResumableOutput, placement: Placement
+    config: FinetuneConfig,
+    source: ModelSource,
+    dataset: DatasetSource,
+    run: ResumableOutput,
+    placement: Placement,
+    report: Reporting,
 ) -> None:
     """Phase A: tune CLIP on the long-tailed train split: both towers whole (BALLAD, the default) or a few
     parameters of the image tower (--method bitfit|ssf|lora|adaptformer|vpt, LIFT's placement).
@@ -89,8 +96,9 @@ def finetune(
     _announce(f"finetune: {dataset.data} with {_model_words(source)}, --method {config.method} -> {run.out}")
     with RichProgress() as progress:
         r = run_finetune(
-            dataset.data, source.model, source.pretrained, run.out, config, device, run.resume, run.overwrite, progress
-        )
+            dataset.data, source.model, source.pretrained, run.out, config, device, run.resume, run.overwrite, progress,
+            report,
+        )  # fmt: skip
     if r is not None:
         if not r.get("has_val", True):  # nothing ranked the epochs
             out.print(f"phase A done: {r['steps']} steps; no val split, so the last epoch's model is kept")
@@ -155,8 +163,12 @@ def cache_verify(source: CacheSource) -> None:
     out.print(f"ok: {len(checked)} files match the manifest of {source.cache}")
 
 
-@config_command(app, "fit-adapter", config=AdapterConfig, source=CacheSource, run=RunOutput, placement=Placement)
-def fit_adapter(config: AdapterConfig, source: CacheSource, run: RunOutput, placement: Placement) -> None:
+@config_command(
+    app, "fit-adapter", config=AdapterConfig, source=CacheSource, run=RunOutput, placement=Placement, report=Reporting
+)
+def fit_adapter(
+    config: AdapterConfig, source: CacheSource, run: RunOutput, placement: Placement, report: Reporting
+) -> None:
     """Phase B: fit a classifier head on cached features: BALLAD's residual adapter by default (class-balanced), or
     any head family --head names (a cosine head, a cache of training features, closed-form ones)."""
     from ballad_cache.pipelines.phase_b import run_fit_adapter
@@ -164,7 +176,7 @@ def fit_adapter(config: AdapterConfig, source: CacheSource, run: RunOutput, plac
     device = _device(placement)
     _announce(f"fit-adapter: {source.cache}, head {config.head} -> {run.out}")
     with RichProgress() as progress:
-        meta = run_fit_adapter(source.cache, run.out, config, device, run.overwrite, progress)
+        meta = run_fit_adapter(source.cache, run.out, config, device, run.overwrite, progress, report)
     if "val" in meta:
         print_report(report_table(f"adapter {run.out} on val", [("adapter", meta["val"])]))
     how = (
@@ -190,10 +202,16 @@ def evaluate(config: EvalConfig, source: CacheSource, files: EvalFiles) -> None:
 
 
 @config_command(
-    app, config=SweepConfig, grid_axes=AdapterConfig, source=CacheSource, run=RunOutput, placement=Placement
-)
+    app, config=SweepConfig, grid_axes=AdapterConfig, source=CacheSource, run=RunOutput, placement=Placement,
+    report=Reporting,
+)  # fmt: skip
 def sweep(
-    config: SweepConfig, grid_axes: dict[str, list[Any]], source: CacheSource, run: RunOutput, placement: Placement
+    config: SweepConfig,
+    grid_axes: dict[str, list[Any]],
+    source: CacheSource,
+    run: RunOutput,
+    placement: Placement,
+    report: Reporting,
 ) -> None:
     """Train a grid of adapters in one process (shared index streams batched), rank on val, keep the best.
 
@@ -207,7 +225,7 @@ def sweep(
     device = _device(placement)
     _announce(f"sweep: {source.cache} -> {run.out}")
     with RichProgress() as progress:
-        result = run_grid(source.cache, run.out, configs, config.metric, device, run.overwrite, progress)
+        result = run_grid(source.cache, run.out, configs, config.metric, device, run.overwrite, progress, report)
     rows = [(point_name(p["config"]), p["val"]) for p in result.points[:10]]
     print_report(report_table(f"sweep on val (top {len(rows)} of {len(result.points)}, by {config.metric})", rows))
     if result.test:
@@ -334,11 +352,12 @@ def recipes(source: RecipeData, fmt: InfoFormat) -> None:
         print_report(recipes_table(entries))
 
 
-@config_command(app, config=ReproduceConfig, run=RunOutput, placement=Placement)
+@config_command(app, config=ReproduceConfig, run=RunOutput, placement=Placement, report=Reporting)
 def reproduce(
     config: ReproduceConfig,
     run: RunOutput,
     placement: Placement,
+    report: Reporting,
     recipe: Annotated[str, typer.Argument(help="A recipe name (`ballad recipes` lists them) or a recipe .yaml file.")],
 ) -> None:
     """Run a paper row end to end: every stage of the recipe into its own folder under --out, then achieved
@@ -360,8 +379,8 @@ def reproduce(
             print_report(table)
         return
     with RichProgress() as progress:
-        report = run_reproduce(chosen, config.data, run.out, device, run.overwrite, progress)
-    for table in report_tables(report):
+        result = run_reproduce(chosen, config.data, run.out, device, run.overwrite, progress, report)
+    for table in report_tables(result):
         print_report(table)
     out.print(f"report: {run.out / 'report.json'}; commands: {run.out / 'commands.sh'}")
 

@@ -89,6 +89,8 @@ class FitResult:
     best_epoch: list[int] = field(default_factory=list)
     val_top1: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     heads: list[torch.Tensor | None] = field(default_factory=list)  # a cosine head's C×d rows (normalised), or None
+    lrs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # K × steps: each step's learning rate
+    val_classes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0)))  # K×epochs×C per-class val acc
 
 
 def fit_adapters(
@@ -198,6 +200,8 @@ def fit_adapters(
     best_acc = [0.0] * k  # the official initial best_acc; strictly better replaces
     best_epoch = [0] * k
     val_top1 = np.zeros((k, len(per_epoch))) if val is not None else np.zeros((k, 0))
+    val_classes = np.zeros((k, len(per_epoch) if val is not None else 0, num_classes))
+    val_counts = np.bincount(val[1].cpu().numpy(), minlength=num_classes) if val is not None else None
     progress.start(f"fit {k} adapter(s)", n)
     t0 = time.perf_counter()
     row_labels = _row_labels(rows, device)
@@ -234,9 +238,14 @@ def fit_adapters(
                 progress.advance(done, loss=f"{loss_dev[:, step].mean().item():.3f}")
             step += 1
         if val is not None:
+            class_correct = np.zeros((k, num_classes))
             val_top1[:, e] = val_accuracy(
-                w, [c.ratio for c in configs], heads if heads is not None else text, val[0], val[1]
-            )
+                w, [c.ratio for c in configs], heads if heads is not None else text, val[0], val[1],
+                class_correct=class_correct,
+            )  # fmt: skip
+            assert val_counts is not None
+            with np.errstate(invalid="ignore", divide="ignore"):
+                val_classes[:, e] = 100.0 * class_correct / val_counts  # NaN: a class without val images
             for j in range(k):
                 if select_best[j] and val_top1[j, e] > best_acc[j]:
                     best_acc[j], best_epoch[j] = float(val_top1[j, e]), e + 1
@@ -260,7 +269,11 @@ def fit_adapters(
     out_heads = [
         F.normalize(final_heads[j], dim=-1).cpu() if final_heads is not None and cosine[j] else None for j in range(k)
     ]
-    return FitResult(list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1, out_heads)
+    lrs = lr_table.reshape(n, k).T.double().cpu().numpy()
+    return FitResult(
+        list(configs), final.cpu(), losses, time.perf_counter() - t0, n, best_epoch, val_top1, out_heads, lrs,
+        val_classes,
+    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -271,11 +284,13 @@ def val_accuracy(
     features: torch.Tensor,
     labels: torch.Tensor,
     rows_per_chunk: int = 8192,
+    class_correct: np.ndarray | None = None,
 ) -> np.ndarray:
     """Top-1 accuracy (percent) of each of K adapters (K×d×d) on (features, labels), in chunks of images; V views
     of each image (V·N feature rows, view-major) are scored by their mean logits (`metrics.per_image`).
 
-    `text` is the shared C×d class embeddings, or K×C×d heads (one per adapter).
+    `text` is the shared C×d class embeddings, or K×C×d heads (one per adapter). `class_correct` (K×C), when
+    given, receives each adapter's count of correct images per class (for many/medium/few per epoch).
     """
     device = weights.device
     correct = np.zeros(len(ratios))
@@ -289,6 +304,9 @@ def val_accuracy(
             logits = adapter_logits(x, weights[j], r, text[j] if text.dim() == 3 else text)
             pred = per_image(logits, len(y)).argmax(dim=1)
             correct[j] += float((pred == y).sum())
+            if class_correct is not None:
+                hits = torch.bincount(y[pred == y], minlength=class_correct.shape[1])
+                class_correct[j] += hits.cpu().numpy()
     return 100.0 * correct / max(len(labels), 1)
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import setting
+from ..tracking import curve_steps
 from .registry import ADAPTER_STEP, FAMILIES, TRAINING, FitData, Fitted, HeadFamily, Score, fit_record, register_head
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class AdapterFamily(HeadFamily):
 
         val = (data.val.features, data.val.labels) if data.val is not None else None
         fit = fit_adapters(TrainRows.from_split(data.train), data.context.text, configs, device, progress, val=val)
+        logged = curve_steps(fit.steps)  # a bounded curve: every k-th step's loss and learning rate
         return [
             Fitted(
                 AdapterHead(c, data.context, fit.weights[j], fit.heads[j]),
@@ -100,7 +102,14 @@ class AdapterFamily(HeadFamily):
                     "best_epoch": fit.best_epoch[j],
                     "val_top1_per_epoch": fit.val_top1[j].round(4).tolist(),
                     "train_seconds": fit.seconds / len(configs),
+                    "curve": {
+                        "step": [s + 1 for s in logged],
+                        "loss": [float(v) for v in fit.losses[j, logged]],
+                        "lr": [float(v) for v in fit.lrs[j, logged]],
+                    },
+                    "draws_per_s": fit.steps * c.batch_size * len(configs) / max(fit.seconds, 1e-9),
                 },
+                val_classes=fit.val_classes[j] if fit.val_classes.size else None,
             )
             for j, c in enumerate(configs)
         ]

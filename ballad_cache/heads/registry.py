@@ -105,6 +105,7 @@ class Fitted:
     head: Head | None
     record: dict[str, Any] = field(default_factory=dict)
     val: dict[str, float] | None = None
+    val_classes: Any = None  # epochs × C per-class val accuracy of a trained head (numpy), for many/medium/few
 
 
 Score = Callable[["torch.Tensor"], dict[str, float]]  # val logits -> report

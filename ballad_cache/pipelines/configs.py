@@ -27,6 +27,7 @@ from ..options import (
 from ..registry import DEVICES, PRECISIONS, Registry
 from ..schedules import SCHEDULES
 from ..store.runs import SUMMARY
+from ..tracking import REPORTERS
 from ..tuning import METHODS
 
 if TYPE_CHECKING:
@@ -411,6 +412,23 @@ class DemoConfig:
     size: str = option("full", "full (the README's run) or tiny (a few steps, for CI).", choices=("full", "tiny"))
     model: str = option(MODEL, "The demo model: ballad-lite, or ballad-tiny (random-init ViT).", choices=DEMO_MODELS)
     overwrite: bool = option(False, OVERWRITE_HELP + " Here: redo every step.")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+@dataclass
+class Reporting:
+    """Where a training command reports its run as it goes (`tracking.py`): never part of the run's config, so
+    reporting changes no result and a resumed run may report elsewhere."""
+
+    report_to: tuple[str, ...] = option(
+        (),
+        "Comma-separated viewers to report the run to as it goes (none by default); each is an extra: "
+        "pip install 'ballad[tensorboard]' or 'ballad[wandb]'.",
+        choices=REPORTERS,
+    )
+    run_name: str | None = option(None, "The run's name in the viewers (default: the output folder's name).")
 
     def __post_init__(self) -> None:
         check_options(self)

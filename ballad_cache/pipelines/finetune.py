@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ from ..options import DEFAULT_MAX_PIXELS
 from ..progress import NullProgress, Progress
 from ..schedules import SCHEDULES, batches_per_epoch
 from ..store.runs import SUMMARY, RunFolder
-from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig
+from ..tracking import Tracker, report_metrics
+from .configs import FINETUNE_PRECISIONS, OPTIMIZERS, PHASE_A_LOSSES, FinetuneConfig, Reporting
 from .phase_a import TrainState, prepare, save, trainable_count
 
 CHECKPOINT = "checkpoint.pt"
@@ -181,6 +183,7 @@ def finetune(
     dist: DistContext | None = None,
     resume: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> dict[str, Any]:
     """Run phase A; writes `model/` (best on val), `model-last/`, `checkpoint.pt`, `metrics.jsonl`.
 
@@ -254,7 +257,8 @@ def finetune(
             classes=phase_net.classes() if phase_net.head is not None else None,
         )
 
-    if resume and ckpt_path.exists():
+    resumed = resume and ckpt_path.exists()
+    if resumed:
         state = TrainState.restore(ckpt_path, phase_net, opt, config, device)
         start_epoch, batch_offset, step = state.epoch, state.batch_in_epoch, state.step
         best, best_epoch, rng_state = state.best, state.best_epoch, state.rng
@@ -275,155 +279,177 @@ def finetune(
             + (f" and a {counts['head']:,}-parameter cosine head" if counts["head"] else "")
         )
 
+    # the viewers see what metrics.jsonl records (rank 0); a resumed run continues its curves after its step
+    tracker = Tracker(
+        report.report_to if report else (),
+        out,
+        report.run_name if report else None,
+        {"command": "finetune", "data": dataset.name, "model": loaded.name, **asdict(config)},
+        resume_step=step + 1 if resumed else None,
+        progress=progress,
+        main=dist.is_main,
+    )
+    if start_report is not None and not resumed:
+        tracker.scalars(report_metrics("val", start_report), 0)
+
     def checkpoint(epoch: int, batch_in_epoch: int) -> None:
         if dist.is_main:
             TrainState(epoch, batch_in_epoch, step, best, best_epoch).save(ckpt_path, phase_net, opt, config, device)
         dist.barrier()
 
-    images_done, t0 = 0, time.perf_counter()
-    skipped: dict[int, dict[str, Any]] = {}  # unreadable training images seen (with --skip-bad), by index
-    stopped: dict[str, Any] | None = None  # where `max_steps` stopped the run inside an epoch
-    for epoch in range(start_epoch, config.epochs):
-        if config.max_steps and step >= config.max_steps:
-            break
-        sampler = EpochSampler(
-            len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank
-        )
-        rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
-        reader = ImageRows(
-            train, rows, loaded.preprocess_eval, augment, seed=config.seed * 1000 + epoch, max_pixels=config.max_pixels
-        )
-        loader = make_loader(
-            reader,
-            per_rank,
-            config.workers,
-            pin_memory=device.type == "cuda",
-            sampler=sampler,
-            drop_last=not config.keep_last_batch,
-        )
-        progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
-        batch_i = batch_offset
-        batch_offset = 0
-        # the loss stays on the device and is read back every log_every batches: no host sync in between
-        window_loss, window = torch.zeros((), device=device), 0
-        # creating the iterator draws from the global generator: an epoch resumed at its start restores the state
-        # before that draw, one resumed inside restores it after (the uninterrupted run drew it at the epoch start)
-        if rng_state is not None and batch_i == 0:
-            torch.set_rng_state(rng_state)
-        batches = iter(loader)
-        if rng_state is not None and batch_i > 0:
-            torch.set_rng_state(rng_state)
-        rng_state = None
-        stop = False
-        for batch in batches:
-            keep_rows = usable_rows(batch, config.skip_bad)
-            for i in np.flatnonzero(~keep_rows):
-                row = skipped_row(batch, i)
-                skipped[row["index"]] = row
-            keep = torch.from_numpy(keep_rows)
-            images = batch["image"][keep].to(device, non_blocking=True)
-            labels = batch["label"][keep].to(device, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(config, step, total_steps, epoch, g.get("base_lr"))
-            with autocast(device, config.precision, FINETUNE_PRECISIONS):
-                image_feats, text_feats = net(images)
-                loss = phase_a_loss(
-                    at_least_float32(image_feats),
-                    at_least_float32(text_feats),
-                    labels,
-                    config.loss,
-                    phase_net.scale,
-                    phase_net.adjust,
-                )
-            (loss / config.accum_steps).backward()
-            batch_i += 1
-            if batch_i % config.accum_steps == 0 or batch_i == epoch_batches:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < epoch_batches:
-                    checkpoint(epoch, batch_i)
-            images_done += len(labels) * dist.world_size
-            window_loss += loss.detach()
-            window += 1
-            stop = bool(config.max_steps and step >= config.max_steps)
-            if window == config.log_every or batch_i == epoch_batches or stop:
-                mean_loss = float(window_loss.item()) / window
-                if not math.isfinite(mean_loss):  # nothing after a NaN step is worth keeping: stop, say where
-                    kept = f"; {out / 'model-last'} holds the last finished epoch" if epoch > start_epoch else ""
-                    raise BalladError(
-                        f"phase A diverged: the loss is {mean_loss} at step {step} (epoch {epoch + 1}){kept}; rerun "
-                        f"with a lower {setting('lr')}"
-                        + (f" or {setting('precision', 'fp32')}" if config.precision != "fp32" else "")
-                    )
-                rate = images_done / max(time.perf_counter() - t0, 1e-9)
-                lr = opt.param_groups[0]["lr"]
-                progress.advance(window, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
-                if dist.is_main:
-                    record_ = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr, "batches": window}
-                    append_jsonl(out / "metrics.jsonl", record_)
-                window_loss.zero_()
-                window = 0
-            if stop:
+    with tracker:
+        images_done, t0 = 0, time.perf_counter()
+        skipped: dict[int, dict[str, Any]] = {}  # unreadable training images seen (with --skip-bad), by index
+        stopped: dict[str, Any] | None = None  # where `max_steps` stopped the run inside an epoch
+        for epoch in range(start_epoch, config.epochs):
+            if config.max_steps and step >= config.max_steps:
                 break
-        if stop and batch_i < epoch_batches:  # `max_steps` inside an epoch: a resume continues it at this batch
-            checkpoint(epoch, batch_i)  # with the finished epochs' best: the val below never enters it
-            stopped = {"epoch": epoch + 1, "batch": batch_i, "epoch_batches": epoch_batches, "step": step}
-            if has_val:
-                stopped["val"] = validate()
-            if dist.is_main:
-                append_jsonl(out / "metrics.jsonl", {**stopped, "stopped": True})
-                save_model(out / "model-last")
-                if best_epoch < 0:  # no finished epoch kept a model: model/ holds the weights at the stop
-                    save_model(out / "model")
-            progress.log(
-                f"stopped by {setting('max_steps')} at step {step}, batch {batch_i}/{epoch_batches} of epoch "
-                f"{epoch + 1}; {setting('resume', True)} continues from there"
+            sampler = EpochSampler(
+                len(train), config.seed, epoch, dist.rank, dist.world_size, start=batch_offset * per_rank
             )
-            break
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": step,
-            "images_per_s": images_done / (time.perf_counter() - t0),
-            "skipped_images": len(skipped),
-        }
-        if has_val:
-            record["val"] = validate()
-            if record["val"]["top1"] > best:
-                best, best_epoch = record["val"]["top1"], epoch + 1
+            rows = np.stack([np.arange(len(train)), np.ones(len(train), dtype=np.int64)], axis=1)
+            reader = ImageRows(
+                train,
+                rows,
+                loaded.preprocess_eval,
+                augment,
+                seed=config.seed * 1000 + epoch,
+                max_pixels=config.max_pixels,
+            )
+            loader = make_loader(
+                reader,
+                per_rank,
+                config.workers,
+                pin_memory=device.type == "cuda",
+                sampler=sampler,
+                drop_last=not config.keep_last_batch,
+            )
+            progress.start(f"finetune epoch {epoch + 1}/{config.epochs}", len(loader))
+            batch_i = batch_offset
+            batch_offset = 0
+            # the loss stays on the device and is read back every log_every batches: no host sync in between
+            window_loss, window = torch.zeros((), device=device), 0
+            # creating the iterator draws from the global generator: an epoch resumed at its start restores the state
+            # before that draw, one resumed inside restores it after (the uninterrupted run drew it at the epoch start)
+            if rng_state is not None and batch_i == 0:
+                torch.set_rng_state(rng_state)
+            batches = iter(loader)
+            if rng_state is not None and batch_i > 0:
+                torch.set_rng_state(rng_state)
+            rng_state = None
+            stop = False
+            for batch in batches:
+                keep_rows = usable_rows(batch, config.skip_bad)
+                for i in np.flatnonzero(~keep_rows):
+                    row = skipped_row(batch, i)
+                    skipped[row["index"]] = row
+                keep = torch.from_numpy(keep_rows)
+                images = batch["image"][keep].to(device, non_blocking=True)
+                labels = batch["label"][keep].to(device, non_blocking=True)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(config, step, total_steps, epoch, g.get("base_lr"))
+                with autocast(device, config.precision, FINETUNE_PRECISIONS):
+                    image_feats, text_feats = net(images)
+                    loss = phase_a_loss(
+                        at_least_float32(image_feats),
+                        at_least_float32(text_feats),
+                        labels,
+                        config.loss,
+                        phase_net.scale,
+                        phase_net.adjust,
+                    )
+                (loss / config.accum_steps).backward()
+                batch_i += 1
+                if batch_i % config.accum_steps == 0 or batch_i == epoch_batches:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    step += 1
+                    if config.checkpoint_every and step % config.checkpoint_every == 0 and batch_i < epoch_batches:
+                        checkpoint(epoch, batch_i)
+                images_done += len(labels) * dist.world_size
+                window_loss += loss.detach()
+                window += 1
+                stop = bool(config.max_steps and step >= config.max_steps)
+                if window == config.log_every or batch_i == epoch_batches or stop:
+                    mean_loss = float(window_loss.item()) / window
+                    if not math.isfinite(mean_loss):  # nothing after a NaN step is worth keeping: stop, say where
+                        kept = f"; {out / 'model-last'} holds the last finished epoch" if epoch > start_epoch else ""
+                        raise BalladError(
+                            f"phase A diverged: the loss is {mean_loss} at step {step} (epoch {epoch + 1}){kept}; "
+                            f"rerun with a lower {setting('lr')}"
+                            + (f" or {setting('precision', 'fp32')}" if config.precision != "fp32" else "")
+                        )
+                    rate = images_done / max(time.perf_counter() - t0, 1e-9)
+                    lr = opt.param_groups[0]["lr"]
+                    progress.advance(window, loss=f"{mean_loss:.3f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}")
+                    if dist.is_main:
+                        record_ = {"epoch": epoch + 1, "step": step, "loss": mean_loss, "lr": lr, "batches": window}
+                        append_jsonl(out / "metrics.jsonl", record_)
+                        tracker.scalars({"train/loss": mean_loss, "train/lr": lr, "train/images_per_s": rate}, step)
+                    window_loss.zero_()
+                    window = 0
+                if stop:
+                    break
+            if stop and batch_i < epoch_batches:  # `max_steps` inside an epoch: a resume continues it at this batch
+                checkpoint(epoch, batch_i)  # with the finished epochs' best: the val below never enters it
+                stopped = {"epoch": epoch + 1, "batch": batch_i, "epoch_batches": epoch_batches, "step": step}
+                if has_val:
+                    stopped["val"] = validate()
                 if dist.is_main:
-                    save_model(out / "model")
-        elif dist.is_main:
+                    append_jsonl(out / "metrics.jsonl", {**stopped, "stopped": True})
+                    save_model(out / "model-last")
+                    if best_epoch < 0:  # no finished epoch kept a model: model/ holds the weights at the stop
+                        save_model(out / "model")
+                progress.log(
+                    f"stopped by {setting('max_steps')} at step {step}, batch {batch_i}/{epoch_batches} of epoch "
+                    f"{epoch + 1}; {setting('resume', True)} continues from there"
+                )
+                break
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "images_per_s": images_done / (time.perf_counter() - t0),
+                "skipped_images": len(skipped),
+            }
+            if has_val:
+                record["val"] = validate()
+                if record["val"]["top1"] > best:
+                    best, best_epoch = record["val"]["top1"], epoch + 1
+                    if dist.is_main:
+                        save_model(out / "model")
+            elif dist.is_main:
+                save_model(out / "model")
+            if dist.is_main:
+                append_jsonl(out / "metrics.jsonl", record)
+                tracker.scalars({**report_metrics("val", record.get("val")), "train/epoch": epoch + 1}, step)
+                save_model(out / "model-last")
+            checkpoint(epoch + 1, 0)
+            progress.log(f"epoch {epoch + 1}: " + (f"val top1 {record['val']['top1']:.2f}" if has_val else "done"))
+        if dist.is_main and not (out / "model").exists():
             save_model(out / "model")
-        if dist.is_main:
-            append_jsonl(out / "metrics.jsonl", record)
             save_model(out / "model-last")
-        checkpoint(epoch + 1, 0)
-        progress.log(f"epoch {epoch + 1}: " + (f"val top1 {record['val']['top1']:.2f}" if has_val else "done"))
-    if dist.is_main and not (out / "model").exists():
-        save_model(out / "model")
-        save_model(out / "model-last")
-    if stopped is not None and best_epoch < 0 and "val" in stopped:  # what model/ holds: the weights at the stop
-        best, best_epoch = stopped["val"]["top1"], stopped["epoch"]
-    if dist.enabled:  # each rank saw its own share of the bad images
-        shares: list[Any] = [None] * dist.world_size
-        torch.distributed.all_gather_object(shares, skipped)
-        skipped = {k: v for share in shares for k, v in share.items()}
-    summary_ = {
-        "start": start_report,
-        "best_epoch": best_epoch,
-        "best_val_top1": best,
-        "steps": step,
-        "stopped": stopped,
-        "templates": templates,
-        "skipped": [skipped[i] for i in sorted(skipped)],
-        "random_weights": loaded.random_weights,
-        "has_val": has_val,
-        "method": config.method,
-        "towers": config.towers,
-        "classifier": config.classifier,
-        "trainable": counts,
-    }
+        if stopped is not None and best_epoch < 0 and "val" in stopped:  # what model/ holds: the weights at the stop
+            best, best_epoch = stopped["val"]["top1"], stopped["epoch"]
+        if dist.enabled:  # each rank saw its own share of the bad images
+            shares: list[Any] = [None] * dist.world_size
+            torch.distributed.all_gather_object(shares, skipped)
+            skipped = {k: v for share in shares for k, v in share.items()}
+        summary_ = {
+            "start": start_report,
+            "best_epoch": best_epoch,
+            "best_val_top1": best,
+            "steps": step,
+            "stopped": stopped,
+            "templates": templates,
+            "skipped": [skipped[i] for i in sorted(skipped)],
+            "random_weights": loaded.random_weights,
+            "has_val": has_val,
+            "method": config.method,
+            "towers": config.towers,
+            "classifier": config.classifier,
+            "trainable": counts,
+        }
+        tracker.summary({"val/best_top1": best, "best_epoch": best_epoch, "output": str(out)})
     if dist.is_main:
         write_json(out / SUMMARY, summary_)
     return summary_
@@ -439,12 +465,17 @@ def run_finetune(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> dict[str, Any] | None:
     """`ballad finetune`: under torchrun or alone, prepare and lock the run folder (rank 0), load the dataset and
-    model, write `config.json` and run phase A. Returns the summary on rank 0, None on the others."""
+    model, write `config.json` and run phase A (reported to `report.report_to` as it goes). Returns the summary on
+    rank 0, None on the others."""
     from ..distributed import distributed
     from ..inputs.datasets import load_dataset
     from ..models.clip import load_model
+    from ..tracking import check_reporters
+
+    check_reporters(report.report_to if report else ())
 
     with distributed(device) as (dist, dev):
         folder = run_folder(out, overwrite, resume, main=dist.is_main)
@@ -454,5 +485,5 @@ def run_finetune(
         with folder:
             if not resume:
                 folder.write_config(config, data=data, model=model, pretrained=pretrained)
-            result = finetune(dataset, loaded, out, config, dev, dist, resume=resume, progress=progress)
+            result = finetune(dataset, loaded, out, config, dev, dist, resume=resume, progress=progress, report=report)
         return result if dist.is_main else None

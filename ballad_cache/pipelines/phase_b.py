@@ -29,11 +29,13 @@ from ..heads.artifacts import (
 from ..heads.config import AdapterConfig, explain_unread, readers
 from ..heads.metrics import METRICS, classification_report, summary
 from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, HeadContext, fit_record
-from ..inputs.longtail import unseen_classes
+from ..inputs.longtail import GROUP_NAMES, ShotThresholds, shot_groups, unseen_classes
 from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
+from ..tracking import Tracker, check_reporters, report_metrics
+from .configs import Reporting
 
 SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
 
@@ -92,8 +94,79 @@ def fit_on_cache(
     record = {**fit_record(time.perf_counter() - t0), **fitted.record}
     if data.val is not None:
         record["val"] = report_of(fitted.head, data.val, cache)
+    if fitted.val_classes is not None:
+        record["val_groups_per_epoch"] = epoch_groups(fitted.val_classes, cache)
     save_adapter(out, fitted.head, cache, record)
     return read_json(Path(out) / ADAPTER_META)
+
+
+def epoch_groups(val_classes: np.ndarray, cache: FeatureCache) -> dict[str, list[float]]:
+    """Many/medium/few val accuracy of each epoch from its per-class accuracies (epochs × C, NaN for a class with no
+    val image): each group's mean over its classes with val images, as OLTR's `shot_acc` (and `metrics`)."""
+    groups = shot_groups(cache.train_counts, ShotThresholds())
+    out: dict[str, list[float]] = {}
+    for g, name in enumerate(GROUP_NAMES):
+        per_epoch = val_classes[:, groups == g]
+        tested = ~np.isnan(per_epoch)
+        out[name] = [
+            float(row[ok].mean()) if ok.any() else float("nan") for row, ok in zip(per_epoch, tested, strict=True)
+        ]
+    return out
+
+
+def report_fit(
+    report: Reporting | None,
+    out: Path,
+    config: AdapterConfig,
+    cache: str | Path,
+    meta: dict[str, Any],
+    progress: Progress,
+) -> None:
+    """Send a finished fit to the viewers of `report`: its loss and learning-rate curve and rows per second at the
+    curve's steps, val top-1 and many/medium/few at each epoch's last step, the kept epoch's val report and the
+    output folder."""
+    if report is None or not report.report_to:
+        return
+    settings = {"command": "fit-adapter", "cache": str(cache), **config.to_dict()}
+    with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
+        curve = meta.get("curve") or {"step": [], "loss": [], "lr": []}
+        at: dict[int, dict[str, float]] = {}  # a step's values, sent in step order (wandb keeps steps in order)
+        for step, loss, lr in zip(curve["step"], curve["loss"], curve["lr"], strict=True):
+            at[step] = {"train/loss": loss, "train/lr": lr, "train/rows_per_s": meta["draws_per_s"]}
+        per_epoch = meta.get("val_top1_per_epoch") or []
+        groups = meta.get("val_groups_per_epoch") or {}
+        steps_per_epoch = int(meta.get("steps", 0)) // max(len(per_epoch), 1)
+        for e, top1 in enumerate(per_epoch):
+            values = {"val/top1": top1, **{f"val/{g}": v[e] for g, v in groups.items()}}
+            at.setdefault((e + 1) * steps_per_epoch, {}).update(values)
+        for step in sorted(at):
+            tracker.scalars(at[step], step)
+        tracker.summary(
+            {**report_metrics("val_kept", meta.get("val")), "best_epoch": meta.get("best_epoch", 0), "output": str(out)}
+        )
+
+
+def report_sweep(
+    report: Reporting | None, out: Path, result: SweepResult, metric: str, cache: str | Path, progress: Progress
+) -> None:
+    """Send a finished sweep to the viewers of `report`: every point as one record (its config fields, its val
+    metrics, whether it is the kept best), the heatmap, the best point's test report and the output folder."""
+    if report is None or not report.report_to:
+        return
+    records = [
+        {
+            "key": p["key"],
+            **AdapterConfig.from_dict(p["config"]).to_dict(),
+            **{m: p["val"][m] for m in METRICS},
+            "best": p["key"] == result.best["key"],
+        }
+        for p in result.points
+    ]
+    settings = {"command": "sweep", "cache": str(cache), "metric": metric, "points": len(records)}
+    with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
+        tracker.points(records, METRICS)
+        tracker.image("sweep/heatmap", out / "heatmap.png")
+        tracker.summary({**report_metrics("test", result.test), "best_point": result.best["key"], "output": str(out)})
 
 
 def _report(logits: torch.Tensor, split: SplitFeatures, cache: FeatureCache) -> dict[str, float]:
@@ -475,15 +548,20 @@ def run_fit_adapter(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> dict[str, Any]:
-    """`ballad fit-adapter`: open the cache, guard and lock `out`, write `config.json`, fit; returns adapter.json."""
+    """`ballad fit-adapter`: open the cache, guard and lock `out`, write `config.json`, fit, report the fit to
+    `report.report_to`; returns adapter.json."""
+    check_reporters(report.report_to if report else ())
     unread = explain_unread(config)
     if unread:
         raise BalladError(unread)
     feature_cache = FeatureCache(cache)
     with adapter_folder(out, overwrite) as folder:
         folder.write_config(config, cache=str(cache), cache_fingerprint=feature_cache.fingerprint)
-        return fit_on_cache(feature_cache, config, out, device, progress)
+        meta = fit_on_cache(feature_cache, config, out, device, progress)
+        report_fit(report, Path(out), config, cache, meta, progress or NullProgress())
+        return meta
 
 
 def run_grid(
@@ -494,10 +572,14 @@ def run_grid(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> SweepResult:
     """`ballad sweep`: open the cache, guard and lock `out` (a grid that contains the folder's grid continues it),
-    write `config.json`, sweep `configs` (see `expand_grid`)."""
+    write `config.json`, sweep `configs` (see `expand_grid`), report the points to `report.report_to`."""
+    check_reporters(report.report_to if report else ())
     feature_cache = FeatureCache(cache)
     with sweep_folder(out, configs, feature_cache, overwrite) as folder:
         folder.write_config(None, **sweep_config(configs, feature_cache, metric))
-        return run_sweep(feature_cache, configs, out, metric, device, progress)
+        result = run_sweep(feature_cache, configs, out, metric, device, progress)
+        report_sweep(report, Path(out), result, metric, cache, progress or NullProgress())
+        return result

@@ -28,6 +28,8 @@ from ..errors import BalladError
 from ..heads.metrics import summary
 from ..progress import NullProgress, Progress, Report
 from ..store.runs import CONFIG, SUMMARY, RunDone, RunFolder
+from ..tracking import Tracker, check_reporters
+from .configs import Reporting
 from .recipes import Recipe, Stage, check_data, environment, load_recipe, model_stages, weights_status
 
 REPORT = "report.json"
@@ -92,8 +94,10 @@ def run_stage(
     device: torch.device,
     overwrite: bool,
     progress: Progress,
+    report: Reporting | None = None,
 ) -> StageRun:
-    """Run (or reuse, or resume) one stage into `out/STAGE`; returns what it did.
+    """Run (or reuse, or resume) one stage into `out/STAGE`, reported to `report.report_to` under the run name
+    `NAME/STAGE` (a training stage reports itself; a reused one reports nothing); returns what it did.
 
     Raises:
         BalladError: the stage's folder holds a run of another config (without `overwrite`), or the stage failed.
@@ -110,6 +114,7 @@ def run_stage(
     folder = Path(places[stage.name])
     spec = str(options.get("data") or recipe.dataset_spec(data))
     config = stage.config(places)
+    own = Reporting(report.report_to, f"{report.run_name or out.name}/{stage.name}") if report else None
     t0 = time.perf_counter()
     reused = False
     result: dict[str, Any]
@@ -119,7 +124,7 @@ def run_stage(
             try:
                 result = run_finetune(
                     spec, options["model"], options.get("pretrained"), folder, config, device, resume, overwrite,
-                    progress,
+                    progress, own,
                 ) or {}  # fmt: skip
             except RunDone:
                 result, reused = read_json(folder / SUMMARY), True
@@ -133,7 +138,7 @@ def run_stage(
             reused = not overwrite and before is not None and before == result.get("config_fingerprint")
         elif stage.command == "fit-adapter":
             try:
-                result = run_fit_adapter(options["cache"], folder, config, device, overwrite, progress)
+                result = run_fit_adapter(options["cache"], folder, config, device, overwrite, progress, own)
             except RunDone:
                 result, reused = read_json(folder / "adapter.json"), True
         elif stage.command == "sweep":
@@ -142,7 +147,7 @@ def run_stage(
             fingerprint = FeatureCache(options["cache"]).fingerprint
             reused = not overwrite and _sweep_finished(folder, [point_key(c, fingerprint) for c in config])
             swept = run_grid(
-                options["cache"], folder, config, options.get("metric", "top1"), device, overwrite, progress
+                options["cache"], folder, config, options.get("metric", "top1"), device, overwrite, progress, own
             )
             result = {"best": swept.best, "val": swept.best["val"], "test": swept.test}
         elif stage.command == "evaluate":
@@ -208,6 +213,7 @@ def run_recipe(
     device: torch.device,
     overwrite: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> tuple[dict[str, Any], dict[str, StageRun]]:
     """Run every stage of `recipe` into `out` and write `report.json` and `commands.sh` there (the caller holds the
     folder: `reproduce`, the demo); returns the report and each stage's run.
@@ -222,9 +228,9 @@ def run_recipe(
     runs: dict[str, StageRun] = {}
     for i, stage in enumerate(recipe.stages, start=1):
         progress.log(f"{i}/{len(recipe.stages)} {stage.name}: ballad {stage.command}")
-        runs[stage.name] = run_stage(recipe, stage, data, out, device, overwrite, progress)
+        runs[stage.name] = run_stage(recipe, stage, data, out, device, overwrite, progress, report)
     numbers = achieved(recipe, runs)
-    report = {
+    body = {
         "recipe": recipe.name,
         "variants": list(recipe.applied),
         "paper": recipe.paper,
@@ -254,8 +260,9 @@ def run_recipe(
             for s, cmd in zip(recipe.stages, commands, strict=True)
         ],
     }
-    write_json(out / REPORT, report)
-    return report, runs
+    write_json(out / REPORT, body)
+    report_run(report, out, recipe, body, progress)
+    return body, runs
 
 
 def reproduce(
@@ -265,6 +272,7 @@ def reproduce(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    report: Reporting | None = None,
 ) -> dict[str, Any]:
     """`ballad reproduce`: lock `out`, record the recipe and data in its `config.json`, run every stage of `recipe`
     (see the module docstring); returns the report (`out/report.json`).
@@ -274,13 +282,33 @@ def reproduce(
             folder holds another config's run, or a stage failed.
     """
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    check_reporters(report.report_to if report else ())
     _require_data(recipe, data)
     same = {"recipe": recipe.name, "data": data}  # a rerun of this row continues; the stages decide what is reused
     compatible = lambda old: all(old.get(k) == v for k, v in same.items())  # noqa: E731
     with RunFolder(out, "reproduce", (REPORT,), overwrite=overwrite, compatible=compatible) as folder:
         folder.write_config(None, recipe=recipe.name, data=data)
-        report, _ = run_recipe(recipe, data, Path(out), torch.device(device), overwrite, progress)
-    return report
+        body, _ = run_recipe(recipe, data, Path(out), torch.device(device), overwrite, progress, report)
+    return body
+
+
+def report_run(
+    report: Reporting | None, out: Path, recipe: Recipe, body: dict[str, Any], progress: Progress | None
+) -> None:
+    """Send a finished recipe run to the viewers: achieved and expected per metric, each stage's seconds, the
+    evaluate stage's per-class plot and the sweep's heatmap where the run drew them, and the output folder."""
+    if report is None or not report.report_to:
+        return
+    settings = {"command": "reproduce", "recipe": recipe.name, "variants": list(recipe.applied), "data": body["data"]}
+    with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
+        values: dict[str, Any] = {}
+        for m in body["metrics"]:
+            values.update({f"achieved/{m['metric']}": m["achieved"], f"expected/{m['metric']}": m["expected"]})
+        values.update({f"seconds/{s['name']}": s["seconds"] for s in body["stages"]})
+        tracker.summary({k: v for k, v in values.items() if v is not None} | {"output": str(out)})
+        for stage in recipe.stages:
+            tracker.image(f"{stage.name}/per_class", out / stage.name / "per_class.png")
+            tracker.image(f"{stage.name}/heatmap", out / stage.name / "heatmap.png")
 
 
 def dry_run(
