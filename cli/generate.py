@@ -158,7 +158,7 @@ def config_values(path: Path, known: list[str]) -> dict[str, Any]:
     try:
         body = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())[:300]
         raise typer.BadParameter(f"cannot read {path}: {reason}", param_hint="'--config'") from None
     body = {} if body is None else body
     if not isinstance(body, dict):

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ballad_cache.errors import BalladError
 from ballad_cache.heads.config import AdapterConfig, SweepConfig
 from ballad_cache.pipelines.configs import (
     CacheSource,
@@ -196,7 +197,8 @@ def evaluate(config: EvalConfig, source: CacheSource, files: EvalFiles) -> None:
         raise typer.BadParameter(f"{flag('plot')} needs {flag('out')}", param_hint=flag("plot"))
     _announce(f"evaluate: {source.cache}" + (f" with {files.adapter}" if files.adapter else "") + f", {config.split}")
     result = run_evaluate(source.cache, files.adapter, config, files.out, files.overwrite)
-    print_report(report_table(f"{config.split} accuracy (%) on {source.cache}", summary_rows(result)))
+    views = f", {result['views']} views" if result.get("views", "center") != "center" else ""
+    print_report(report_table(f"{config.split} accuracy (%) on {source.cache}{views}", summary_rows(result)))
     if "written" in result:
         err.print("wrote " + ", ".join(result["written"]))
 
@@ -375,8 +377,11 @@ def reproduce(
     where = f" on {config.data}" if config.data else ""
     _announce(f"reproduce{' --dry-run' if config.dry_run else ''}: {recipe}{where} -> {run.out}")
     if config.dry_run:
-        for table in plan_tables(dry_run(chosen, config.data, run.out, device)):
+        plan = dry_run(chosen, config.data, run.out, device)
+        for table in plan_tables(plan):
             print_report(table)
+        if plan["data_error"]:  # the plan is printed; the exit status says the data is not the published split
+            raise BalladError(plan["data_error"])
         return
     with RichProgress() as progress:
         result = run_reproduce(chosen, config.data, run.out, device, run.overwrite, progress, report)

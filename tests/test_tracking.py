@@ -305,3 +305,57 @@ def test_curve_steps_are_bounded_and_end_at_the_last_step():
     assert curve_steps(0) == [] and curve_steps(3) == [0, 1, 2]
     steps = curve_steps(10_001, points=500)
     assert len(steps) <= 501 and steps[-1] == 10_000 and np.all(np.diff(steps) > 0)
+
+
+@pytest.mark.slow
+def test_reproduce_reports_each_stage_and_the_row(ballad_data, tmp_path):
+    """`reproduce --report-to` reports each training stage in its folder (run name NAME/STAGE) and the row's
+    achieved and expected numbers and stage times in OUT."""
+    out = tmp_path / "r"
+    args = ["reproduce", "demo", "--variant", "tiny", "--out", str(out), "--device", "cpu", "--run-name", "row"]
+    r = runner.invoke(app, [*args, "--report-to", "tensorboard"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "report.json").read_text())
+    summary = tb_scalars(out / "tb")
+    for m in report["metrics"]:
+        assert summary[f"achieved/{m['metric']}"][0][1] == pytest.approx(m["achieved"], rel=1e-6)
+        assert summary[f"expected/{m['metric']}"][0][1] == pytest.approx(m["expected"], rel=1e-6)
+    for stage in report["stages"]:
+        assert summary[f"seconds/{stage['name']}"][0][1] == pytest.approx(stage["seconds"], rel=1e-6)
+    phase_a = [json.loads(line) for line in (out / "finetune" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s, _ in tb_scalars(out / "finetune" / "tb")["train/loss"]] == [
+        r["step"] for r in phase_a if "loss" in r
+    ]
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert [s for s, _ in tb_scalars(out / "adapter" / "tb")["train/loss"]] == adapter["curve"]["step"]
+    points = json.loads((out / "sweep" / "results.json").read_text())["points"]
+    assert {p.name for p in (out / "sweep" / "tb" / "points").iterdir()} == {p["key"] for p in points}
+    config = tb_text(out / "adapter" / "tb", "config")
+    assert '"run_name": "row/adapter"' in config
+
+
+def tb_text(folder: Path, tag: str) -> str:
+    """A text summary of the events in `folder`, as TensorBoard's text dashboard reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    acc.Reload()
+    (event,) = acc.Tensors(f"{tag}/text_summary")
+    return event.tensor_proto.string_val[0].decode()
+
+
+@pytest.mark.slow
+def test_under_torchrun_only_rank_zero_reports(ballad_data, tmp_path):
+    import os
+
+    from tests.conftest import run_ballad
+
+    env = {**os.environ, "BALLAD_DATA": str(ballad_data), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    args = [*FINETUNE, "--max-steps", "3", "--out", str(tmp_path / "two"), "--report-to", "tensorboard,wandb"]
+    two = run_ballad(args, env, ranks=2, port=29581)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert len(list((tmp_path / "two" / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len(list((tmp_path / "two" / "wandb").glob("offline-run-*"))) == 1
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [s for s, _ in tb_scalars(tmp_path / "two" / "tb")["train/loss"]]
+    assert steps == [r["step"] for r in records if "loss" in r]  # one point a step: rank 1 wrote none

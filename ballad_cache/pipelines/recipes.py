@@ -448,6 +448,7 @@ def check_data(recipe: Recipe, data: str | None) -> list[str]:
             )
         said.append(f"{what} {found}: as published")
 
+    said.append(f"read from {dataset.source or spec}")
     check("classes", dataset.num_classes, pub.classes)
     counts = dataset.class_counts("train")
     check("train images", int(counts.sum()), pub.train)
@@ -524,13 +525,11 @@ def recipes_table(entries: list[dict[str, Any]]) -> Report:
     rows = [
         [
             e["name"],
-            f"{e['paper']}: {e['row']}",
-            e["backbone"],
             "-" if e["expected_top1"] is None else f"{e['expected_top1']:.2f}",
             e["data"].split(" (")[0],
             e["weights"],
         ]
         for e in entries
     ]
-    lines = [f"{e['name']}: needs {e['needs']}" for e in entries if e["needs"]]
-    return Report("recipes", ["recipe", "paper row", "backbone", "top-1", "data", "weights"], rows, lines)
+    lines = [f"{e['name']}: {e['paper']}, {e['row']}; {e['backbone']}; needs {e['needs']}" for e in entries]
+    return Report("recipes (ballad reproduce NAME)", ["recipe", "top-1", "data", "weights"], rows, lines)

@@ -168,7 +168,7 @@ def run_stage(
             raise ValueError(f"no stage runs {stage.command}")
     if reused:
         progress.log(f"{stage.name}: already done (its folder holds this run's output)")
-    return StageRun(result, reused, round(time.perf_counter() - t0, 1))
+    return StageRun(result, reused, round(time.perf_counter() - t0, 2))
 
 
 def achieved(recipe: Recipe, runs: dict[str, StageRun]) -> dict[str, float]:
@@ -224,11 +224,13 @@ def run_recipe(
     progress = progress or NullProgress()
     out.mkdir(parents=True, exist_ok=True)
     commands = [stage_command(recipe, s, data, out, device.type) for s in recipe.stages]
-    write_bytes(out / COMMANDS, ("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(commands) + "\n").encode())
+    before = _stage_seconds(out / REPORT)  # what the stages a rerun reuses took when they ran
     runs: dict[str, StageRun] = {}
     for i, stage in enumerate(recipe.stages, start=1):
         progress.log(f"{i}/{len(recipe.stages)} {stage.name}: ballad {stage.command}")
         runs[stage.name] = run_stage(recipe, stage, data, out, device, overwrite, progress, report)
+        if runs[stage.name].reused and stage.name in before:
+            runs[stage.name].seconds = before[stage.name]
     numbers = achieved(recipe, runs)
     body = {
         "recipe": recipe.name,
@@ -253,13 +255,14 @@ def run_recipe(
             {
                 "name": s.name,
                 "command": cmd,
-                "seconds": runs[s.name].seconds,
+                "seconds": round(runs[s.name].seconds, 2),
                 "reused": runs[s.name].reused,
                 "folder": str(out / s.name),
             }
             for s, cmd in zip(recipe.stages, commands, strict=True)
         ],
     }
+    write_bytes(out / COMMANDS, ("#!/usr/bin/env bash\nset -euo pipefail\n" + "\n".join(commands) + "\n").encode())
     write_json(out / REPORT, body)
     report_run(report, out, recipe, body, progress)
     return body, runs
@@ -285,6 +288,18 @@ def reproduce(
     check_reporters(report.report_to if report else ())
     _require_data(recipe, data)
     same = {"recipe": recipe.name, "data": data}  # a rerun of this row continues; the stages decide what is reused
+    held = _old_run(Path(out))
+    if held is not None and not overwrite:
+        changed = [f"{k} {held.get(k)!r} -> {v!r}" for k, v in same.items() if held.get(k) != v]
+        if changed:
+            raise BalladError(
+                f"{out} holds the reproduce run of another row ({'; '.join(changed)}); pass --overwrite or pick "
+                "another --out"
+            )
+    try:
+        check_data(recipe, data)
+    except BalladError as exc:
+        (progress or NullProgress()).log(f"warning: {exc}; the numbers will not be comparable with the paper's")
     compatible = lambda old: all(old.get(k) == v for k, v in same.items())  # noqa: E731
     with RunFolder(out, "reproduce", (REPORT,), overwrite=overwrite, compatible=compatible) as folder:
         folder.write_config(None, recipe=recipe.name, data=data)
@@ -327,12 +342,43 @@ def dry_run(
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _require_data(recipe, data)
     device = torch.device(device)
-    data_lines = check_data(recipe, data)
+    data_error = None
+    try:
+        data_lines = check_data(recipe, data)
+    except BalladError as exc:
+        data_error, data_lines = str(exc), [f"DIFFERS: {exc}"]
     weights = [weights_status(model, pretrained, weights_source) for _, model, pretrained in model_stages(recipe)]
     stages = []
     for stage, cost in zip(recipe.stages, estimate(recipe, data, device), strict=True):
         stages.append({"name": stage.name, "command": stage_command(recipe, stage, data, out, device.type), **cost})
-    return {"recipe": recipe.name, "data": data_lines, "weights": weights, "stages": stages, "device": str(device)}
+    return {
+        "recipe": recipe.name,
+        "data": data_lines,
+        "data_error": data_error,
+        "weights": weights,
+        "stages": stages,
+        "device": str(device),
+    }
+
+
+def _old_run(out: Path) -> dict[str, Any] | None:
+    """The `config.json` of a finished reproduce run in `out` (None when there is none)."""
+    if not (out / REPORT).is_file():
+        return None
+    try:
+        old = read_json(out / CONFIG)
+    except BalladError:
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def _stage_seconds(path: Path) -> dict[str, float]:
+    """Each stage's wall time in an earlier report (empty when there is none)."""
+    try:
+        old = read_json(path)
+        return {str(s["name"]): float(s["seconds"]) for s in old.get("stages", [])}
+    except (BalladError, KeyError, TypeError, ValueError, AttributeError):
+        return {}
 
 
 def _require_data(recipe: Recipe, data: str | None) -> None:
@@ -341,6 +387,8 @@ def _require_data(recipe: Recipe, data: str | None) -> None:
     reads_root = "{data}" in recipe.data_spec or any("{data}" in v for v in recipe.data_env.values())
     if reads_root and data is None and not recipe.root_optional:
         raise BalladError(f"recipe {recipe.name} reads its images from --data ROOT: {recipe.needs}")
+    if data is not None and not Path(data).is_dir():
+        raise BalladError(f"--data {data} is not a folder; give the folder that holds {recipe.needs}")
 
 
 def _manifest_fingerprint(cache_dir: Path) -> str | None:

@@ -4,6 +4,7 @@ demo recipe end to end; a changed recipe refused on reuse."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -225,6 +226,8 @@ def test_reproduce_runs_the_demo_recipe_resumes_and_refuses_a_changed_one(ballad
     demo_rows = json.loads((tmp_path / "d" / "report" / "summary.json").read_text())["rows"]
     assert demo_rows[1]["top1"] == adapter["top1"] and demo_rows[1]["few"] == adapter["few"]
 
+    first = {st["name"]: st["seconds"] for st in report["stages"]}
+
     # a rerun reuses every stage and rewrites nothing
     def stamps() -> dict[Path, tuple[bytes, int | None]]:
         # a finished sweep re-ranks its kept points and writes its tables and best/ again, the same bytes
@@ -234,8 +237,17 @@ def test_reproduce_runs_the_demo_recipe_resumes_and_refuses_a_changed_one(ballad
     before = stamps()
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert all(s["reused"] for s in json.loads((out / "report.json").read_text())["stages"])
+    again = json.loads((out / "report.json").read_text())["stages"]
+    assert all(s["reused"] for s in again)
+    assert {st["name"]: st["seconds"] for st in again} == first  # the time each stage took when it ran
     assert stamps() == before
+    # another row into the same folder: refused naming what differs, and nothing rewritten (commands.sh included)
+    commands = (out / "commands.sh").read_bytes()
+    r = runner.invoke(app, ["reproduce", "lift-places-lt", *args[4:], "--data", str(tmp_path)])
+    assert r.exit_code == 1 and "recipe 'demo' -> 'lift-places-lt'" in " ".join(r.output.split())
+    r = runner.invoke(app, ["reproduce", "demo", *args[4:]])  # the full demo: phase A's config differs
+    assert r.exit_code == 1 and "config.epochs 1 -> 4" in " ".join(r.output.split())
+    assert (out / "commands.sh").read_bytes() == commands
     # the recipe changed (phase B's learning rate): refused naming the field, then redone with --overwrite
     body = yaml.safe_load((list_recipes()[0].parent / "demo.yaml").read_text())
     body["stages"]["adapter"]["options"]["lr"] = 0.1
@@ -275,10 +287,24 @@ def test_every_recipe_dry_runs(name, tmp_path, cifar_root, ballad_data):
     else:
         data = str(write_published_lists(tmp_path / name, name))
     if name == "demo":  # the tests' synthetic Fashion-MNIST has the real train and val splits, 300 test images
-        with pytest.raises(BalladError, match=r"test images is 300 in fmnist-lt, the published split has 10000"):
-            dry_run(recipe, data, tmp_path / "out", "cpu")
+        plan = dry_run(recipe, data, tmp_path / "out", "cpu")  # still planned, the difference said
+        assert re.search(r"test images is 300 in fmnist-lt, the published split has 10000", plan["data_error"])
+        assert plan["data"] == [f"DIFFERS: {plan['data_error']}"] and len(plan["stages"]) == len(recipe.stages)
         recipe.published.test = 300
     plan = dry_run(recipe, data, tmp_path / "out", "cpu")
     assert len(plan["stages"]) == len(recipe.stages) and all(s["command"].count("ballad ") == 1 for s in plan["stages"])
-    assert plan["data"] and all(line.endswith("as published") for line in plan["data"])
+    assert plan["data_error"] is None and plan["data"][0].startswith("read from ")
+    assert len(plan["data"]) > 1 and all(line.endswith("as published") for line in plan["data"][1:])
     assert plan["weights"] and not any("does not resolve" in w for w in plan["weights"])
+
+
+def test_a_bad_data_root_stops_before_anything_is_written_and_a_dry_run_still_plans(tmp_path):
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["reproduce", "lift-imagenet-lt", "--data", str(tmp_path / "nope"), "--out", str(out)])
+    assert r.exit_code == 1 and "is not a folder" in r.output and not out.exists()
+    root = write_published_lists(tmp_path / "inet", "lift-imagenet-lt", train_delta=5)
+    r = runner.invoke(app, ["reproduce", "lift-imagenet-lt", "--data", str(root), "--out", str(out), "--dry-run"])
+    assert r.exit_code == 1  # the data is not the published split: said, and the plan printed all the same
+    lines = r.output.splitlines()
+    assert any(line.startswith("finetune: ") for line in lines) and any(line.startswith("evaluate: ") for line in lines)
+    assert "train images is 115851" in " ".join(r.output.split()) and not out.exists()
