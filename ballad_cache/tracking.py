@@ -98,9 +98,14 @@ class TensorBoardBackend(Backend):
     def points(self, records: list[dict[str, Any]], metrics: Sequence[str]) -> None:
         from torch.utils.tensorboard.summary import hparams
 
-        keys = [k for k in records[0] if k not in metrics and k != "key"] if records else []
-        for record in records:  # one HParams session a point, its metrics as the session's scalars
-            writer = self._point_writer(str(record["key"]))
+        # the HParams table shows the settings that tell the points apart (and `best`, `key`); a setting every
+        # point shares is in the run's config text, not a column
+        fields = [k for k in records[0] if k not in metrics and k not in ("key", "label", "rank")] if records else []
+        varying = [k for k in fields if len({json.dumps(_plain(r[k])) for r in records}) > 1 or k == "best"]
+        keys = [*varying, "key"]
+        for record in records:  # one HParams session a point (its trial: rank and label), its metrics as scalars
+            trial = f"{int(record.get('rank', 0)):02d}_{record.get('label') or record['key']}"
+            writer = self._point_writer(trial)
             metric_tags = {f"point/{m}": float(record[m]) for m in metrics if record.get(m) is not None}
             exp, ssi, sei = hparams({k: _plain(record[k]) for k in keys}, metric_tags)
             for event in (exp, ssi, sei):

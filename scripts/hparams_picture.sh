@@ -14,6 +14,6 @@ TB=$!
 trap 'kill $TB 2>/dev/null || true' EXIT
 for _ in $(seq 60); do curl -sf "http://127.0.0.1:$PORT/" >/dev/null && break; sleep 1; done
 chromium --headless --no-sandbox --disable-gpu --disable-background-networking --disable-component-update \
-    --no-first-run --hide-scrollbars --window-size=1500,620 --virtual-time-budget=20000 \
+    --no-first-run --hide-scrollbars --window-size=2300,480 --virtual-time-budget=20000 \
     --user-data-dir="$(mktemp -d)" --screenshot="$PNG" "http://127.0.0.1:$PORT/#hparams" 2>/dev/null
 echo "wrote $PNG"

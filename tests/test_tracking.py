@@ -217,11 +217,14 @@ def test_a_sweep_reports_every_point_as_one_record_with_the_best_marked(lt_cache
     points = {p["key"]: p for p in results["points"]}
     assert len(rows) == 4 == len(points)
     best_key = rows[0]["key"]
-    for row in rows:
-        folder = out / "tb" / "points" / row["key"]
+    trials = {tb_hparams(folder)["key"]: folder for folder in (out / "tb" / "points").iterdir()}
+    assert set(trials) == set(points)
+    for rank, row in enumerate(rows, start=1):
+        folder = trials[row["key"]]
+        assert folder.name == f"{rank:02d}_ratio={float(row['ratio'])}_lr={float(row['lr'])}"  # rank, then what varies
         hp = tb_hparams(folder)
         assert hp["ratio"] == pytest.approx(float(row["ratio"])) and hp["lr"] == pytest.approx(float(row["lr"]))
-        assert hp["sampler"] == row["sampler"] and hp["best"] == (row["key"] == best_key)
+        assert hp["best"] == (row["key"] == best_key) and "sampler" not in hp  # a setting every point shares
         metrics = tb_scalars(folder)
         for m in ("top1", "few"):
             assert metrics[f"point/{m}"][0][1] == pytest.approx(points[row["key"]]["val"][m], rel=1e-6)  # float32
@@ -329,7 +332,7 @@ def test_reproduce_reports_each_stage_and_the_row(ballad_data, tmp_path):
     adapter = json.loads((out / "adapter" / "adapter.json").read_text())
     assert [s for s, _ in tb_scalars(out / "adapter" / "tb")["train/loss"]] == adapter["curve"]["step"]
     points = json.loads((out / "sweep" / "results.json").read_text())["points"]
-    assert {p.name for p in (out / "sweep" / "tb" / "points").iterdir()} == {p["key"] for p in points}
+    assert {tb_hparams(f)["key"] for f in (out / "sweep" / "tb" / "points").iterdir()} == {p["key"] for p in points}
     config = tb_text(out / "adapter" / "tb", "config")
     assert '"run_name": "row/adapter"' in config
 

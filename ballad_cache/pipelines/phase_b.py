@@ -153,14 +153,18 @@ def report_sweep(
     metrics, whether it is the kept best), the heatmap, the best point's test report and the output folder."""
     if report is None or not report.report_to:
         return
+    configs = [AdapterConfig.from_dict(p["config"]).to_dict() for p in result.points]
+    varying = [k for k in configs[0] if len({json.dumps(c[k]) for c in configs}) > 1] if configs else []
     records = [
         {
+            "rank": rank,
             "key": p["key"],
-            **AdapterConfig.from_dict(p["config"]).to_dict(),
+            "label": "_".join(f"{k}={config[k]}" for k in varying) or p["key"],  # what tells it apart
+            **config,
             **{m: p["val"][m] for m in METRICS},
             "best": p["key"] == result.best["key"],
         }
-        for p in result.points
+        for rank, (p, config) in enumerate(zip(result.points, configs, strict=True), start=1)
     ]
     settings = {"command": "sweep", "cache": str(cache), "metric": metric, "points": len(records)}
     with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
