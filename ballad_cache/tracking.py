@@ -33,6 +33,7 @@ TB_DIR = "tb"
 WANDB_DIR = "wandb"
 WANDB_STATE = "wandb-run.json"  # the run id a resumed run reports to again, and the last step it logged
 CURVE_POINTS = 500  # at most this many logged steps of a curve (every k-th step, the last included)
+REPORT_OUTPUTS = (TB_DIR, WANDB_DIR, WANDB_STATE)  # a run folder's files that only the viewers read
 
 
 class Backend:
@@ -53,11 +54,11 @@ class Backend:
     def points(self, records: list[dict[str, Any]], metrics: Sequence[str]) -> None:
         """A sweep's points: one record each of config fields and `metrics` (and `best`)."""
 
-    def summary(self, values: dict[str, Any]) -> None:
-        """The run's final numbers and facts (test metrics, the output folder)."""
+    def summary(self, values: dict[str, Any], step: int) -> None:
+        """The run's final numbers and facts (test metrics, the output folder), at the run's last step."""
 
-    def close(self) -> None:
-        """Flush and close."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and close (`failed`: the run stopped on an error)."""
 
 
 def _plain(value: Any) -> Any:
@@ -119,14 +120,14 @@ class TensorBoardBackend(Backend):
 
         return SummaryWriter(log_dir=str(self.folder / TB_DIR / "points" / key))
 
-    def summary(self, values: dict[str, Any]) -> None:
+    def summary(self, values: dict[str, Any], step: int) -> None:
         for tag, value in values.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
-                self.writer.add_scalar(tag, value, 0)
+                self.writer.add_scalar(tag, value, step)
             else:
-                self.writer.add_text(tag, str(value), 0)
+                self.writer.add_text(tag, str(value), step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -191,11 +192,11 @@ class WandbBackend(Backend):
         self.run.log({"sweep/points": table}, step=max(self.last_step, 0))
         self.last_step = max(self.last_step, 0)
 
-    def summary(self, values: dict[str, Any]) -> None:
+    def summary(self, values: dict[str, Any], step: int) -> None:
         self.run.summary.update({k: v if isinstance(v, int | float | str) else str(v) for k, v in values.items()})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 REPORTERS: Registry[type[Backend]] = Registry("reporter")
@@ -280,20 +281,20 @@ class Tracker:
         if records:
             self._each("points", records, list(metrics))
 
-    def summary(self, values: dict[str, Any]) -> None:
-        """The run's final numbers and facts."""
-        self._each("summary", values)
+    def summary(self, values: dict[str, Any], step: int = 0) -> None:
+        """The run's final numbers and facts, at its last step (a resumed run purges and rewrites them there)."""
+        self._each("summary", values, int(step))
 
-    def close(self) -> None:
-        """Flush and close every backend."""
-        self._each("close")
+    def close(self, failed: bool = False) -> None:
+        """Flush and close every backend (`failed`: a wandb run is marked failed)."""
+        self._each("close", failed)
         self.backends.clear()
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=kind is not None)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

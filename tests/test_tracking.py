@@ -292,6 +292,8 @@ def test_a_resumed_phase_a_continues_its_curves_without_duplicates(ballad_data, 
         history = wandb_history(run)  # raises on a step logged twice, across a resumed run's files
         assert sorted(s for s, row in history.items() if "train/loss" in row) == [s for s, _ in logged]
         assert [history[s]["train/loss"] for s, _ in logged] == pytest.approx([v for _, v in logged], rel=1e-12)
+    best = tb_scalars(part / "tb")["val/best_top1"]  # the summary, once, at the last step, as the whole run's
+    assert best == tb_scalars(whole / "tb")["val/best_top1"] and len(best) == 1
     runs = list((part / "wandb").glob("offline-run-*"))
     assert len(runs) == 3 and {d.name.split("-")[3] for d in runs} == {
         json.loads((part / "wandb-run.json").read_text())["id"]
@@ -362,3 +364,33 @@ def test_under_torchrun_only_rank_zero_reports(ballad_data, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s, _ in tb_scalars(tmp_path / "two" / "tb")["train/loss"]]
     assert steps == [r["step"] for r in records if "loss" in r]  # one point a step: rank 1 wrote none
+
+
+def test_a_viewer_failing_mid_phase_a_is_said_once_and_the_run_ends_as_without_it(ballad_data, tmp_path, monkeypatch):
+    plain = tmp_path / "plain"
+    short = [*FINETUNE, "--max-steps", "9"]
+    r = runner.invoke(app, [*short, "--out", str(plain)])
+    assert r.exit_code == 0, r.output
+    calls = []
+
+    def network_down(self, values, step):
+        calls.append(step)
+        if len(calls) > 1:  # the first point goes through, then the connection drops
+            raise ConnectionError("network is unreachable")
+        return real(self, values, step)
+
+    from ballad_cache.tracking import WandbBackend
+
+    real = WandbBackend.scalars
+    monkeypatch.setattr(WandbBackend, "scalars", network_down)
+    told = tmp_path / "told"
+    r = runner.invoke(app, [*short, "--out", str(told), "--report-to", "wandb,tensorboard"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert text.count("--report-to wandb failed (network is unreachable); the run goes on without it") == 1
+    assert len(calls) == 2  # dropped after the failure; TensorBoard kept every point
+    steps = [s for s, _ in tb_scalars(told / "tb")["train/loss"]]
+    records = [json.loads(line) for line in (told / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [rec["step"] for rec in records if "loss" in rec]
+    name = "model-last/open_clip_model.safetensors"
+    assert (told / name).read_bytes() == (plain / name).read_bytes()

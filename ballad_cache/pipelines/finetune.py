@@ -449,7 +449,8 @@ def finetune(
             "classifier": config.classifier,
             "trainable": counts,
         }
-        tracker.summary({"val/best_top1": best, "best_epoch": best_epoch, "output": str(out)})
+        if stopped is None:  # a run stopped by max_steps is not over: its resumed run reports the summary
+            tracker.summary({"val/best_top1": best, "best_epoch": best_epoch, "output": str(out)}, step)
     if dist.is_main:
         write_json(out / SUMMARY, summary_)
     return summary_

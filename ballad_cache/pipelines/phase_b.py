@@ -6,6 +6,7 @@ import csv
 import io
 import itertools
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -34,7 +35,7 @@ from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
 from ..store.runs import RunFolder
-from ..tracking import Tracker, check_reporters, report_metrics
+from ..tracking import TB_DIR, Tracker, check_reporters, report_metrics
 from .configs import Reporting
 
 SWEEP_OUTPUTS = ("results.csv", "results.json", "best", "points", "heatmap.png")
@@ -141,9 +142,8 @@ def report_fit(
             at.setdefault((e + 1) * steps_per_epoch, {}).update(values)
         for step in sorted(at):
             tracker.scalars(at[step], step)
-        tracker.summary(
-            {**report_metrics("val_kept", meta.get("val")), "best_epoch": meta.get("best_epoch", 0), "output": str(out)}
-        )
+        final = {**report_metrics("val_kept", meta.get("val")), "best_epoch": meta.get("best_epoch", 0)}
+        tracker.summary({**final, "output": str(out)}, int(meta.get("steps", 0)))
 
 
 def report_sweep(
@@ -166,7 +166,10 @@ def report_sweep(
         }
         for rank, (p, config) in enumerate(zip(result.points, configs, strict=True), start=1)
     ]
-    settings = {"command": "sweep", "cache": str(cache), "metric": metric, "points": len(records)}
+    shared = {k: v for k, v in configs[0].items() if k not in varying} if configs else {}
+    settings = {"command": "sweep", "cache": str(cache), "metric": metric, "points": len(records), **shared}
+    # a sweep reports its whole grid each time it runs: the events of an earlier report are replaced, not added to
+    shutil.rmtree(out / TB_DIR, ignore_errors=True)
     with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
         tracker.points(records, METRICS)
         tracker.image("sweep/heatmap", out / "heatmap.png")

@@ -15,6 +15,7 @@ split and that the weights resolve, and prints each stage's command with its est
 from __future__ import annotations
 
 import shlex
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -28,7 +29,7 @@ from ..errors import BalladError
 from ..heads.metrics import summary
 from ..progress import NullProgress, Progress, Report
 from ..store.runs import CONFIG, SUMMARY, RunDone, RunFolder
-from ..tracking import Tracker, check_reporters
+from ..tracking import TB_DIR, Tracker, check_reporters
 from .configs import Reporting
 from .recipes import Recipe, Stage, check_data, environment, load_recipe, model_stages, weights_status
 
@@ -146,9 +147,10 @@ def run_stage(
 
             fingerprint = FeatureCache(options["cache"]).fingerprint
             reused = not overwrite and _sweep_finished(folder, [point_key(c, fingerprint) for c in config])
-            swept = run_grid(
-                options["cache"], folder, config, options.get("metric", "top1"), device, overwrite, progress, own
-            )
+            swept = run_grid(  # a reused sweep reports nothing again
+                options["cache"], folder, config, options.get("metric", "top1"), device, overwrite, progress,
+                None if reused else own,
+            )  # fmt: skip
             result = {"best": swept.best, "val": swept.best["val"], "test": swept.test}
         elif stage.command == "evaluate":
             try:
@@ -315,6 +317,7 @@ def report_run(
     if report is None or not report.report_to:
         return
     settings = {"command": "reproduce", "recipe": recipe.name, "variants": list(recipe.applied), "data": body["data"]}
+    shutil.rmtree(out / TB_DIR, ignore_errors=True)  # the row's report of this run replaces an earlier one's
     with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
         values: dict[str, Any] = {}
         for m in body["metrics"]:

@@ -32,6 +32,7 @@ from typing import Any
 
 from ..atomic import LOCK_FILE, TMP_SUFFIX, RunLock, read_json, remove_stale_temps, write_bytes, write_json
 from ..errors import BalladError, setting
+from ..tracking import REPORT_OUTPUTS
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"  # a finished run's result (phase A; the demo's report), written last
@@ -143,7 +144,7 @@ class RunFolder:
         """With `overwrite`, remove the old run's `clean` files (the lock is held)."""
         if not (self._held and self.overwrite):
             return
-        for name in self.clean:
+        for name in (*self.clean, *REPORT_OUTPUTS):  # the viewers' files of the run replaced go with it
             target = self.path / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -209,7 +210,8 @@ class RunFolder:
         """Whether the folder holds anything this run wrote besides config.json, its lock and temporaries."""
         if self._before is None or not self.path.is_dir():
             return False
-        ours = {CONFIG, *([self._lock.path.name] if self._lock is not None else [])}
+        # the viewers' files are no result: a failed run leaves the folder as it would without reporting
+        ours = {CONFIG, *REPORT_OUTPUTS, *([self._lock.path.name] if self._lock is not None else [])}
         return any(
             p.name not in self._before and p.name not in ours and not p.name.endswith(TMP_SUFFIX)
             for p in self.path.iterdir()
