@@ -195,6 +195,22 @@ def collate_groups(items: list[list[dict[str, Any]]]) -> dict[str, Any]:
     }
 
 
+def grouped_loader(
+    reader: ImageRows, batches: Sequence[Sequence[int]], batch_size: int, workers: int, pin_memory: bool = False
+) -> DataLoader:
+    """A loader of `reader`'s rows in `batches` (lists of row positions) that decodes each image once for all its
+    rows in a batch (`group_batches`, `ImageGroups`, `collate_groups`)."""
+    groups, grouped = group_batches(reader.rows, batches)
+    return make_loader(
+        ImageGroups(reader, groups),
+        batch_size,
+        workers,
+        pin_memory=pin_memory,
+        batch_sampler=grouped,
+        collate_fn=collate_groups,
+    )
+
+
 def usable_rows(batch: dict[str, Any], skip_bad: bool) -> np.ndarray:
     """Boolean mask of a collated ImageRows batch: the rows whose image decoded.
 

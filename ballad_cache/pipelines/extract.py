@@ -19,15 +19,7 @@ from ..distributed import DistContext
 from ..errors import BalladError, setting
 from ..inputs.datasets import SPLITS, LTDataset, load_templates
 from ..inputs.device_augment import DeviceAugment, assemble
-from ..inputs.reader import (
-    ImageGroups,
-    ImageRows,
-    collate_groups,
-    group_batches,
-    make_loader,
-    skipped_row,
-    usable_rows,
-)
+from ..inputs.reader import ImageRows, grouped_loader, skipped_row, usable_rows
 from ..inputs.transforms import EVAL_VIEWS, crop_views, image_size, train_transform
 from ..models.clip import LoadedModel, PromptBank
 from ..models.encoder import ImageEncoder, effective_precision
@@ -253,16 +245,8 @@ def extract_split(
         for a in range(int(begin), int(end), config.batch_size)
     ]
     # each image is decoded once for all its views in a batch (K + 1 rows of a train image from one decode)
-    groups, grouped = group_batches(reader.rows, batches)
     device = getattr(encoder, "device", torch.device("cpu"))
-    loader = make_loader(
-        ImageGroups(reader, groups),
-        config.batch_size,
-        config.workers,
-        pin_memory=device.type == "cuda",
-        batch_sampler=grouped,
-        collate_fn=collate_groups,
-    )
+    loader = grouped_loader(reader, batches, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     dim = loaded.embed_dim
     progress.start(f"extract {split} rows", len(reader))
     bounds = np.cumsum([len(r) for r in shard_rows])

@@ -21,7 +21,7 @@ from ..errors import BalladError, setting
 from ..heads.metrics import classification_report, summary
 from ..inputs.datasets import IMAGE_SUFFIXES, ImageSplit, read_lines
 from ..inputs.longtail import ShotThresholds
-from ..inputs.reader import ImageGroups, ImageRows, collate_groups, group_batches, make_loader, skipped_row, usable_rows
+from ..inputs.reader import ImageRows, grouped_loader, skipped_row, usable_rows
 from ..inputs.transforms import crop_views
 from ..models.encoder import autocast
 from ..progress import NullProgress, Progress
@@ -165,15 +165,7 @@ def predict_split(
     )
     starts = range(0, len(split), config.batch_size)
     batches = [list(range(a * per, min(a + config.batch_size, len(split)) * per)) for a in starts]
-    groups, grouped = group_batches(reader.rows, batches)
-    loader = make_loader(
-        ImageGroups(reader, groups),
-        config.batch_size,
-        config.workers,
-        pin_memory=device.type == "cuda",
-        batch_sampler=grouped,
-        collate_fn=collate_groups,
-    )
+    loader = grouped_loader(reader, batches, config.batch_size, config.workers, pin_memory=device.type == "cuda")
     k = min(config.top_k, len(classifier.classnames))
     names = classifier.classnames
     labelled = bool(len(split)) and bool((split.labels >= 0).all())
