@@ -80,7 +80,7 @@ class TensorBoardBackend(Backend):
 
         super().__init__(folder, run_name, config, resume_step)
         self.writer = SummaryWriter(log_dir=str(folder / TB_DIR), purge_step=resume_step)
-        if resume_step is None:
+        if not resume_step:  # a new run, or one that reports afresh (a sweep's grid)
             text = json.dumps({"run_name": run_name, **config}, indent=2, default=str)
             self.writer.add_text("config", "```\n" + text + "\n```", 0)
 
@@ -200,6 +200,7 @@ class WandbBackend(Backend):
 
 
 REPORTERS: Registry[type[Backend]] = Registry("reporter")
+REPORTERS.register("none", Backend, help="no viewer (turns off a --config file's report_to)")
 REPORTERS.register("tensorboard", TensorBoardBackend, help="TensorBoard event files under RUN/tb/")
 REPORTERS.register("wandb", WandbBackend, help="a Weights & Biases run (WANDB_MODE=offline: files under RUN/wandb/)")
 
@@ -212,7 +213,7 @@ def check_reporters(names: Sequence[str]) -> None:
     """
     for name in names:
         backend = REPORTERS.get(name)
-        if importlib.util.find_spec(backend.module) is None:
+        if backend.module and importlib.util.find_spec(backend.module) is None:
             raise BalladError(
                 f"--report-to {name} needs the {backend.module} package: pip install 'ballad[{backend.extra}]'"
             )
@@ -247,7 +248,7 @@ class Tracker:
             return
         folder = Path(folder)
         name = run_name or folder.name
-        for backend_name in names:
+        for backend_name in dict.fromkeys(n for n in names if n != "none"):  # each viewer once
 
             def start(n: str = backend_name) -> None:
                 self.backends[n] = REPORTERS.get(n)(folder, name, config, resume_step)

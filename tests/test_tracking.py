@@ -246,6 +246,39 @@ def test_a_sweep_reports_every_point_as_one_record_with_the_best_marked(lt_cache
         assert by_key[row["key"]]["top1"] == points[row["key"]]["val"]["top1"]
         assert by_key[row["key"]]["best"] == (row["key"] == best_key)
     assert wandb_kind(out, "summary")["best_point"] == best_key
+    # the same sweep again: its TensorBoard events replaced, its table logged to the same wandb run
+    r = runner.invoke(app, [*args, *FIT, "--report-to", "tensorboard,wandb"])
+    assert r.exit_code == 0, r.output
+    assert (
+        len(list((out / "tb").glob("events.out.tfevents.*"))) == 1 and len(list((out / "tb" / "points").iterdir())) == 4
+    )
+    assert len({d.name.split("-")[3] for d in (out / "wandb").glob("offline-run-*")}) == 1
+    assert "metric" in tb_text(out / "tb", "config")
+
+
+def test_none_turns_reporting_off_and_a_viewer_named_twice_reports_once(lt_cache, tmp_path):
+    out = tmp_path / "a"
+    r = runner.invoke(
+        app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(out), *FIT, "--report-to", "none"]
+    )
+    assert r.exit_code == 0, r.output
+    assert not (out / "tb").exists() and not (out / "wandb").exists()
+    out = tmp_path / "b"
+    r = runner.invoke(
+        app,
+        [
+            "fit-adapter",
+            "--cache",
+            str(lt_cache.path),
+            "--out",
+            str(out),
+            *FIT,
+            "--report-to",
+            "tensorboard,tensorboard",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 
 
 def test_only_rank_zero_reports(tmp_path):

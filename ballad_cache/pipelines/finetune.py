@@ -397,6 +397,8 @@ def finetune(
                     stopped["val"] = validate()
                 if dist.is_main:
                     append_jsonl(out / "metrics.jsonl", {**stopped, "stopped": True})
+                    # under its own name: the val curve holds finished epochs only, as an uninterrupted run's
+                    tracker.scalars(report_metrics("val_at_stop", stopped.get("val")), step)
                     save_model(out / "model-last")
                     if best_epoch < 0:  # no finished epoch kept a model: model/ holds the weights at the stop
                         save_model(out / "model")

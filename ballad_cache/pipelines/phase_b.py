@@ -170,7 +170,8 @@ def report_sweep(
     settings = {"command": "sweep", "cache": str(cache), "metric": metric, "points": len(records), **shared}
     # a sweep reports its whole grid each time it runs: the events of an earlier report are replaced, not added to
     shutil.rmtree(out / TB_DIR, ignore_errors=True)
-    with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
+    # resume_step 0: wandb reports to the sweep's run again (its newest table is the grid's)
+    with Tracker(report.report_to, out, report.run_name, settings, resume_step=0, progress=progress) as tracker:
         tracker.points(records, METRICS)
         tracker.image("sweep/heatmap", out / "heatmap.png")
         tracker.summary({**report_metrics("test", result.test), "best_point": result.best["key"], "output": str(out)})

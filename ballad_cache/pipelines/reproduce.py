@@ -318,10 +318,9 @@ def report_run(
         return
     settings = {"command": "reproduce", "recipe": recipe.name, "variants": list(recipe.applied), "data": body["data"]}
     shutil.rmtree(out / TB_DIR, ignore_errors=True)  # the row's report of this run replaces an earlier one's
-    with Tracker(report.report_to, out, report.run_name, settings, progress=progress) as tracker:
-        values: dict[str, Any] = {}
-        for m in body["metrics"]:
-            values.update({f"achieved/{m['metric']}": m["achieved"], f"expected/{m['metric']}": m["expected"]})
+    with Tracker(report.report_to, out, report.run_name, settings, resume_step=0, progress=progress) as tracker:
+        values: dict[str, Any] = {f"achieved/{k}": v for k, v in body["achieved"].items()}
+        values.update({f"expected/{m['metric']}": m["expected"] for m in body["metrics"]})
         values.update({f"seconds/{s['name']}": s["seconds"] for s in body["stages"]})
         tracker.summary({k: v for k, v in values.items() if v is not None} | {"output": str(out)})
         for stage in recipe.stages:
