@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ballad_cache.inputs import reader as reader_module  # noqa: E402
 from ballad_cache.inputs.datasets import ImageSplit, LTDataset, load_dataset  # noqa: E402
 from ballad_cache.models import load_model, resolve_device  # noqa: E402
 from ballad_cache.models.encoder import ImageEncoder  # noqa: E402
 from ballad_cache.options import default_workers  # noqa: E402
-from ballad_cache.pipelines import extract as extract_module  # noqa: E402
 from ballad_cache.pipelines.extract import ExtractConfig, extract_features  # noqa: E402
 from bench.common import machine, write  # noqa: E402
 
@@ -92,9 +92,9 @@ def main() -> None:
     rows = len(train) * (a.views + 1)
 
     def extract(mode: str) -> float:
-        original = extract_module.group_batches
+        original = reader_module.group_batches
         if mode == "before":
-            extract_module.group_batches = singleton_groups
+            reader_module.group_batches = singleton_groups
         config = ExtractConfig(
             splits=("train",),
             train_views=a.views,
@@ -109,7 +109,7 @@ def main() -> None:
             extract_features(dataset, loaded, tmp / f"cache-{mode}", config, device)
             return rows / (time.perf_counter() - t)
         finally:
-            extract_module.group_batches = original
+            reader_module.group_batches = original
 
     size = loaded.preprocess_cfg.get("size", 224)
     size = size if isinstance(size, int) else size[0]
