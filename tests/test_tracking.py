@@ -130,10 +130,14 @@ def wandb_kind(folder: Path, kind: str) -> dict[str, Any]:
 FIT = ["--epochs", "3", "--batch-size", "64", "--device", "cpu"]
 
 
+def fit(cache: Path, out: Path, *options: str) -> Any:
+    """`ballad fit-adapter` on `cache` into `out` with FIT's settings and `options`."""
+    return runner.invoke(app, ["fit-adapter", "--cache", str(cache), "--out", str(out), *FIT, *options])
+
+
 def test_fit_adapter_reports_what_adapter_json_holds_to_both_viewers(lt_cache, tmp_path):
     out = tmp_path / "a"
-    args = ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(out), *FIT]
-    r = runner.invoke(app, [*args, "--report-to", "tensorboard,wandb", "--run-name", "fit-run"])
+    r = fit(lt_cache.path, out, "--report-to", "tensorboard,wandb", "--run-name", "fit-run")
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "adapter.json").read_text())
     scalars = tb_scalars(out / "tb")
@@ -166,12 +170,10 @@ def test_fit_adapter_reports_what_adapter_json_holds_to_both_viewers(lt_cache, t
 
 def test_reporting_changes_no_result_and_a_failing_backend_is_said_once(lt_cache, tmp_path, monkeypatch):
     plain = tmp_path / "plain"
-    r = runner.invoke(app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(plain), *FIT])
+    r = fit(lt_cache.path, plain)
     assert r.exit_code == 0, r.output
     told = tmp_path / "told"
-    r = runner.invoke(
-        app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(told), *FIT, "--report-to", "tensorboard"]
-    )
+    r = fit(lt_cache.path, told, "--report-to", "tensorboard")
     assert r.exit_code == 0, r.output
     assert (told / "adapter.safetensors").read_bytes() == (plain / "adapter.safetensors").read_bytes()
     calls = []
@@ -182,9 +184,7 @@ def test_reporting_changes_no_result_and_a_failing_backend_is_said_once(lt_cache
 
     monkeypatch.setattr(TensorBoardBackend, "scalars", full_disk)
     broken = tmp_path / "broken"
-    r = runner.invoke(
-        app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(broken), *FIT, "--report-to", "tensorboard"]
-    )
+    r = fit(lt_cache.path, broken, "--report-to", "tensorboard")
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())  # the console wraps long lines
     assert text.count("--report-to tensorboard failed") == 1
@@ -258,25 +258,11 @@ def test_a_sweep_reports_every_point_as_one_record_with_the_best_marked(lt_cache
 
 def test_none_turns_reporting_off_and_a_viewer_named_twice_reports_once(lt_cache, tmp_path):
     out = tmp_path / "a"
-    r = runner.invoke(
-        app, ["fit-adapter", "--cache", str(lt_cache.path), "--out", str(out), *FIT, "--report-to", "none"]
-    )
+    r = fit(lt_cache.path, out, "--report-to", "none")
     assert r.exit_code == 0, r.output
     assert not (out / "tb").exists() and not (out / "wandb").exists()
     out = tmp_path / "b"
-    r = runner.invoke(
-        app,
-        [
-            "fit-adapter",
-            "--cache",
-            str(lt_cache.path),
-            "--out",
-            str(out),
-            *FIT,
-            "--report-to",
-            "tensorboard,tensorboard",
-        ],
-    )
+    r = fit(lt_cache.path, out, "--report-to", "tensorboard,tensorboard")
     assert r.exit_code == 0, r.output
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
 

@@ -53,19 +53,29 @@ def classification_report(
     topk = logits.topk(k, dim=1).indices.cpu().numpy()
     pred = topk[:, 0]
     correct = pred == labels_np
-    class_groups = shot_groups(train_counts, thresholds)
     class_acc = per_class_accuracy(pred, labels_np, num_classes)
-    tested = np.bincount(labels_np, minlength=num_classes) > 0
     report: dict[str, Any] = {
         "top1": 100.0 * float(correct.mean()) if len(correct) else float("nan"),
         "top5": 100.0 * float((topk == labels_np[:, None]).any(axis=1).mean()) if len(correct) else float("nan"),
     }
-    for g, name in enumerate(GROUP_NAMES):
-        mask = (class_groups == g) & tested
-        report[name] = 100.0 * float(class_acc[mask].mean()) if mask.any() else float("nan")
+    report.update({name: 100.0 * acc for name, acc in group_means(class_acc, train_counts, thresholds).items()})
     report["per_class"] = (100.0 * class_acc).tolist()
     report["num_images"] = len(labels_np)
     return report
+
+
+def group_means(
+    class_acc: np.ndarray, train_counts: np.ndarray, thresholds: ShotThresholds | None = None
+) -> dict[str, float]:
+    """Many/medium/few: the mean accuracy of each group's classes that were tested (`class_acc` is NaN for a class
+    with no image), as OLTR's `shot_acc`; NaN for a group with no tested class."""
+    groups = shot_groups(train_counts, thresholds or ShotThresholds())
+    tested = ~np.isnan(class_acc)
+    means = {}
+    for g, name in enumerate(GROUP_NAMES):
+        mask = (groups == g) & tested
+        means[name] = float(class_acc[mask].mean()) if mask.any() else float("nan")
+    return means
 
 
 METRICS = ("top1", "top5", "many", "medium", "few")

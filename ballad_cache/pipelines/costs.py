@@ -8,12 +8,15 @@ nothing was measured for the model and device, the estimate says so instead of e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..inputs.transforms import EVAL_VIEWS
 from .recipes import Recipe, Stage
+
+if TYPE_CHECKING:
+    from ..inputs.splits import LTDataset
 
 
 @dataclass(frozen=True)
@@ -85,25 +88,20 @@ def _base_model(recipe: Recipe, stage: Stage) -> str | None:
     return None
 
 
-def estimate(recipe: Recipe, data: str | None, device: torch.device) -> list[dict[str, Any]]:
+def estimate(recipe: Recipe, dataset: LTDataset | None, device: torch.device) -> list[dict[str, Any]]:
     """Per stage: estimated seconds (None: not measured), the memory its data takes beyond the model (None: not
     measured), the cache's disk size for an extraction, and the source of the rate used.
 
-    The split sizes are the dataset's where it loads here, else the published ones. Phase A's GPU memory was not
+    The split sizes are `dataset`'s where it loaded here, else the published ones. Phase A's GPU memory was not
     measured; extraction holds one shard of float32 rows; phase B holds the train split's rows (every view) and
     evaluate the scored split's rows (every crop) in float32; a sweep costs at most one fit per point (batched
     sweeps measured 5.7-6.8x faster at 16 points, bench/RESULTS.md)."""
-    from ..inputs.datasets import load_dataset
-    from .recipes import environment
-
-    sizes: dict[str, int] = {}
-    try:
-        with environment(recipe.env(data)):
-            dataset = load_dataset(recipe.dataset_spec(data))
-        sizes = {s: len(dataset.split(s)) for s in dataset.splits}
-    except Exception:  # the data check reports what is wrong; estimates fall back on the published sizes
-        pub = recipe.published
-        sizes = {k: v for k, v in (("train", pub.train), ("val", pub.val), ("test", pub.test)) if v}
+    pub = recipe.published
+    sizes = (
+        {s: len(dataset.split(s)) for s in dataset.splits}
+        if dataset is not None
+        else {k: v for k, v in (("train", pub.train), ("val", pub.val), ("test", pub.test)) if v}
+    )
     caches: dict[str, dict[str, Any]] = {}  # per extraction stage: rows per split, dim, model
     out: list[dict[str, Any]] = []
     for stage in recipe.stages:

@@ -28,9 +28,9 @@ from ..heads.artifacts import (
     save_tensors,
 )
 from ..heads.config import AdapterConfig, explain_unread, readers
-from ..heads.metrics import METRICS, classification_report, summary
+from ..heads.metrics import METRICS, classification_report, group_means, summary
 from ..heads.registry import FAMILIES, HEADS, FitData, Fitted, Head, HeadContext, fit_record
-from ..inputs.longtail import GROUP_NAMES, ShotThresholds, shot_groups, unseen_classes
+from ..inputs.longtail import GROUP_NAMES, unseen_classes
 from ..inputs.splits import SPLITS
 from ..progress import NullProgress, Progress
 from ..store.cache import FeatureCache, SplitFeatures
@@ -104,15 +104,8 @@ def fit_on_cache(
 def epoch_groups(val_classes: np.ndarray, cache: FeatureCache) -> dict[str, list[float]]:
     """Many/medium/few val accuracy of each epoch from its per-class accuracies (epochs × C, NaN for a class with no
     val image): each group's mean over its classes with val images, as OLTR's `shot_acc` (and `metrics`)."""
-    groups = shot_groups(cache.train_counts, ShotThresholds())
-    out: dict[str, list[float]] = {}
-    for g, name in enumerate(GROUP_NAMES):
-        per_epoch = val_classes[:, groups == g]
-        tested = ~np.isnan(per_epoch)
-        out[name] = [
-            float(row[ok].mean()) if ok.any() else float("nan") for row, ok in zip(per_epoch, tested, strict=True)
-        ]
-    return out
+    per_epoch = [group_means(row, cache.train_counts) for row in val_classes]
+    return {name: [epoch[name] for epoch in per_epoch] for name in GROUP_NAMES}
 
 
 def report_fit(

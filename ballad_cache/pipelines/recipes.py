@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from ..heads.metrics import METRICS
 from ..inputs.longtail import ShotThresholds, shot_groups
 from ..options import OptionError
 from ..progress import Report
+
+if TYPE_CHECKING:
+    from ..inputs.splits import LTDataset
 from .configs import EvalConfig, ExtractConfig, FinetuneConfig
 
 RECIPE_SUFFIX = ".yaml"
@@ -424,17 +427,27 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def check_data(recipe: Recipe, data: str | None) -> list[str]:
-    """Compare the dataset at `data` with the recipe's published split; returns the lines of what matched.
+def load_data(recipe: Recipe, data: str | None) -> LTDataset:
+    """The dataset a recipe reads under the root `data` (the environment its description reads set meanwhile).
+
+    Raises:
+        BalladError: the dataset does not load (missing files, malformed lists).
+    """
+    from ..inputs.datasets import load_dataset
+
+    with environment(recipe.env(data)):
+        return load_dataset(recipe.dataset_spec(data))
+
+
+def check_data(recipe: Recipe, data: str | None, dataset: LTDataset | None = None) -> list[str]:
+    """Compare the dataset at `data` (`dataset` when already loaded) with the recipe's published split; returns
+    the lines of what matched.
 
     Raises:
         BalladError: the first count that differs, naming the split, the number found and the published one.
     """
-    from ..inputs.datasets import load_dataset
-
     spec = recipe.dataset_spec(data)
-    with environment(recipe.env(data)):
-        dataset = load_dataset(spec)
+    dataset = dataset if dataset is not None else load_data(recipe, data)
     pub = recipe.published
     said: list[str] = []
 
@@ -485,10 +498,12 @@ def model_stages(recipe: Recipe) -> Iterator[tuple[Stage, str, str | None]]:
             yield stage, model, stage.options.get("pretrained")
 
 
-def weights_status(model: str, pretrained: str | None, resolve: Callable[[str, str | None], str]) -> str:
-    """One line on whether a model's weights resolve here (`resolve` says how, or raises BalladError)."""
+def weights_status(model: str, pretrained: str | None) -> str:
+    """One line on whether a model's weights resolve here, and from where (`models.clip.weights_source`)."""
+    from ..models.clip import weights_source
+
     try:
-        return f"{model} ({pretrained or 'no tag'}): {resolve(model, pretrained)}"
+        return f"{model} ({pretrained or 'no tag'}): {weights_source(model, pretrained)}"
     except BalladError as exc:
         return f"{model} ({pretrained or 'no tag'}): does not resolve: {exc}"
 
@@ -502,10 +517,7 @@ def recipe_status(recipe: Recipe, data: str | None) -> dict[str, Any]:
     try:
         if data is None and "{data}" in recipe.data_spec:
             raise BalladError("give --data ROOT")
-        with environment(recipe.env(data)):
-            from ..inputs.datasets import load_dataset
-
-            load_dataset(recipe.dataset_spec(data))
+        load_data(recipe, data)
         entry["data"] = "present"
     except BalladError as exc:
         entry["data"] = f"missing ({exc})"

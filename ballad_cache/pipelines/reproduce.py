@@ -31,7 +31,7 @@ from ..progress import NullProgress, Progress, Report
 from ..store.runs import CONFIG, SUMMARY, RunDone, RunFolder
 from ..tracking import TB_DIR, Tracker, check_reporters
 from .configs import Reporting
-from .recipes import Recipe, Stage, check_data, environment, load_recipe, model_stages, weights_status
+from .recipes import Recipe, Stage, check_data, environment, load_data, load_recipe, model_stages, weights_status
 
 REPORT = "report.json"
 COMMANDS = "commands.sh"
@@ -338,20 +338,20 @@ def dry_run(
         BalladError: the data differs from the published split (naming the split and the numbers), or the
             recipe needs a data root and none was given.
     """
-    from ..models.clip import weights_source
     from .costs import estimate
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     _require_data(recipe, data)
     device = torch.device(device)
-    data_error = None
+    data_error, dataset = None, None
     try:
-        data_lines = check_data(recipe, data)
+        dataset = load_data(recipe, data)  # once: the check and the estimates read the same splits
+        data_lines = check_data(recipe, data, dataset)
     except BalladError as exc:
         data_error, data_lines = str(exc), [f"DIFFERS: {exc}"]
-    weights = [weights_status(model, pretrained, weights_source) for _, model, pretrained in model_stages(recipe)]
+    weights = [weights_status(model, pretrained) for _, model, pretrained in model_stages(recipe)]
     stages = []
-    for stage, cost in zip(recipe.stages, estimate(recipe, data, device), strict=True):
+    for stage, cost in zip(recipe.stages, estimate(recipe, dataset, device), strict=True):
         stages.append({"name": stage.name, "command": stage_command(recipe, stage, data, out, device.type), **cost})
     return {
         "recipe": recipe.name,
